@@ -1,0 +1,351 @@
+//! Route matching: path patterns, their precedence, and the precomputed matcher.
+//!
+//! A pattern is a list of segments: literal text, `{param}` (exactly one segment) and a
+//! trailing `**` (zero or more segments). **Precedence — most specific wins:** patterns are
+//! compared segment by segment from the left; at the first difference a literal beats a
+//! `{param}`, which beats `**`, and a pattern that ends beats `**` matching nothing. When the
+//! paths tie, a route naming the method beats one with `*`. Under this order two routes can
+//! only tie when they have the same method and the same shape (`/a/{x}` and `/a/{y}`): that is
+//! a duplicate, refused by `policy::compile`. Declaration order never matters.
+//!
+//! The matcher is a segment trie walked depth-first in precedence order, so a lookup costs
+//! O(path length), not O(number of routes). Request paths are split on `/`, empty segments are
+//! dropped, and each segment is percent-decoded before comparison; `.`/`..` segments and
+//! encoded slashes are refused (the upstream could resolve them to a different route).
+
+use std::borrow::Cow;
+use std::collections::HashMap;
+use std::fmt;
+
+/// Index of a route in `Policy::routes`.
+pub type RouteId = usize;
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Segment {
+    Literal(String),
+    Param(String),
+    /// `**`: the rest of the path, possibly nothing.
+    CatchAll,
+}
+
+/// A parsed path pattern such as `/v1/forecast/{city}`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PathPattern {
+    pub segments: Vec<Segment>,
+}
+
+/// Why a path pattern is not valid; `at` is a byte offset into the pattern text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PatternError {
+    pub at: usize,
+    pub len: usize,
+    pub message: String,
+    pub help: &'static str,
+}
+
+impl PathPattern {
+    pub fn parse(text: &str) -> Result<PathPattern, PatternError> {
+        let err = |at: usize, len: usize, message: &str, help: &'static str| PatternError {
+            at,
+            len: len.max(1),
+            message: message.to_string(),
+            help,
+        };
+        if !text.starts_with('/') {
+            return Err(err(0, 1, "a path pattern must start with `/`", "write it as `/…`"));
+        }
+        if let Some(i) = text.find(['?', '#']) {
+            return Err(err(i, text.len() - i, "a path pattern cannot contain a query or fragment", "match on the path only"));
+        }
+        if text.len() > 1 && text.ends_with('/') {
+            return Err(err(text.len() - 1, 1, "trailing `/` in a path pattern", "remove it: `/a` also matches a request for `/a/`"));
+        }
+        let mut segments = Vec::new();
+        let mut offset = 1;
+        let body = text.get(1..).unwrap_or("");
+        let parts: Vec<&str> = if body.is_empty() { Vec::new() } else { body.split('/').collect() };
+        let count = parts.len();
+        for (i, part) in parts.into_iter().enumerate() {
+            let segment = if part.is_empty() {
+                return Err(err(offset, 1, "empty segment (`//`) in a path pattern", "remove the extra `/`"));
+            } else if part == "**" {
+                if i + 1 != count {
+                    return Err(err(offset, 2, "`**` must be the last segment", "use `{name}` to match one segment in the middle of a path"));
+                }
+                Segment::CatchAll
+            } else if let Some(name) = part.strip_prefix('{').and_then(|p| p.strip_suffix('}')) {
+                let valid = name.chars().next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+                    && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+                if !valid {
+                    return Err(err(offset, part.len(), "a parameter name must be letters, digits and `_`", "write it as `{city}`"));
+                }
+                if segments.contains(&Segment::Param(name.to_string())) {
+                    return Err(err(offset, part.len(), "this parameter name is used twice in the pattern", "give each parameter its own name"));
+                }
+                Segment::Param(name.to_string())
+            } else if part.contains(['{', '}', '*']) {
+                return Err(err(offset, part.len(), "`{`, `}` and `*` must form a whole segment", "use `{name}` for one segment or a trailing `**` for the rest of the path"));
+            } else if part == "." || part == ".." {
+                return Err(err(offset, part.len(), "`.` and `..` segments are not allowed", "write the path as the upstream resolves it"));
+            } else {
+                Segment::Literal(part.to_string())
+            };
+            segments.push(segment);
+            offset += part.len() + 1;
+        }
+        Ok(PathPattern { segments })
+    }
+
+    /// The shape two routes must not share: parameter names do not count.
+    pub fn shape(&self) -> Vec<Option<&str>> {
+        self.segments
+            .iter()
+            .map(|s| match s {
+                Segment::Literal(l) => Some(l.as_str()),
+                Segment::Param(_) => Some("{}"),
+                Segment::CatchAll => None,
+            })
+            .collect()
+    }
+
+    /// The parameter values a request path gives this pattern (for `explain`).
+    pub fn captures<'a>(&self, segments: &'a [Cow<'a, str>]) -> Vec<(String, String)> {
+        let mut out = Vec::new();
+        for (i, seg) in self.segments.iter().enumerate() {
+            match seg {
+                Segment::Param(name) => {
+                    if let Some(v) = segments.get(i) {
+                        out.push((name.clone(), v.to_string()));
+                    }
+                }
+                Segment::CatchAll => {
+                    let rest: Vec<&str> = segments.iter().skip(i).map(|s| s.as_ref()).collect();
+                    out.push(("**".to_string(), rest.join("/")));
+                }
+                Segment::Literal(_) => {}
+            }
+        }
+        out
+    }
+}
+
+impl fmt::Display for PathPattern {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.segments.is_empty() {
+            return f.write_str("/");
+        }
+        for s in &self.segments {
+            match s {
+                Segment::Literal(l) => write!(f, "/{l}")?,
+                Segment::Param(p) => write!(f, "/{{{p}}}")?,
+                Segment::CatchAll => f.write_str("/**")?,
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Why a request path cannot be matched safely (answered with 400).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BadPath {
+    /// Not an origin-form path (`/…`).
+    NotAbsolute,
+    /// A `.` or `..` segment, plain or percent-encoded.
+    DotSegment,
+    /// A percent-encoded `/` or a decoded segment that is not UTF-8.
+    BadEncoding,
+}
+
+impl fmt::Display for BadPath {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            BadPath::NotAbsolute => "the request path must start with `/`",
+            BadPath::DotSegment => "the request path contains a `.` or `..` segment",
+            BadPath::BadEncoding => "the request path contains an encoded `/` or invalid percent-encoding",
+        })
+    }
+}
+
+/// Splits a request target (path and optional query) into decoded, non-empty segments.
+pub fn split_path(target: &str) -> Result<Vec<Cow<'_, str>>, BadPath> {
+    let path = target.split(['?', '#']).next().unwrap_or("");
+    if !path.starts_with('/') {
+        return Err(BadPath::NotAbsolute);
+    }
+    let mut segments = Vec::with_capacity(8);
+    for raw in path.split('/').filter(|s| !s.is_empty()) {
+        let segment = if raw.contains('%') {
+            let decoded = percent_encoding::percent_decode_str(raw).decode_utf8().map_err(|_| BadPath::BadEncoding)?;
+            if decoded.contains('/') {
+                return Err(BadPath::BadEncoding);
+            }
+            Cow::Owned(decoded.into_owned())
+        } else {
+            Cow::Borrowed(raw)
+        };
+        if segment == "." || segment == ".." {
+            return Err(BadPath::DotSegment);
+        }
+        segments.push(segment);
+    }
+    Ok(segments)
+}
+
+/// Routes that end at one trie node, by method.
+#[derive(Debug, Default, Clone)]
+struct Terminal {
+    by_method: Vec<(String, RouteId)>,
+    any: Option<RouteId>,
+}
+
+impl Terminal {
+    fn get(&self, method: &str) -> Option<RouteId> {
+        self.by_method.iter().find(|(m, _)| m == method).map(|(_, id)| *id).or(self.any)
+    }
+
+    fn insert(&mut self, method: Option<&str>, id: RouteId) -> Result<(), RouteId> {
+        let slot = match method {
+            None => &mut self.any,
+            Some(m) => match self.by_method.iter().position(|(x, _)| x == m) {
+                Some(i) => return Err(self.by_method.get(i).map_or(id, |(_, existing)| *existing)),
+                None => {
+                    self.by_method.push((m.to_string(), id));
+                    return Ok(());
+                }
+            },
+        };
+        match slot {
+            Some(existing) => Err(*existing),
+            None => {
+                *slot = Some(id);
+                Ok(())
+            }
+        }
+    }
+}
+
+#[derive(Debug, Default, Clone)]
+struct Node {
+    literals: HashMap<String, Node>,
+    param: Option<Box<Node>>,
+    end: Terminal,
+    catch_all: Terminal,
+}
+
+/// The precomputed route table of one policy.
+#[derive(Debug, Default, Clone)]
+pub struct RouteMatcher {
+    root: Node,
+}
+
+impl RouteMatcher {
+    /// Adds a route; on a duplicate (same method and shape) returns the route already there.
+    pub fn insert(&mut self, method: Option<&str>, pattern: &PathPattern, id: RouteId) -> Result<(), RouteId> {
+        let mut node = &mut self.root;
+        for segment in &pattern.segments {
+            node = match segment {
+                Segment::Literal(l) => node.literals.entry(l.clone()).or_default(),
+                Segment::Param(_) => node.param.get_or_insert_with(Box::default),
+                Segment::CatchAll => return node.catch_all.insert(method, id),
+            };
+        }
+        node.end.insert(method, id)
+    }
+
+    /// The most specific route for a method and a split request path.
+    pub fn find<S: AsRef<str>>(&self, method: &str, segments: &[S]) -> Option<RouteId> {
+        find_in(&self.root, method, segments)
+    }
+}
+
+fn find_in<S: AsRef<str>>(node: &Node, method: &str, segments: &[S]) -> Option<RouteId> {
+    match segments.split_first() {
+        None => {
+            if let Some(id) = node.end.get(method) {
+                return Some(id);
+            }
+        }
+        Some((first, rest)) => {
+            if let Some(id) = node.literals.get(first.as_ref()).and_then(|child| find_in(child, method, rest)) {
+                return Some(id);
+            }
+            if let Some(id) = node.param.as_deref().and_then(|child| find_in(child, method, rest)) {
+                return Some(id);
+            }
+        }
+    }
+    node.catch_all.get(method)
+}
+
+#[cfg(test)]
+#[expect(clippy::unwrap_used, reason = "tests")]
+mod tests {
+    use super::*;
+
+    fn matcher(routes: &[(&str, &str)]) -> RouteMatcher {
+        let mut m = RouteMatcher::default();
+        for (id, (method, pattern)) in routes.iter().enumerate() {
+            let method = if *method == "*" { None } else { Some(*method) };
+            m.insert(method, &PathPattern::parse(pattern).unwrap(), id).unwrap();
+        }
+        m
+    }
+
+    fn find(m: &RouteMatcher, method: &str, path: &str) -> Option<RouteId> {
+        m.find(method, &split_path(path).unwrap())
+    }
+
+    #[test]
+    fn most_specific_wins_regardless_of_order() {
+        let m = matcher(&[("*", "/**"), ("GET", "/a/{x}"), ("GET", "/{y}/b"), ("GET", "/a/b"), ("*", "/a/b")]);
+        assert_eq!(find(&m, "GET", "/a/b"), Some(3));
+        assert_eq!(find(&m, "POST", "/a/b"), Some(4));
+        assert_eq!(find(&m, "GET", "/a/c"), Some(1));
+        assert_eq!(find(&m, "GET", "/z/b"), Some(2));
+        assert_eq!(find(&m, "GET", "/z/z"), Some(0));
+        assert_eq!(find(&m, "GET", "/"), Some(0));
+    }
+
+    #[test]
+    fn backtracks_when_a_literal_branch_dead_ends() {
+        let m = matcher(&[("GET", "/a/b/c"), ("GET", "/{x}/b/d")]);
+        assert_eq!(find(&m, "GET", "/a/b/d"), Some(1));
+        assert_eq!(find(&m, "GET", "/a/b/e"), None);
+    }
+
+    #[test]
+    fn catch_all_matches_zero_or_more() {
+        let m = matcher(&[("GET", "/files/**"), ("GET", "/files")]);
+        assert_eq!(find(&m, "GET", "/files"), Some(1));
+        assert_eq!(find(&m, "GET", "/files/"), Some(1));
+        assert_eq!(find(&m, "GET", "/files/a/b"), Some(0));
+    }
+
+    #[test]
+    fn duplicates_are_refused() {
+        let mut m = matcher(&[("GET", "/a/{x}")]);
+        assert_eq!(m.insert(Some("GET"), &PathPattern::parse("/a/{y}").unwrap(), 1), Err(0));
+        assert_eq!(m.insert(None, &PathPattern::parse("/a/{y}").unwrap(), 1), Ok(()));
+    }
+
+    #[test]
+    fn request_paths_are_normalised_or_refused() {
+        assert_eq!(split_path("//a///b/?q=1").unwrap(), vec!["a", "b"]);
+        assert_eq!(split_path("/caf%C3%A9").unwrap(), vec!["café"]);
+        assert_eq!(split_path("/a/../b"), Err(BadPath::DotSegment));
+        assert_eq!(split_path("/a/%2e%2E/b"), Err(BadPath::DotSegment));
+        assert_eq!(split_path("/a%2Fb"), Err(BadPath::BadEncoding));
+        assert_eq!(split_path("a"), Err(BadPath::NotAbsolute));
+    }
+
+    #[test]
+    fn patterns_are_checked() {
+        assert!(PathPattern::parse("/a/**/b").is_err());
+        assert!(PathPattern::parse("/a/{x}/{x}").is_err());
+        assert!(PathPattern::parse("/a/x{y}").is_err());
+        assert!(PathPattern::parse("a").is_err());
+        assert!(PathPattern::parse("/a/").is_err());
+        assert_eq!(PathPattern::parse("/").unwrap().segments, vec![]);
+        assert_eq!(PathPattern::parse("/v1/{city}/**").unwrap().to_string(), "/v1/{city}/**");
+    }
+}
