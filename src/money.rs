@@ -21,10 +21,16 @@ impl fmt::Display for AmountError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             AmountError::TooManyDecimals { given, allowed: 0 } => {
-                write!(f, "{given} decimal places given, but this unit has no fractions")
+                write!(
+                    f,
+                    "{given} decimal places given, but this unit has no fractions"
+                )
             }
             AmountError::TooManyDecimals { given, allowed } => {
-                write!(f, "{given} decimal places given, but this unit has {allowed}")
+                write!(
+                    f,
+                    "{given} decimal places given, but this unit has {allowed}"
+                )
             }
             AmountError::Overflow => f.write_str("amount is too large"),
             AmountError::Malformed => f.write_str("not a decimal amount"),
@@ -44,18 +50,27 @@ pub fn parse_decimal(text: &str, decimals: u8) -> Result<u128, AmountError> {
     }
     let significant = fraction.trim_end_matches('0');
     if significant.len() > usize::from(decimals) {
-        return Err(AmountError::TooManyDecimals { given: significant.len(), allowed: decimals });
+        return Err(AmountError::TooManyDecimals {
+            given: significant.len(),
+            allowed: decimals,
+        });
     }
-    let scale = 10u128.checked_pow(u32::from(decimals)).ok_or(AmountError::Overflow)?;
+    let scale = 10u128
+        .checked_pow(u32::from(decimals))
+        .ok_or(AmountError::Overflow)?;
     let mut atomic = whole
         .bytes()
-        .try_fold(0u128, |acc, b| acc.checked_mul(10)?.checked_add(u128::from(b - b'0')))
+        .try_fold(0u128, |acc, b| {
+            acc.checked_mul(10)?.checked_add(u128::from(b - b'0'))
+        })
         .and_then(|w| w.checked_mul(scale))
         .ok_or(AmountError::Overflow)?;
     let mut place = scale;
     for b in significant.bytes() {
         place /= 10;
-        atomic = atomic.checked_add(u128::from(b - b'0') * place).ok_or(AmountError::Overflow)?;
+        atomic = atomic
+            .checked_add(u128::from(b - b'0') * place)
+            .ok_or(AmountError::Overflow)?;
     }
     Ok(atomic)
 }
@@ -89,14 +104,32 @@ mod tests {
 
     #[test]
     fn refuses_to_round() {
-        assert_eq!(parse_decimal("0.0000001", 6), Err(AmountError::TooManyDecimals { given: 7, allowed: 6 }));
-        assert_eq!(parse_decimal("1.5", 0), Err(AmountError::TooManyDecimals { given: 1, allowed: 0 }));
+        assert_eq!(
+            parse_decimal("0.0000001", 6),
+            Err(AmountError::TooManyDecimals {
+                given: 7,
+                allowed: 6
+            })
+        );
+        assert_eq!(
+            parse_decimal("1.5", 0),
+            Err(AmountError::TooManyDecimals {
+                given: 1,
+                allowed: 0
+            })
+        );
     }
 
     #[test]
     fn refuses_overflow_and_garbage() {
-        assert_eq!(parse_decimal("340282366920938463463374607431768211456", 0), Err(AmountError::Overflow));
-        assert_eq!(parse_decimal("1000000000000000000000", 18), Err(AmountError::Overflow));
+        assert_eq!(
+            parse_decimal("340282366920938463463374607431768211456", 0),
+            Err(AmountError::Overflow)
+        );
+        assert_eq!(
+            parse_decimal("1000000000000000000000", 18),
+            Err(AmountError::Overflow)
+        );
         assert_eq!(parse_decimal("1", 39), Err(AmountError::Overflow));
         assert_eq!(parse_decimal("", 6), Err(AmountError::Malformed));
         assert_eq!(parse_decimal("1.", 6), Err(AmountError::Malformed));

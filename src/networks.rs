@@ -58,13 +58,19 @@ pub fn builtin() -> Vec<Network> {
         Network {
             name: "base".to_string(),
             chain_id: 8453,
-            assets: vec![usdc(address!("0x833589fCD6eDb6E08f4c7C32D4f71b54bdA02913"), "USD Coin")],
+            assets: vec![usdc(
+                address!("0x833589fCD6eDb6E08f4c7C32D4f71b54bdA02913"),
+                "USD Coin",
+            )],
             builtin: true,
         },
         Network {
             name: "base-sepolia".to_string(),
             chain_id: 84532,
-            assets: vec![usdc(address!("0x036CbD53842c5426634e7929541eC2318f3dCF7e"), "USDC")],
+            assets: vec![usdc(
+                address!("0x036CbD53842c5426634e7929541eC2318f3dCF7e"),
+                "USDC",
+            )],
             builtin: true,
         },
     ]

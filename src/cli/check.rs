@@ -27,7 +27,10 @@ pub fn run(args: Args) -> Result<ExitCode, Failed> {
                     eprintln!("warning: {w}");
                 }
                 warnings += resolved.warnings.len();
-                let name = path.map_or_else(|| "built-in defaults".to_string(), |p| p.display().to_string());
+                let name = path.map_or_else(
+                    || "built-in defaults".to_string(),
+                    |p| p.display().to_string(),
+                );
                 println!("ok    config {name}");
             }
             Err(e) => {
@@ -39,11 +42,22 @@ pub fn run(args: Args) -> Result<ExitCode, Failed> {
     let paths = policy_paths(args.paths, args.config.as_ref())?;
     let files = policy::discover(&paths).map_err(|e| e.to_string())?;
     if files.is_empty() {
-        return Err(format!("no policy files (*.toll) in {}", paths.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")));
+        return Err(format!(
+            "no policy files (*.toll) in {}",
+            paths
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
     }
     for path in &files {
         let source = policy::read(path).map_err(|e| e.to_string())?;
-        let checked: Checked = if policy::is_test_file(path) { policy::check_tests(source).1 } else { policy::check(source) };
+        let checked: Checked = if policy::is_test_file(path) {
+            policy::check_tests(source).1
+        } else {
+            policy::check(source)
+        };
         eprint!("{}", checked.render(style()));
         errors += checked.errors();
         warnings += checked.warnings();
@@ -57,7 +71,11 @@ pub fn run(args: Args) -> Result<ExitCode, Failed> {
                 p.version
             ),
             (None, 0) => println!("ok    {}", path.display()),
-            (_, n) => println!("FAIL  {} ({n} error{})", path.display(), if n == 1 { "" } else { "s" }),
+            (_, n) => println!(
+                "FAIL  {} ({n} error{})",
+                path.display(),
+                if n == 1 { "" } else { "s" }
+            ),
         }
     }
     println!(
@@ -67,5 +85,9 @@ pub fn run(args: Args) -> Result<ExitCode, Failed> {
         if errors == 1 { "" } else { "s" },
         if warnings == 1 { "" } else { "s" }
     );
-    Ok(if errors > 0 { ExitCode::FAILURE } else { ExitCode::SUCCESS })
+    Ok(if errors > 0 {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
 }

@@ -33,14 +33,20 @@ pub fn run(args: Args) -> Result<ExitCode, Failed> {
         Ok(p) => p,
         Err(policy::LoadError::Invalid(checked)) => {
             eprint!("{}", checked.render(style()));
-            return Err(format!("{} does not validate; run `tollgate check {}`", args.policy.display(), args.policy.display()));
+            return Err(format!(
+                "{} does not validate; run `tollgate check {}`",
+                args.policy.display(),
+                args.policy.display()
+            ));
         }
         Err(e) => return Err(e.to_string()),
     };
     let target = target_of(&args.url)?;
     let mut headers = Vec::new();
     for h in &args.headers {
-        let (name, value) = h.split_once(':').ok_or_else(|| format!("header {h:?} is not `name: value`"))?;
+        let (name, value) = h
+            .split_once(':')
+            .ok_or_else(|| format!("header {h:?} is not `name: value`"))?;
         headers.push((name.trim().to_ascii_lowercase(), value.trim().to_string()));
     }
     let case = policy::cases::Case {
@@ -54,11 +60,24 @@ pub fn run(args: Args) -> Result<ExitCode, Failed> {
         expects: Vec::new(),
     };
     let request = case.request(&policy);
-    let decision = policy::decide(&policy, &request, &Buyer { payer: args.payer, prepaid_balance: args.balance });
+    let decision = policy::decide(
+        &policy,
+        &request,
+        &Buyer {
+            payer: args.payer,
+            prepaid_balance: args.balance,
+        },
+    );
 
     let mut out = Vec::new();
     out.push(("request", format!("{} {}", request.method, request.target)));
-    out.push(("policy", format!("{} (service {:?}, version {})", policy.origin, policy.service, policy.version)));
+    out.push((
+        "policy",
+        format!(
+            "{} (service {:?}, version {})",
+            policy.origin, policy.service, policy.version
+        ),
+    ));
     let credentials = match (request.api_key, request.payment) {
         (false, None) => "none".to_string(),
         (true, None) => "API key".to_string(),
@@ -68,18 +87,26 @@ pub fn run(args: Args) -> Result<ExitCode, Failed> {
     out.push(("carries", credentials));
     match decision.route {
         None => out.push(("route", "none matches".to_string())),
-        Some(route) => describe_route(&policy, route, &request.target, &mut out),
+        Some(route) => describe_route(&policy, route, request.target, &mut out),
     }
     let action = match &decision.outcome {
         Outcome::Free | Outcome::Pass => "forward to the upstream, free".to_string(),
         Outcome::Deny => "403 Forbidden".to_string(),
         Outcome::BadRequest(e) => format!("400 Bad Request: {e}"),
-        Outcome::Challenge { hint: Some(_) } => "402 Payment Required, hint credits_exhausted".to_string(),
+        Outcome::Challenge { hint: Some(_) } => {
+            "402 Payment Required, hint credits_exhausted".to_string()
+        }
         Outcome::Challenge { hint: None } => "402 Payment Required".to_string(),
-        Outcome::Prepaid { credits } => format!("debit {credits} credit{} from the key's account, then forward", if *credits == 1 { "" } else { "s" }),
+        Outcome::Prepaid { credits } => format!(
+            "debit {credits} credit{} from the key's account, then forward",
+            if *credits == 1 { "" } else { "s" }
+        ),
         Outcome::X402 => "verify the payment against the offers above, then forward".to_string(),
     };
-    out.push(("decision", format!("{} — {action}", decision.outcome.name())));
+    out.push((
+        "decision",
+        format!("{} — {action}", decision.outcome.name()),
+    ));
     out.push(("because", decision.why.describe(decision.route, &policy)));
     for (label, text) in out {
         let mut lines = text.lines();
@@ -100,24 +127,48 @@ fn target_of(url: &str) -> Result<String, Failed> {
         .strip_prefix("http://")
         .or_else(|| url.strip_prefix("https://"))
         .ok_or_else(|| format!("{url:?} is neither a URL (http://…) nor a path (/…)"))?;
-    Ok(rest.find(['/', '?']).map_or_else(|| "/".to_string(), |i| {
-        let t = rest.get(i..).unwrap_or("/");
-        if t.starts_with('?') { format!("/{t}") } else { t.to_string() }
-    }))
+    Ok(rest.find(['/', '?']).map_or_else(
+        || "/".to_string(),
+        |i| {
+            let t = rest.get(i..).unwrap_or("/");
+            if t.starts_with('?') {
+                format!("/{t}")
+            } else {
+                t.to_string()
+            }
+        },
+    ))
 }
 
-fn describe_route(policy: &Policy, route: &Route, target: &str, out: &mut Vec<(&'static str, String)>) {
-    out.push(("route", format!("{}  ({}:{})", route.display(), policy.origin, route.line)));
+fn describe_route(
+    policy: &Policy,
+    route: &Route,
+    target: &str,
+    out: &mut Vec<(&'static str, String)>,
+) {
+    out.push((
+        "route",
+        format!("{}  ({}:{})", route.display(), policy.origin, route.line),
+    ));
     if let Ok(segments) = split_path(target) {
         let captures = route.pattern.captures(&segments);
         if !captures.is_empty() {
-            out.push(("params", captures.iter().map(|(k, v)| format!("{k} = {v}")).collect::<Vec<_>>().join(", ")));
+            out.push((
+                "params",
+                captures
+                    .iter()
+                    .map(|(k, v)| format!("{k} = {v}"))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            ));
         }
     }
     let Some(price) = route.price() else { return };
     let mut lines = Vec::new();
     for offer in &price.offers {
-        let Some(network) = policy.networks.get(offer.network) else { continue };
+        let Some(network) = policy.networks.get(offer.network) else {
+            continue;
+        };
         lines.push(format!(
             "x402     {} {} on {} ({}) = {} atomic units, asset {}",
             crate::money::format_atomic(offer.amount, offer.asset.decimals),
@@ -129,14 +180,21 @@ fn describe_route(policy: &Policy, route: &Route, target: &str, out: &mut Vec<(&
         ));
     }
     if let (Some(credits), Some(prepaid)) = (price.credits, &policy.prepaid) {
-        lines.push(format!("prepaid  {credits} credit{} from the key in `{}`", if credits == 1 { "" } else { "s" }, prepaid.header));
+        lines.push(format!(
+            "prepaid  {credits} credit{} from the key in `{}`",
+            if credits == 1 { "" } else { "s" },
+            prepaid.header
+        ));
     }
     out.push(("price", lines.join("\n")));
     let mut terms = vec![format!("prefer {}", route.prefer.as_str())];
     if route.refund_on_5xx {
         terms.push("refund on 5xx".into());
     }
-    terms.push(format!("x402 authorizations valid for {}s", route.timeout_secs));
+    terms.push(format!(
+        "x402 authorizations valid for {}s",
+        route.timeout_secs
+    ));
     terms.push(match &route.settle {
         Timing::BeforeResponse => "settle before response".into(),
         Timing::AfterResponse => "settle after response".into(),
@@ -146,19 +204,50 @@ fn describe_route(policy: &Policy, route: &Route, target: &str, out: &mut Vec<(&
     let l = &route.limits;
     let mut limits = Vec::new();
     if let Some(r) = l.requests {
-        limits.push(format!("{} requests {}", r.count, policy::model::window_text(r.window_secs)));
+        limits.push(format!(
+            "{} requests {}",
+            r.count,
+            policy::model::window_text(r.window_secs)
+        ));
     }
     for s in &l.spend {
-        limits.push(format!("{} {}", s.max, policy::model::window_text(s.window_secs)));
+        limits.push(format!(
+            "{} {}",
+            s.max,
+            policy::model::window_text(s.window_secs)
+        ));
     }
     for u in &l.unsettled {
         limits.push(format!("{u} unsettled"));
     }
-    out.push(("limits", if limits.is_empty() { "none".into() } else { limits.join("; ") }));
+    out.push((
+        "limits",
+        if limits.is_empty() {
+            "none".into()
+        } else {
+            limits.join("; ")
+        },
+    ));
     let p = &route.payers;
     if p.allow.is_some() || !p.deny.is_empty() {
-        let allow = p.allow.as_ref().map_or_else(|| "any".to_string(), |a| a.iter().map(|x| x.to_string()).collect::<Vec<_>>().join(", "));
-        let deny = if p.deny.is_empty() { "none".to_string() } else { p.deny.iter().map(|x| x.to_string()).collect::<Vec<_>>().join(", ") };
+        let allow = p.allow.as_ref().map_or_else(
+            || "any".to_string(),
+            |a| {
+                a.iter()
+                    .map(|x| x.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            },
+        );
+        let deny = if p.deny.is_empty() {
+            "none".to_string()
+        } else {
+            p.deny
+                .iter()
+                .map(|x| x.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
         out.push(("payers", format!("allow {allow}; deny {deny}")));
     }
 }

@@ -29,7 +29,10 @@ pub fn run(args: Args) -> Result<ExitCode, Failed> {
         let file = match parsed.file {
             Some(file) if parsed.diagnostics.is_empty() => file,
             _ => {
-                eprint!("{}", diag::render_all(&parsed.diagnostics, &source, style()));
+                eprint!(
+                    "{}",
+                    diag::render_all(&parsed.diagnostics, &source, style())
+                );
                 eprintln!("skipped {}: fix the syntax errors first", path.display());
                 broken += 1;
                 continue;
@@ -47,10 +50,15 @@ pub fn run(args: Args) -> Result<ExitCode, Failed> {
         if args.check {
             println!("would reformat {}", path.display());
         } else {
-            std::fs::write(path, &formatted).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+            std::fs::write(path, &formatted)
+                .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
             println!("formatted {}", path.display());
         }
     }
     let failed = broken > 0 || (args.check && unformatted > 0);
-    Ok(if failed { ExitCode::FAILURE } else { ExitCode::SUCCESS })
+    Ok(if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
 }

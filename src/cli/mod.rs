@@ -65,7 +65,11 @@ type Failed = String;
 
 /// How diagnostics are drawn on stderr: colour and box drawing only on a terminal.
 fn style() -> Style {
-    if std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none() { Style::Fancy } else { Style::Plain }
+    if std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none() {
+        Style::Fancy
+    } else {
+        Style::Plain
+    }
 }
 
 /// The policy paths to work on: those given, else the config's (`policies/` by default).
@@ -73,7 +77,8 @@ fn policy_paths(given: Vec<PathBuf>, config: Option<&PathBuf>) -> Result<Vec<Pat
     if !given.is_empty() {
         return Ok(given);
     }
-    let resolved = Config::load(config_path(config).as_deref()).map_err(|e| format!("invalid configuration:\n{e}"))?;
+    let resolved = Config::load(config_path(config).as_deref())
+        .map_err(|e| format!("invalid configuration:\n{e}"))?;
     Ok(resolved.config.policies)
 }
 

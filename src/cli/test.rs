@@ -26,7 +26,8 @@ pub fn run(args: Args) -> Result<ExitCode, Failed> {
         };
         let mut cases: Vec<Case> = policy::cases::collect(file, &checked.source).0;
         if let Some(side) = policy::test_file_for(path) {
-            let (more, side_checked) = policy::check_tests(policy::read(&side).map_err(|e| e.to_string())?);
+            let (more, side_checked) =
+                policy::check_tests(policy::read(&side).map_err(|e| e.to_string())?);
             eprint!("{}", side_checked.render(style()));
             if side_checked.errors() > 0 {
                 println!("FAIL  {}: the test file does not validate", side.display());
@@ -49,7 +50,11 @@ pub fn run(args: Args) -> Result<ExitCode, Failed> {
                     failed += 1;
                     println!("  FAIL  {} ({})", case.name, case.origin);
                     let headers: Vec<&str> = case.headers.iter().map(|(n, _)| n.as_str()).collect();
-                    let with = if headers.is_empty() { String::new() } else { format!("  with {}", headers.join(", ")) };
+                    let with = if headers.is_empty() {
+                        String::new()
+                    } else {
+                        format!("  with {}", headers.join(", "))
+                    };
                     println!("        request   {} {}{with}", case.method, case.target);
                     println!("        expected  {}", failure.expected);
                     println!("        actual    {}", failure.actual);
@@ -59,5 +64,9 @@ pub fn run(args: Args) -> Result<ExitCode, Failed> {
         }
     }
     println!("{passed} passed, {failed} failed");
-    Ok(if failed + broken > 0 { ExitCode::FAILURE } else { ExitCode::SUCCESS })
+    Ok(if failed + broken > 0 {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
 }

@@ -120,7 +120,10 @@ pub enum Limit {
     /// `limit buyer unsettled 1 USDC`.
     Unsettled(Money),
     /// `limit buyer 60 requests per minute`, `limit buyer 5 USDC per day`.
-    Rate { quantity: Spanned<Quantity>, window: Option<Spanned<Window>> },
+    Rate {
+        quantity: Spanned<Quantity>,
+        window: Option<Spanned<Window>>,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -49,7 +49,9 @@ pub fn collect(file: &PolicyFile, source: &Source) -> (Vec<Case>, Vec<Diagnostic
     let mut cases = Vec::new();
     let mut diagnostics = Vec::new();
     for item in &file.items {
-        let ast::Item::Test(test) = &item.node else { continue };
+        let ast::Item::Test(test) = &item.node else {
+            continue;
+        };
         let origin = format!("{}:{}", source.name, source.line_col(item.span.start).0);
         let mut case = Case {
             name: test.name.node.clone(),
@@ -76,12 +78,18 @@ pub fn collect(file: &PolicyFile, source: &Source) -> (Vec<Case>, Vec<Diagnostic
                     case.method = method.node.clone();
                     case.target = target.node.clone();
                 }
-                TestClause::Header { name, value } => case.headers.push((name.node.to_ascii_lowercase(), value.node.clone())),
+                TestClause::Header { name, value } => case
+                    .headers
+                    .push((name.node.to_ascii_lowercase(), value.node.clone())),
                 TestClause::Payer(a) => match a.node.parse::<Address>() {
                     Ok(address) => case.payer = Some(address),
                     Err(_) => diagnostics.push(
-                        Diagnostic::error("bad_address", a.span, format!("`{}` is not an address", a.node))
-                            .help("an address is `0x` followed by 40 hex digits"),
+                        Diagnostic::error(
+                            "bad_address",
+                            a.span,
+                            format!("`{}` is not an address", a.node),
+                        )
+                        .help("an address is `0x` followed by 40 hex digits"),
                     ),
                 },
                 TestClause::Balance(m) => case.balance = Some(m.clone()),
@@ -89,20 +97,31 @@ pub fn collect(file: &PolicyFile, source: &Source) -> (Vec<Case>, Vec<Diagnostic
                     if !Outcome::NAMES.contains(&outcome.node.as_str()) {
                         diagnostics.push(unknown_outcome(outcome));
                     }
-                    case.expects.push(Expect { outcome: outcome.node.clone(), price: price.clone() });
+                    case.expects.push(Expect {
+                        outcome: outcome.node.clone(),
+                        price: price.clone(),
+                    });
                 }
             }
         }
         if request_at.is_none() {
             diagnostics.push(
-                Diagnostic::error("test_without_request", test.name.span, "this test sends no request")
-                    .help("add `request GET \"/path\"`"),
+                Diagnostic::error(
+                    "test_without_request",
+                    test.name.span,
+                    "this test sends no request",
+                )
+                .help("add `request GET \"/path\"`"),
             );
         }
         if case.expects.is_empty() {
             diagnostics.push(
-                Diagnostic::error("test_without_expect", test.name.span, "this test expects nothing")
-                    .help("add `expect <outcome>`, e.g. `expect challenge 0.001 USDC`"),
+                Diagnostic::error(
+                    "test_without_expect",
+                    test.name.span,
+                    "this test expects nothing",
+                )
+                .help("add `expect <outcome>`, e.g. `expect challenge 0.001 USDC`"),
             );
         }
         cases.push(case);
@@ -115,7 +134,12 @@ fn unknown_outcome(outcome: &Text) -> Diagnostic {
         Some(s) => format!("did you mean `{s}`?"),
         None => format!("expected one of: {}", Outcome::NAMES.join(", ")),
     };
-    Diagnostic::error("unknown_outcome", outcome.span, format!("unknown outcome `{}`", outcome.node)).help(help)
+    Diagnostic::error(
+        "unknown_outcome",
+        outcome.span,
+        format!("unknown outcome `{}`", outcome.node),
+    )
+    .help(help)
 }
 
 impl Case {
@@ -130,7 +154,12 @@ impl Case {
         } else {
             None
         };
-        Request { method: &self.method, target: &self.target, api_key: key_header.is_some_and(header), payment }
+        Request {
+            method: &self.method,
+            target: &self.target,
+            api_key: key_header.is_some_and(header),
+            payment,
+        }
     }
 
     /// Runs the case against a compiled policy.
@@ -143,7 +172,10 @@ impl Case {
                 why: "balances are given in credits".into(),
             })?),
         };
-        let buyer = Buyer { payer: self.payer, prepaid_balance: balance };
+        let buyer = Buyer {
+            payer: self.payer,
+            prepaid_balance: balance,
+        };
         let decision = decide(policy, &self.request(policy), &buyer);
         for expect in &self.expects {
             let outcome_ok = expect.outcome == decision.outcome.name();
@@ -168,7 +200,9 @@ impl Case {
 
 /// Whether the decision's price on the matching rail equals the expected amount.
 fn price_matches(decision: &Decision<'_>, expected: &ast::Money) -> bool {
-    let Some(price) = decision.route.and_then(|r| r.price()) else { return false };
+    let Some(price) = decision.route.and_then(|r| r.price()) else {
+        return false;
+    };
     let unit = expected.unit.node.as_str();
     if unit == "credit" || unit == "credits" {
         let credits = match decision.outcome {
@@ -177,8 +211,15 @@ fn price_matches(decision: &Decision<'_>, expected: &ast::Money) -> bool {
         };
         return parse_decimal(&expected.amount.node, 0).ok() == credits && credits.is_some();
     }
-    let offers: Vec<_> = price.offers.iter().filter(|o| o.asset.symbol == unit).collect();
-    !offers.is_empty() && offers.iter().all(|o| parse_decimal(&expected.amount.node, o.asset.decimals).ok() == Some(o.amount))
+    let offers: Vec<_> = price
+        .offers
+        .iter()
+        .filter(|o| o.asset.symbol == unit)
+        .collect();
+    !offers.is_empty()
+        && offers
+            .iter()
+            .all(|o| parse_decimal(&expected.amount.node, o.asset.decimals).ok() == Some(o.amount))
 }
 
 /// `prepaid 1 credit (route GET /v1/forecast/{city})`.
@@ -186,17 +227,33 @@ pub fn describe(decision: &Decision<'_>, policy: &Policy) -> String {
     let mut out = decision.outcome.name().to_string();
     let price = decision.route.and_then(|r| r.price());
     match (&decision.outcome, price) {
-        (Outcome::Prepaid { credits }, _) => out.push_str(&format!(" {}", super::model::Quantity { unit: Unit::Credits, atomic: *credits })),
+        (Outcome::Prepaid { credits }, _) => out.push_str(&format!(
+            " {}",
+            super::model::Quantity {
+                unit: Unit::Credits,
+                atomic: *credits
+            }
+        )),
         (Outcome::Challenge { .. } | Outcome::X402, Some(p)) => {
             let mut terms: Vec<String> = Vec::new();
             for o in &p.offers {
-                let term = format!("{} {}", crate::money::format_atomic(o.amount, o.asset.decimals), o.asset.symbol);
+                let term = format!(
+                    "{} {}",
+                    crate::money::format_atomic(o.amount, o.asset.decimals),
+                    o.asset.symbol
+                );
                 if !terms.contains(&term) {
                     terms.push(term);
                 }
             }
             if let (Some(c), Outcome::Challenge { .. }) = (p.credits, &decision.outcome) {
-                terms.push(super::model::Quantity { unit: Unit::Credits, atomic: c }.to_string());
+                terms.push(
+                    super::model::Quantity {
+                        unit: Unit::Credits,
+                        atomic: c,
+                    }
+                    .to_string(),
+                );
             }
             if !terms.is_empty() {
                 out.push_str(&format!(" {}", terms.join(" or ")));
@@ -205,7 +262,12 @@ pub fn describe(decision: &Decision<'_>, policy: &Policy) -> String {
         _ => {}
     }
     match decision.route {
-        Some(r) => out.push_str(&format!(" (route {}, {}:{})", r.display(), policy.origin, r.line)),
+        Some(r) => out.push_str(&format!(
+            " (route {}, {}:{})",
+            r.display(),
+            policy.origin,
+            r.line
+        )),
         None => out.push_str(" (no route matched)"),
     }
     out

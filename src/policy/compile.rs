@@ -25,12 +25,22 @@ use crate::networks::{self, Asset, Network};
 pub const DEFAULT_TIMEOUT_SECS: u64 = 60;
 /// Default header that carries an API key.
 pub const DEFAULT_KEY_HEADER: &str = "x-api-key";
-const METHODS: [&str; 9] = ["GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "CONNECT", "TRACE"];
+const METHODS: [&str; 9] = [
+    "GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "CONNECT", "TRACE",
+];
 
 /// Compiles a parsed file. `partial` says syntax errors were already reported, so checks for
 /// missing clauses stay quiet (the clause may be on a line that did not parse).
-pub fn compile(file: &ast::PolicyFile, source: &Source, partial: bool) -> (Option<Policy>, Vec<Diagnostic>) {
-    let mut cx = Cx { source, diagnostics: Vec::new(), partial };
+pub fn compile(
+    file: &ast::PolicyFile,
+    source: &Source,
+    partial: bool,
+) -> (Option<Policy>, Vec<Diagnostic>) {
+    let mut cx = Cx {
+        source,
+        diagnostics: Vec::new(),
+        partial,
+    };
     let policy = cx.file(file);
     let failed = cx.diagnostics.iter().any(Diagnostic::is_error);
     (if failed { None } else { policy }, cx.diagnostics)
@@ -38,9 +48,16 @@ pub fn compile(file: &ast::PolicyFile, source: &Source, partial: bool) -> (Optio
 
 /// Resolves the networks of a file (built-ins plus its `network` blocks). Used by tests files too.
 pub fn networks_of(file: &ast::PolicyFile, source: &Source) -> Vec<Network> {
-    let mut cx = Cx { source, diagnostics: Vec::new(), partial: true };
+    let mut cx = Cx {
+        source,
+        diagnostics: Vec::new(),
+        partial: true,
+    };
     cx.networks(file)
 }
+
+/// Where a clause that may appear once was first seen.
+type Seen = Option<(Span, ())>;
 
 struct Cx<'s> {
     source: &'s Source,
@@ -59,11 +76,21 @@ struct Inherited<'a> {
 }
 
 impl Cx<'_> {
-    fn error(&mut self, code: &'static str, span: Span, message: impl Into<String>) -> &mut Diagnostic {
+    fn error(
+        &mut self,
+        code: &'static str,
+        span: Span,
+        message: impl Into<String>,
+    ) -> &mut Diagnostic {
         self.push(Diagnostic::error(code, span, message))
     }
 
-    fn warning(&mut self, code: &'static str, span: Span, message: impl Into<String>) -> &mut Diagnostic {
+    fn warning(
+        &mut self,
+        code: &'static str,
+        span: Span,
+        message: impl Into<String>,
+    ) -> &mut Diagnostic {
         self.push(Diagnostic::warning(code, span, message))
     }
 
@@ -78,7 +105,12 @@ impl Cx<'_> {
     fn once<T>(&mut self, slot: &mut Option<(Span, T)>, span: Span, value: T, what: &str) {
         if let Some((first, _)) = slot {
             let first = *first;
-            self.push(Diagnostic::error("duplicate_clause", span, format!("`{what}` is given twice")).label("second one").related(first, "first one here").help("keep one of them"));
+            self.push(
+                Diagnostic::error("duplicate_clause", span, format!("`{what}` is given twice"))
+                    .label("second one")
+                    .related(first, "first one here")
+                    .help("keep one of them"),
+            );
         } else {
             *slot = Some((span, value));
         }
@@ -93,7 +125,11 @@ impl Cx<'_> {
                     None => service = Some((item.span, s)),
                     Some((first, _)) => {
                         self.push(
-                            Diagnostic::error("second_service", s.name.span, "a policy file holds one service")
+                            Diagnostic::error(
+                                "second_service",
+                                s.name.span,
+                                "a policy file holds one service",
+                            )
                             .related(first, "the first service")
                             .help("put each service in its own file: `policies/<service>.toll`"),
                         );
@@ -103,8 +139,21 @@ impl Cx<'_> {
         }
         let Some((_, service)) = service else {
             if !self.partial {
-                let at = Span::new(0, self.source.text.find('\n').unwrap_or(self.source.text.len()));
-                self.push(Diagnostic::error("missing_service", at, "this policy file has no `service` block").help("start with `service \"name\" { … }`"));
+                let at = Span::new(
+                    0,
+                    self.source
+                        .text
+                        .find('\n')
+                        .unwrap_or(self.source.text.len()),
+                );
+                self.push(
+                    Diagnostic::error(
+                        "missing_service",
+                        at,
+                        "this policy file has no `service` block",
+                    )
+                    .help("start with `service \"name\" { … }`"),
+                );
             }
             return None;
         };
@@ -117,11 +166,21 @@ impl Cx<'_> {
         let mut all = networks::builtin();
         let mut declared: HashMap<String, Span> = HashMap::new();
         for item in &file.items {
-            let ast::Item::Network(decl) = &item.node else { continue };
+            let ast::Item::Network(decl) = &item.node else {
+                continue;
+            };
             let name = decl.name.node.clone();
             if let Some(first) = declared.get(&name) {
                 let first = *first;
-                self.push(Diagnostic::error("duplicate_network", decl.name.span, format!("network `{name}` is declared twice")).related(first, "first declared here").help("merge the two blocks"));
+                self.push(
+                    Diagnostic::error(
+                        "duplicate_network",
+                        decl.name.span,
+                        format!("network `{name}` is declared twice"),
+                    )
+                    .related(first, "first declared here")
+                    .help("merge the two blocks"),
+                );
                 continue;
             }
             declared.insert(name.clone(), decl.name.span);
@@ -139,8 +198,15 @@ impl Cx<'_> {
                         match id.node.parse::<u64>() {
                             Ok(n) if n > 0 => self.once(&mut chain, clause.span, n, "chain"),
                             _ => {
-                                self.error("bad_chain_id", id.span, format!("`{}` is not a chain id", id.node)).help =
-                                    Some("a chain id is a whole number from 1 to 18446744073709551615".into());
+                                self.error(
+                                    "bad_chain_id",
+                                    id.span,
+                                    format!("`{}` is not a chain id", id.node),
+                                )
+                                .help = Some(
+                                    "a chain id is a whole number from 1 to 18446744073709551615"
+                                        .into(),
+                                );
                             }
                         }
                     }
@@ -149,12 +215,24 @@ impl Cx<'_> {
                             let existing = assets
                                 .iter()
                                 .map(|(s, a)| (Some(*s), a))
-                                .chain(builtin_index.and_then(|i| all.get(i)).into_iter().flat_map(|n| n.assets.iter().map(|a| (None, a))))
+                                .chain(
+                                    builtin_index
+                                        .and_then(|i| all.get(i))
+                                        .into_iter()
+                                        .flat_map(|n| n.assets.iter().map(|a| (None, a))),
+                                )
                                 .find(|(_, x)| x.symbol == asset.symbol)
                                 .map(|(s, _)| s);
                             match existing {
                                 Some(first) => {
-                                    let mut d = Diagnostic::error("duplicate_asset", a.symbol.span, format!("asset `{}` is already defined on `{name}`", asset.symbol));
+                                    let mut d = Diagnostic::error(
+                                        "duplicate_asset",
+                                        a.symbol.span,
+                                        format!(
+                                            "asset `{}` is already defined on `{name}`",
+                                            asset.symbol
+                                        ),
+                                    );
                                     if let Some(first) = first {
                                         d = d.related(first, "first defined here");
                                     }
@@ -171,18 +249,40 @@ impl Cx<'_> {
                 None => {
                     let Some((chain_span, chain_id)) = chain else {
                         if !self.partial {
-                            self.push(Diagnostic::error("missing_chain", decl.name.span, format!("network `{name}` has no `chain`")).help("add its EIP-155 chain id, e.g. `chain 31337`"));
+                            self.push(
+                                Diagnostic::error(
+                                    "missing_chain",
+                                    decl.name.span,
+                                    format!("network `{name}` has no `chain`"),
+                                )
+                                .help("add its EIP-155 chain id, e.g. `chain 31337`"),
+                            );
                         }
                         continue;
                     };
                     if let Some(other) = all.iter().find(|n| n.chain_id == chain_id) {
-                        self.push(Diagnostic::error("duplicate_chain", chain_span, format!("chain {chain_id} is already network `{}`", other.name)).help(format!("use `{}`, or add assets to it with `network {} {{ asset … }}`", other.name, other.name)));
+                        self.push(
+                            Diagnostic::error(
+                                "duplicate_chain",
+                                chain_span,
+                                format!("chain {chain_id} is already network `{}`", other.name),
+                            )
+                            .help(format!(
+                                "use `{}`, or add assets to it with `network {} {{ asset … }}`",
+                                other.name, other.name
+                            )),
+                        );
                         continue;
                     }
                     if assets.is_empty() && !self.partial {
                         self.push(Diagnostic::error("missing_asset", decl.name.span, format!("network `{name}` has no `asset`")).help("declare the token buyers pay with: `asset USDC at 0x… name \"USDC\" version \"2\" decimals 6`"));
                     }
-                    all.push(Network { name, chain_id, assets: assets.into_iter().map(|(_, a)| a).collect(), builtin: false });
+                    all.push(Network {
+                        name,
+                        chain_id,
+                        assets: assets.into_iter().map(|(_, a)| a).collect(),
+                        builtin: false,
+                    });
                 }
             }
         }
@@ -192,18 +292,36 @@ impl Cx<'_> {
     fn asset(&mut self, decl: &ast::AssetDecl, span: Span) -> Option<Asset> {
         let symbol = decl.symbol.node.clone();
         if is_credits(&symbol) {
-            self.push(Diagnostic::error("reserved_unit", decl.symbol.span, format!("`{symbol}` is reserved for prepaid credits")).help("give the asset its token symbol, e.g. `USDC`"));
+            self.push(
+                Diagnostic::error(
+                    "reserved_unit",
+                    decl.symbol.span,
+                    format!("`{symbol}` is reserved for prepaid credits"),
+                )
+                .help("give the asset its token symbol, e.g. `USDC`"),
+            );
         }
         let address = self.address(&decl.address);
         let (mut name, mut version, mut decimals) = (None, None, None);
         for option in &decl.options {
             match &option.node {
-                ast::AssetOption::Name(n) => self.once(&mut name, option.span, n.node.clone(), "name"),
-                ast::AssetOption::Version(v) => self.once(&mut version, option.span, v.node.clone(), "version"),
+                ast::AssetOption::Name(n) => {
+                    self.once(&mut name, option.span, n.node.clone(), "name")
+                }
+                ast::AssetOption::Version(v) => {
+                    self.once(&mut version, option.span, v.node.clone(), "version")
+                }
                 ast::AssetOption::Decimals(d) => match d.node.parse::<u8>() {
                     Ok(n) if n <= 38 => self.once(&mut decimals, option.span, n, "decimals"),
                     _ => {
-                        self.push(Diagnostic::error("bad_decimals", d.span, format!("`{}` decimals is out of range", d.node)).help("decimals go from 0 to 38 (USDC has 6)"));
+                        self.push(
+                            Diagnostic::error(
+                                "bad_decimals",
+                                d.span,
+                                format!("`{}` decimals is out of range", d.node),
+                            )
+                            .help("decimals go from 0 to 38 (USDC has 6)"),
+                        );
                     }
                 },
             }
@@ -219,7 +337,16 @@ impl Cx<'_> {
             missing.push("decimals N");
         }
         if !missing.is_empty() {
-            self.push(Diagnostic::error("incomplete_asset", span, format!("asset `{symbol}` is missing {}", missing.join(", "))).help("buyers sign with the token's EIP-712 domain, so tollgate must know it exactly"));
+            self.push(
+                Diagnostic::error(
+                    "incomplete_asset",
+                    span,
+                    format!("asset `{symbol}` is missing {}", missing.join(", ")),
+                )
+                .help(
+                    "buyers sign with the token's EIP-712 domain, so tollgate must know it exactly",
+                ),
+            );
             return None;
         }
         Some(Asset {
@@ -235,10 +362,15 @@ impl Cx<'_> {
         let s = text.node.as_str();
         let hex = s.get(2..).unwrap_or("");
         if hex.len() != 40 {
-            self.push(Diagnostic::error("bad_address", text.span, format!("`{s}` is not an address")).label(format!("{} hex digits", hex.len())).help("an address is `0x` followed by 40 hex digits"));
+            self.push(
+                Diagnostic::error("bad_address", text.span, format!("`{s}` is not an address"))
+                    .label(format!("{} hex digits", hex.len()))
+                    .help("an address is `0x` followed by 40 hex digits"),
+            );
             return None;
         }
-        let mixed = hex.chars().any(|c| c.is_ascii_lowercase()) && hex.chars().any(|c| c.is_ascii_uppercase());
+        let mixed = hex.chars().any(|c| c.is_ascii_lowercase())
+            && hex.chars().any(|c| c.is_ascii_uppercase());
         match s.parse::<Address>() {
             Ok(address) if mixed && Address::parse_checksummed(s, None).is_err() => {
                 self.push(
@@ -263,9 +395,21 @@ impl Cx<'_> {
         let names: Vec<&str> = networks.iter().map(|n| n.name.as_str()).collect();
         let help = match closest(&name.node, &names) {
             Some(s) => format!("did you mean `{s}`?"),
-            None => format!("known networks: {}; declare others with `network {} {{ chain … asset … }}`", names.join(", "), name.node),
+            None => format!(
+                "known networks: {}; declare others with `network {} {{ chain … asset … }}`",
+                names.join(", "),
+                name.node
+            ),
         };
-        self.push(Diagnostic::error("unknown_network", name.span, format!("unknown network `{}`", name.node)).label("not a known network").help(help));
+        self.push(
+            Diagnostic::error(
+                "unknown_network",
+                name.span,
+                format!("unknown network `{}`", name.node),
+            )
+            .label("not a known network")
+            .help(help),
+        );
         None
     }
 
@@ -293,7 +437,11 @@ impl Cx<'_> {
                     let mut resolved: Vec<Network> = Vec::new();
                     for name in names {
                         if resolved.iter().any(|n| n.name == name.node) {
-                            self.warning("repeated_network", name.span, format!("network `{}` is listed twice", name.node));
+                            self.warning(
+                                "repeated_network",
+                                name.span,
+                                format!("network `{}` is listed twice", name.node),
+                            );
                             continue;
                         }
                         resolved.extend(self.network_ref(name, &all_networks));
@@ -304,7 +452,11 @@ impl Cx<'_> {
                     let name = match header {
                         None => DEFAULT_KEY_HEADER.to_string(),
                         Some(h) => {
-                            if h.node.is_empty() || !h.node.bytes().all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)) {
+                            if h.node.is_empty()
+                                || !h.node.bytes().all(|b| {
+                                    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+                                })
+                            {
                                 self.push(Diagnostic::error("bad_header_name", h.span, format!("`{}` is not a valid header name", h.node)).help("header names are letters, digits and `-`, e.g. `x-api-key`"));
                             }
                             h.node.to_ascii_lowercase()
@@ -322,8 +474,19 @@ impl Cx<'_> {
                     "deny" => self.once(&mut default, span, DefaultAction::Deny, "default"),
                     "pass" => self.once(&mut default, span, DefaultAction::Pass, "default"),
                     other => {
-                        let help = closest(other, &["deny", "pass"]).map_or_else(|| "write `default deny` or `default pass`".to_string(), |s| format!("did you mean `{s}`?"));
-                        self.push(Diagnostic::error("bad_default", d.span, format!("unknown default `{other}`")).label("expected `deny` or `pass`").help(help));
+                        let help = closest(other, &["deny", "pass"]).map_or_else(
+                            || "write `default deny` or `default pass`".to_string(),
+                            |s| format!("did you mean `{s}`?"),
+                        );
+                        self.push(
+                            Diagnostic::error(
+                                "bad_default",
+                                d.span,
+                                format!("unknown default `{other}`"),
+                            )
+                            .label("expected `deny` or `pass`")
+                            .help(help),
+                        );
                     }
                 },
                 ast::ServiceClause::Limit(l) => limit_clauses.push((span, l)),
@@ -332,7 +495,10 @@ impl Cx<'_> {
             }
         }
 
-        let networks = accept_x402.as_ref().map(|(_, n)| n.clone()).unwrap_or_default();
+        let networks = accept_x402
+            .as_ref()
+            .map(|(_, n)| n.clone())
+            .unwrap_or_default();
         let pay_to = pay_to.and_then(|(_, a)| a);
         let settlement = self.settlement(settle, &networks, accept_x402.as_ref().map(|(s, _)| *s));
         let limits = self.limits(&limit_clauses, &networks, None);
@@ -341,9 +507,16 @@ impl Cx<'_> {
         if default.is_none() && !self.partial {
             self.push(Diagnostic::error("missing_default", decl.name.span, "the service does not say what happens to unmatched requests").help("add `default deny` (403 for any path no route matches) or `default pass` (forward it, free)"));
         }
-        if let Some((span, _)) = &accept_x402 {
-            if pay_to.is_none() && !self.partial {
-                self.push(Diagnostic::error("missing_pay_to", *span, "x402 is accepted but the service has no `pay_to` address").help("add `pay_to 0x…`: the address that receives every payment"));
+        if let (Some((span, _)), None, false) = (&accept_x402, pay_to, self.partial) {
+            {
+                self.push(
+                    Diagnostic::error(
+                        "missing_pay_to",
+                        *span,
+                        "x402 is accepted but the service has no `pay_to` address",
+                    )
+                    .help("add `pay_to 0x…`: the address that receives every payment"),
+                );
             }
         }
 
@@ -359,7 +532,9 @@ impl Cx<'_> {
         let mut compiled: Vec<Route> = Vec::new();
         let mut route_spans: Vec<Span> = Vec::new();
         for (span, decl) in routes {
-            let Some(mut route) = self.route(decl, span, &inherited) else { continue };
+            let Some(mut route) = self.route(decl, span, &inherited) else {
+                continue;
+            };
             route.id = compiled.len();
             match matcher.insert(route.method.as_deref(), &route.pattern, route.id) {
                 Ok(()) => {
@@ -379,11 +554,17 @@ impl Cx<'_> {
             }
         }
 
-        let takes_credits = compiled.iter().any(|r| r.price().is_some_and(|p| p.credits.is_some()));
+        let takes_credits = compiled
+            .iter()
+            .any(|r| r.price().is_some_and(|p| p.credits.is_some()));
         if let (Some((span, _)), false, false) = (&accept_prepaid, takes_credits, self.partial) {
             self.push(
-                Diagnostic::warning("unused_prepaid", *span, "prepaid keys are accepted but no route has a price in credits")
-                    .help("add a credits price to a route, e.g. `price 0.001 USDC or 1 credit`"),
+                Diagnostic::warning(
+                    "unused_prepaid",
+                    *span,
+                    "prepaid keys are accepted but no route has a price in credits",
+                )
+                .help("add a credits price to a route, e.g. `price 0.001 USDC or 1 credit`"),
             );
         }
         let prepaid = accept_prepaid.map(|(_, header)| Prepaid { header });
@@ -402,7 +583,12 @@ impl Cx<'_> {
         })
     }
 
-    fn settlement(&mut self, clause: Option<(Span, &ast::Settle)>, networks: &[Network], x402: Option<Span>) -> Settlement {
+    fn settlement(
+        &mut self,
+        clause: Option<(Span, &ast::Settle)>,
+        networks: &[Network],
+        x402: Option<Span>,
+    ) -> Settlement {
         let Some((span, settle)) = clause else {
             if let (Some(at), false) = (x402, self.partial) {
                 self.push(
@@ -410,7 +596,10 @@ impl Cx<'_> {
                         .help("add `settle via facilitator \"https://x402.org/facilitator\" after response`, or `settle via rpc \"http://…\" relayer env:NAME`"),
                 );
             }
-            return Settlement { backend: Backend::None, timing: Timing::AfterResponse };
+            return Settlement {
+                backend: Backend::None,
+                timing: Timing::AfterResponse,
+            };
         };
         let backend = match &settle.backend {
             None => {
@@ -420,7 +609,9 @@ impl Cx<'_> {
             Some(b) => match &b.node {
                 ast::Backend::Facilitator(url) => {
                     self.url(url);
-                    Backend::Facilitator { url: url.node.trim_end_matches('/').to_string() }
+                    Backend::Facilitator {
+                        url: url.node.trim_end_matches('/').to_string(),
+                    }
                 }
                 ast::Backend::Rpc { url, relayer } => {
                     self.url(url);
@@ -436,14 +627,24 @@ impl Cx<'_> {
                             SecretRef::Env(String::new())
                         }
                     };
-                    Backend::Rpc { url: url.node.clone(), relayer }
+                    Backend::Rpc {
+                        url: url.node.clone(),
+                        relayer,
+                    }
                 }
             },
         };
         if x402.is_none() && backend != Backend::None {
-            self.warning("unused_settlement", span, "settlement is configured but the service does not accept x402");
+            self.warning(
+                "unused_settlement",
+                span,
+                "settlement is configured but the service does not accept x402",
+            );
         }
-        let timing = settle.timing.as_ref().map_or(Timing::AfterResponse, |t| self.timing(t, networks));
+        let timing = settle
+            .timing
+            .as_ref()
+            .map_or(Timing::AfterResponse, |t| self.timing(t, networks));
         Settlement { backend, timing }
     }
 
@@ -456,9 +657,20 @@ impl Cx<'_> {
     }
 
     fn url(&mut self, url: &Text) {
-        let ok = ["http://", "https://"].iter().any(|p| url.node.strip_prefix(p).is_some_and(|rest| !rest.is_empty() && !rest.starts_with('/')));
+        let ok = ["http://", "https://"].iter().any(|p| {
+            url.node
+                .strip_prefix(p)
+                .is_some_and(|rest| !rest.is_empty() && !rest.starts_with('/'))
+        });
         if !ok {
-            self.push(Diagnostic::error("bad_url", url.span, format!("`{}` is not an http(s) URL", url.node)).help("write the full URL, e.g. \"https://x402.org/facilitator\""));
+            self.push(
+                Diagnostic::error(
+                    "bad_url",
+                    url.span,
+                    format!("`{}` is not an http(s) URL", url.node),
+                )
+                .help("write the full URL, e.g. \"https://x402.org/facilitator\""),
+            );
         }
     }
 
@@ -468,24 +680,32 @@ impl Cx<'_> {
             ast::Timing::AfterResponse => Timing::AfterResponse,
             ast::Timing::Deferred(triggers) => {
                 let mut bundle = Bundle::default();
-                let mut seen: (Option<(Span, ())>, Option<(Span, ())>, Option<(Span, ())>) = (None, None, None);
+                let (mut every_at, mut payments_at, mut value_at): (Seen, Seen, Seen) =
+                    (None, None, None);
                 for trigger in triggers {
                     match &trigger.node {
                         ast::Trigger::Every(d) => {
-                            self.once(&mut seen.0, trigger.span, (), "every <duration>");
-                            bundle.every_secs = self.duration_secs(&Spanned::new(d.clone(), trigger.span), "a bundle window");
+                            self.once(&mut every_at, trigger.span, (), "every <duration>");
+                            bundle.every_secs = self.duration_secs(
+                                &Spanned::new(d.clone(), trigger.span),
+                                "a bundle window",
+                            );
                         }
                         ast::Trigger::Payments(n) => {
-                            self.once(&mut seen.1, trigger.span, (), "<n> payments");
+                            self.once(&mut payments_at, trigger.span, (), "<n> payments");
                             match n.parse::<u64>() {
                                 Ok(n) if n > 0 => bundle.payments = Some(n),
                                 _ => {
-                                    self.error("bad_count", trigger.span, "a bundle needs at least 1 payment");
+                                    self.error(
+                                        "bad_count",
+                                        trigger.span,
+                                        "a bundle needs at least 1 payment",
+                                    );
                                 }
                             }
                         }
                         ast::Trigger::Value(m) => {
-                            self.once(&mut seen.2, trigger.span, (), "<amount>");
+                            self.once(&mut value_at, trigger.span, (), "<amount>");
                             bundle.value = self.quantity(m, networks, false);
                         }
                     }
@@ -514,14 +734,25 @@ impl Cx<'_> {
             "h" => 3_600,
             "d" => 86_400,
             _ => {
-                self.push(Diagnostic::error("bad_duration", text.span, format!("{what} is counted in whole seconds")).help("use `s`, `m`, `h` or `d`, e.g. `30s`"));
+                self.push(
+                    Diagnostic::error(
+                        "bad_duration",
+                        text.span,
+                        format!("{what} is counted in whole seconds"),
+                    )
+                    .help("use `s`, `m`, `h` or `d`, e.g. `30s`"),
+                );
                 return None;
             }
         };
         match n.and_then(|n| n.checked_mul(scale)) {
             Some(secs) if secs > 0 => Some(secs),
             _ => {
-                self.error("bad_duration", text.span, format!("{what} must be longer than zero"));
+                self.error(
+                    "bad_duration",
+                    text.span,
+                    format!("{what} must be longer than zero"),
+                );
                 None
             }
         }
@@ -531,7 +762,12 @@ impl Cx<'_> {
 
     /// Resolves `amount unit` to a quantity. Asset decimals must agree across the networks
     /// that carry the asset, since a per-buyer total adds them up.
-    fn quantity(&mut self, money: &ast::Money, networks: &[Network], credits_ok: bool) -> Option<Quantity> {
+    fn quantity(
+        &mut self,
+        money: &ast::Money,
+        networks: &[Network],
+        credits_ok: bool,
+    ) -> Option<Quantity> {
         let unit = self.unit(&money.unit, networks, credits_ok)?;
         let decimals = match &unit {
             Unit::Credits => 0,
@@ -544,12 +780,22 @@ impl Cx<'_> {
     fn unit(&mut self, unit: &Text, networks: &[Network], credits_ok: bool) -> Option<Unit> {
         if is_credits(&unit.node) {
             if !credits_ok {
-                self.push(Diagnostic::error("credits_not_allowed", unit.span, "credits cannot be used here").help("this amount is settled on chain: give it in an asset such as `USDC`"));
+                self.push(
+                    Diagnostic::error(
+                        "credits_not_allowed",
+                        unit.span,
+                        "credits cannot be used here",
+                    )
+                    .help("this amount is settled on chain: give it in an asset such as `USDC`"),
+                );
                 return None;
             }
             return Some(Unit::Credits);
         }
-        let carriers: Vec<(&Network, &Asset)> = networks.iter().filter_map(|n| n.asset(&unit.node).map(|a| (n, a))).collect();
+        let carriers: Vec<(&Network, &Asset)> = networks
+            .iter()
+            .filter_map(|n| n.asset(&unit.node).map(|a| (n, a)))
+            .collect();
         let Some((_, first)) = carriers.first() else {
             self.unknown_unit(unit, networks, credits_ok);
             return None;
@@ -558,11 +804,17 @@ impl Cx<'_> {
             self.push(Diagnostic::error("mixed_decimals", unit.span, format!("`{}` has different decimals on different networks", unit.node)).help(format!("{} decimals on one, {} on `{}`: declare the asset with the same decimals everywhere", first.decimals, asset.decimals, other.name)));
             return None;
         }
-        Some(Unit::Asset { symbol: unit.node.clone(), decimals: first.decimals })
+        Some(Unit::Asset {
+            symbol: unit.node.clone(),
+            decimals: first.decimals,
+        })
     }
 
     fn unknown_unit(&mut self, unit: &Text, networks: &[Network], credits_ok: bool) {
-        let mut known: Vec<&str> = networks.iter().flat_map(|n| n.assets.iter().map(|a| a.symbol.as_str())).collect();
+        let mut known: Vec<&str> = networks
+            .iter()
+            .flat_map(|n| n.assets.iter().map(|a| a.symbol.as_str()))
+            .collect();
         known.sort_unstable();
         known.dedup();
         if credits_ok {
@@ -570,10 +822,21 @@ impl Cx<'_> {
         }
         let help = match closest(&unit.node, &known) {
             Some(s) => format!("did you mean `{s}`?"),
-            None if networks.is_empty() => "the service accepts no x402 network: add `accept x402 on …` to price in an asset".to_string(),
+            None if networks.is_empty() => {
+                "the service accepts no x402 network: add `accept x402 on …` to price in an asset"
+                    .to_string()
+            }
             None => format!("units here: {}", known.join(", ")),
         };
-        self.push(Diagnostic::error("unknown_unit", unit.span, format!("unknown unit `{}`", unit.node)).label("no accepted network has this asset").help(help));
+        self.push(
+            Diagnostic::error(
+                "unknown_unit",
+                unit.span,
+                format!("unknown unit `{}`", unit.node),
+            )
+            .label("no accepted network has this asset")
+            .help(help),
+        );
     }
 
     fn amount(&mut self, amount: &Text, decimals: u8, unit: &Unit) -> Option<u128> {
@@ -582,13 +845,27 @@ impl Cx<'_> {
             Err(error @ AmountError::TooManyDecimals { .. }) => {
                 let name = match unit {
                     Unit::Credits => "credits are whole numbers".to_string(),
-                    Unit::Asset { symbol, decimals } => format!("{symbol} has {decimals} decimals; amounts are never rounded"),
+                    Unit::Asset { symbol, decimals } => {
+                        format!("{symbol} has {decimals} decimals; amounts are never rounded")
+                    }
                 };
-                self.push(Diagnostic::error("too_many_decimals", amount.span, format!("`{}` has too many decimals", amount.node)).label(error.to_string()).help(name));
+                self.push(
+                    Diagnostic::error(
+                        "too_many_decimals",
+                        amount.span,
+                        format!("`{}` has too many decimals", amount.node),
+                    )
+                    .label(error.to_string())
+                    .help(name),
+                );
                 None
             }
             Err(error) => {
-                self.error("bad_amount", amount.span, format!("`{}`: {error}", amount.node));
+                self.error(
+                    "bad_amount",
+                    amount.span,
+                    format!("`{}`: {error}", amount.node),
+                );
                 None
             }
         }
@@ -596,7 +873,12 @@ impl Cx<'_> {
 
     // ───────────────────────────── limits and payers ─────────────────────────────
 
-    fn limits(&mut self, clauses: &[(Span, &ast::Limit)], networks: &[Network], inherit: Option<&Limits>) -> Limits {
+    fn limits(
+        &mut self,
+        clauses: &[(Span, &ast::Limit)],
+        networks: &[Network],
+        inherit: Option<&Limits>,
+    ) -> Limits {
         let mut own = Limits::default();
         let mut requests_at: Option<(Span, ())> = None;
         let mut spend_at: HashMap<Unit, Span> = HashMap::new();
@@ -604,25 +886,44 @@ impl Cx<'_> {
         for (span, limit) in clauses {
             match limit {
                 ast::Limit::Unsettled(money) => {
-                    let Some(q) = self.quantity(money, networks, false) else { continue };
+                    let Some(q) = self.quantity(money, networks, false) else {
+                        continue;
+                    };
                     if q.atomic == 0 {
-                        self.error("zero_limit", money.amount.span, "a limit of zero blocks every request; use `deny` instead");
+                        self.error(
+                            "zero_limit",
+                            money.amount.span,
+                            "a limit of zero blocks every request; use `deny` instead",
+                        );
                         continue;
                     }
                     if let Some(first) = unsettled_at.insert(q.unit.clone(), *span) {
-                        self.push(Diagnostic::error("duplicate_limit", *span, format!("a second unsettled limit in {}", money.unit.node)).related(first, "first one here"));
+                        self.push(
+                            Diagnostic::error(
+                                "duplicate_limit",
+                                *span,
+                                format!("a second unsettled limit in {}", money.unit.node),
+                            )
+                            .related(first, "first one here"),
+                        );
                         continue;
                     }
                     own.unsettled.push(q);
                 }
                 ast::Limit::Rate { quantity, window } => {
-                    let Some(window_secs) = self.window(window.as_ref(), quantity.span) else { continue };
+                    let Some(window_secs) = self.window(window.as_ref(), quantity.span) else {
+                        continue;
+                    };
                     match &quantity.node {
                         ast::Quantity::Requests(n) => {
                             let count = match n.parse::<u64>() {
                                 Ok(c) if c > 0 => c,
                                 _ => {
-                                    self.error("zero_limit", quantity.span, "a limit of zero blocks every request; use `deny` instead");
+                                    self.error(
+                                        "zero_limit",
+                                        quantity.span,
+                                        "a limit of zero blocks every request; use `deny` instead",
+                                    );
                                     continue;
                                 }
                             };
@@ -630,13 +931,27 @@ impl Cx<'_> {
                             own.requests = Some(RequestLimit { count, window_secs });
                         }
                         ast::Quantity::Spend(money) => {
-                            let Some(max) = self.quantity(money, networks, true) else { continue };
+                            let Some(max) = self.quantity(money, networks, true) else {
+                                continue;
+                            };
                             if max.atomic == 0 {
-                                self.error("zero_limit", money.amount.span, "a limit of zero blocks every request; use `deny` instead");
+                                self.error(
+                                    "zero_limit",
+                                    money.amount.span,
+                                    "a limit of zero blocks every request; use `deny` instead",
+                                );
                                 continue;
                             }
                             if let Some(first) = spend_at.insert(max.unit.clone(), *span) {
-                                self.push(Diagnostic::error("duplicate_limit", *span, format!("a second spend limit in {}", money.unit.node)).related(first, "first one here").help("one spend limit per unit; keep the one you mean"));
+                                self.push(
+                                    Diagnostic::error(
+                                        "duplicate_limit",
+                                        *span,
+                                        format!("a second spend limit in {}", money.unit.node),
+                                    )
+                                    .related(first, "first one here")
+                                    .help("one spend limit per unit; keep the one you mean"),
+                                );
                                 continue;
                             }
                             own.spend.push(SpendLimit { max, window_secs });
@@ -668,7 +983,9 @@ impl Cx<'_> {
             return None;
         };
         match &window.node {
-            ast::Window::Duration(d) => self.duration_secs(&Spanned::new(d.clone(), window.span), "a limit window"),
+            ast::Window::Duration(d) => {
+                self.duration_secs(&Spanned::new(d.clone(), window.span), "a limit window")
+            }
             ast::Window::Units { count, unit } => {
                 let size = match unit.trim_end_matches('s') {
                     "second" => 1,
@@ -681,7 +998,11 @@ impl Cx<'_> {
                     Some(c) => match c.parse::<u64>() {
                         Ok(n) if n > 0 => n,
                         _ => {
-                            self.error("bad_duration", window.span, "a limit window must be longer than zero");
+                            self.error(
+                                "bad_duration",
+                                window.span,
+                                "a limit window must be longer than zero",
+                            );
                             return None;
                         }
                     },
@@ -691,12 +1012,20 @@ impl Cx<'_> {
         }
     }
 
-    fn payers(&mut self, clauses: &[(Span, &ast::Payers)], inherit: Option<&PayerRules>) -> PayerRules {
+    fn payers(
+        &mut self,
+        clauses: &[(Span, &ast::Payers)],
+        inherit: Option<&PayerRules>,
+    ) -> PayerRules {
         let mut allow: Option<Vec<Address>> = None;
         let mut allow_at: Option<(Span, ())> = None;
         let mut deny: Vec<Address> = Vec::new();
         for (span, clause) in clauses {
-            let addresses: Vec<Address> = clause.addresses.iter().filter_map(|a| self.address(a)).collect();
+            let addresses: Vec<Address> = clause
+                .addresses
+                .iter()
+                .filter_map(|a| self.address(a))
+                .collect();
             if clause.allow {
                 self.once(&mut allow_at, *span, (), "allow payers");
                 allow.get_or_insert_with(Vec::new).extend(addresses);
@@ -704,12 +1033,23 @@ impl Cx<'_> {
                 deny.extend(addresses);
             }
         }
-        if let (Some(allow), Some((span, _))) = (&allow, allow_at) {
-            if let Some(both) = allow.iter().find(|a| deny.contains(a)) {
-                self.push(Diagnostic::error("payer_allowed_and_denied", span, format!("payer `{both}` is both allowed and denied")).help("remove it from one of the lists"));
+        if let (Some(both), Some((span, _))) =
+            (allow.iter().flatten().find(|a| deny.contains(a)), allow_at)
+        {
+            {
+                self.push(
+                    Diagnostic::error(
+                        "payer_allowed_and_denied",
+                        span,
+                        format!("payer `{both}` is both allowed and denied"),
+                    )
+                    .help("remove it from one of the lists"),
+                );
             }
         }
-        let Some(parent) = inherit else { return PayerRules { allow, deny } };
+        let Some(parent) = inherit else {
+            return PayerRules { allow, deny };
+        };
         // A route's allow list replaces the service's; deny lists add up (denying is never undone).
         let mut merged = parent.clone();
         if allow.is_some() {
@@ -728,7 +1068,14 @@ impl Cx<'_> {
             Err(e) => {
                 // +1 skips the opening quote; patterns rarely hold escapes.
                 let at = decl.path.span.start + 1 + e.at;
-                self.push(Diagnostic::error("bad_path_pattern", Span::new(at, (at + e.len).min(decl.path.span.end)), e.message).help(e.help));
+                self.push(
+                    Diagnostic::error(
+                        "bad_path_pattern",
+                        Span::new(at, (at + e.len).min(decl.path.span.end)),
+                        e.message,
+                    )
+                    .help(e.help),
+                );
                 None
             }
         };
@@ -752,7 +1099,13 @@ impl Cx<'_> {
                     let (word, this) = match &clause.node {
                         ast::RouteClause::Free => ("free", Action::Free),
                         ast::RouteClause::Deny => ("deny", Action::Deny),
-                        _ => ("price", Action::Charge(Price { offers: Vec::new(), credits: None })),
+                        _ => (
+                            "price",
+                            Action::Charge(Price {
+                                offers: Vec::new(),
+                                credits: None,
+                            }),
+                        ),
                     };
                     if let ast::RouteClause::Price(terms) = &clause.node {
                         prices = Some((cs, terms));
@@ -764,8 +1117,16 @@ impl Cx<'_> {
                                 Action::Deny => "deny",
                                 Action::Charge(_) => "price",
                             };
-                            let message = if first_word == word { format!("`{word}` is given twice") } else { format!("conflicting clauses: `{first_word}` and `{word}`") };
-                            self.push(Diagnostic::error("conflicting_action", cs, message).related(*first, "first one here").help("a route is either `free`, `deny`, or has one `price`"));
+                            let message = if first_word == word {
+                                format!("`{word}` is given twice")
+                            } else {
+                                format!("conflicting clauses: `{first_word}` and `{word}`")
+                            };
+                            self.push(
+                                Diagnostic::error("conflicting_action", cs, message)
+                                    .related(*first, "first one here")
+                                    .help("a route is either `free`, `deny`, or has one `price`"),
+                            );
                         }
                         None => action = Some((cs, this)),
                     }
@@ -775,7 +1136,14 @@ impl Cx<'_> {
                         "prepaid" => Some(Rail::Prepaid),
                         "x402" => Some(Rail::X402),
                         other => {
-                            self.push(Diagnostic::error("bad_prefer", rail.span, format!("unknown rail `{other}`")).help("write `prefer prepaid` or `prefer x402`"));
+                            self.push(
+                                Diagnostic::error(
+                                    "bad_prefer",
+                                    rail.span,
+                                    format!("unknown rail `{other}`"),
+                                )
+                                .help("write `prefer prepaid` or `prefer x402`"),
+                            );
                             None
                         }
                     };
@@ -786,15 +1154,31 @@ impl Cx<'_> {
                 }
                 ast::RouteClause::RefundOn(class) => {
                     if class.node != "5xx" {
-                        self.push(Diagnostic::error("bad_refund", class.span, format!("refunds are only given on `5xx`, not `{}`", class.node)).help("write `refund on 5xx`: a failed upstream returns the debit"));
+                        self.push(
+                            Diagnostic::error(
+                                "bad_refund",
+                                class.span,
+                                format!("refunds are only given on `5xx`, not `{}`", class.node),
+                            )
+                            .help("write `refund on 5xx`: a failed upstream returns the debit"),
+                        );
                     }
                     self.once(&mut refund, cs, (), "refund on 5xx");
                     price_related.push((cs, "refund on 5xx"));
                 }
-                ast::RouteClause::Description(d) => self.once(&mut description, cs, d.node.clone(), "description"),
+                ast::RouteClause::Description(d) => {
+                    self.once(&mut description, cs, d.node.clone(), "description")
+                }
                 ast::RouteClause::Mime(m) => {
                     if !m.node.contains('/') || m.node.contains(char::is_whitespace) {
-                        self.push(Diagnostic::error("bad_mime", m.span, format!("`{}` is not a MIME type", m.node)).help("e.g. \"application/json\""));
+                        self.push(
+                            Diagnostic::error(
+                                "bad_mime",
+                                m.span,
+                                format!("`{}` is not a MIME type", m.node),
+                            )
+                            .help("e.g. \"application/json\""),
+                        );
                     }
                     self.once(&mut mime, cs, m.node.clone(), "mime");
                 }
@@ -810,11 +1194,25 @@ impl Cx<'_> {
                 }
                 ast::RouteClause::Payers(p) => {
                     payer_clauses.push((cs, p));
-                    price_related.push((cs, if p.allow { "allow payers" } else { "deny payers" }));
+                    price_related.push((
+                        cs,
+                        if p.allow {
+                            "allow payers"
+                        } else {
+                            "deny payers"
+                        },
+                    ));
                 }
                 ast::RouteClause::Settle(s) => {
                     if let Some(b) = &s.backend {
-                        self.push(Diagnostic::error("route_settlement_backend", b.span, "the settlement backend is chosen once, for the whole service").help("keep only the timing on a route, e.g. `settle before response`"));
+                        self.push(
+                            Diagnostic::error(
+                                "route_settlement_backend",
+                                b.span,
+                                "the settlement backend is chosen once, for the whole service",
+                            )
+                            .help("keep only the timing on a route, e.g. `settle before response`"),
+                        );
                     }
                     if let Some(t) = &s.timing {
                         let timing = self.timing(t, up.networks);
@@ -826,23 +1224,49 @@ impl Cx<'_> {
         }
 
         let action = match action {
-            Some((_, Action::Charge(_))) => Action::Charge(self.price(prices.map(|(_, p)| p.as_slice()).unwrap_or(&[]), prices.map_or(span, |(s, _)| s), up)?),
+            // A price with errors still yields a route (denied) so later checks, such as
+            // duplicate detection, see it; the errors keep the policy from compiling.
+            Some((_, Action::Charge(_))) => self
+                .price(
+                    prices.map(|(_, p)| p.as_slice()).unwrap_or(&[]),
+                    prices.map_or(span, |(s, _)| s),
+                    up,
+                )
+                .map_or(Action::Deny, Action::Charge),
             Some((_, a)) => a,
             None => {
                 if !self.partial {
-                    self.push(Diagnostic::error("missing_action", Span::new(span.start, decl.path.span.end), format!("route `{} {}` does not say what it costs", decl.method.node, decl.path.node)).help("add `free`, `deny`, or a `price`, e.g. `price 0.001 USDC`"));
+                    self.push(
+                        Diagnostic::error(
+                            "missing_action",
+                            Span::new(span.start, decl.path.span.end),
+                            format!(
+                                "route `{} {}` does not say what it costs",
+                                decl.method.node, decl.path.node
+                            ),
+                        )
+                        .help("add `free`, `deny`, or a `price`, e.g. `price 0.001 USDC`"),
+                    );
                 }
                 return None;
             }
         };
 
         let (is_free, hybrid, has_credits) = match &action {
-            Action::Charge(p) => (false, p.credits.is_some() && !p.offers.is_empty(), p.credits.is_some()),
+            Action::Charge(p) => (
+                false,
+                p.credits.is_some() && !p.offers.is_empty(),
+                p.credits.is_some(),
+            ),
             Action::Free | Action::Deny => (true, false, false),
         };
         for (s, what) in &price_related {
             if is_free {
-                self.warning("no_effect", *s, format!("`{what}` has no effect on a route that is free or denied"));
+                self.warning(
+                    "no_effect",
+                    *s,
+                    format!("`{what}` has no effect on a route that is free or denied"),
+                );
             }
         }
         if let (Some((s, _)), false, false) = (prefer, hybrid, is_free) {
@@ -889,30 +1313,66 @@ impl Cx<'_> {
                 None => format!("use one of {} or `*` for any", METHODS.join(", ")),
             }
         };
-        self.push(Diagnostic::error("bad_method", method.span, format!("unknown HTTP method `{m}`")).help(help));
+        self.push(
+            Diagnostic::error(
+                "bad_method",
+                method.span,
+                format!("unknown HTTP method `{m}`"),
+            )
+            .help(help),
+        );
         None
     }
 
     fn price(&mut self, terms: &[ast::Money], span: Span, up: &Inherited<'_>) -> Option<Price> {
-        let mut price = Price { offers: Vec::new(), credits: None };
+        let mut price = Price {
+            offers: Vec::new(),
+            credits: None,
+        };
         let mut seen: HashMap<String, Span> = HashMap::new();
         let mut ok = true;
         for term in terms {
-            let unit_key = if is_credits(&term.unit.node) { "credits".to_string() } else { term.unit.node.clone() };
+            let unit_key = if is_credits(&term.unit.node) {
+                "credits".to_string()
+            } else {
+                term.unit.node.clone()
+            };
             if let Some(first) = seen.insert(unit_key.clone(), term.unit.span) {
-                self.push(Diagnostic::error("duplicate_price", term.unit.span, format!("two prices in {unit_key}")).related(first, "first one here").help("give one price per unit"));
+                self.push(
+                    Diagnostic::error(
+                        "duplicate_price",
+                        term.unit.span,
+                        format!("two prices in {unit_key}"),
+                    )
+                    .related(first, "first one here")
+                    .help("give one price per unit"),
+                );
                 ok = false;
                 continue;
             }
             let zero = term.amount.node.bytes().all(|b| b == b'0' || b == b'.');
             if zero {
-                self.push(Diagnostic::error("zero_price", term.amount.span, "a price must be more than zero").help("use `free` for a route that costs nothing"));
+                self.push(
+                    Diagnostic::error(
+                        "zero_price",
+                        term.amount.span,
+                        "a price must be more than zero",
+                    )
+                    .help("use `free` for a route that costs nothing"),
+                );
                 ok = false;
                 continue;
             }
             if is_credits(&term.unit.node) {
                 if !up.prepaid {
-                    self.push(Diagnostic::error("prepaid_not_accepted", term.unit.span, "a price in credits, but the service does not accept prepaid keys").help("add `accept prepaid header \"x-api-key\"` to the service"));
+                    self.push(
+                        Diagnostic::error(
+                            "prepaid_not_accepted",
+                            term.unit.span,
+                            "a price in credits, but the service does not accept prepaid keys",
+                        )
+                        .help("add `accept prepaid header \"x-api-key\"` to the service"),
+                    );
                     ok = false;
                     continue;
                 }
@@ -923,16 +1383,39 @@ impl Cx<'_> {
                 continue;
             }
             if up.networks.is_empty() {
-                self.push(Diagnostic::error("x402_not_accepted", term.unit.span, format!("a price in {}, but the service accepts no x402 network", term.unit.node)).help("add `accept x402 on base-sepolia` (or another network) to the service"));
+                self.push(
+                    Diagnostic::error(
+                        "x402_not_accepted",
+                        term.unit.span,
+                        format!(
+                            "a price in {}, but the service accepts no x402 network",
+                            term.unit.node
+                        ),
+                    )
+                    .help("add `accept x402 on base-sepolia` (or another network) to the service"),
+                );
                 ok = false;
                 continue;
             }
             let mut offered = false;
             for (index, network) in up.networks.iter().enumerate() {
-                let Some(asset) = network.asset(&term.unit.node) else { continue };
+                let Some(asset) = network.asset(&term.unit.node) else {
+                    continue;
+                };
                 offered = true;
-                match self.amount(&term.amount, asset.decimals, &Unit::Asset { symbol: asset.symbol.clone(), decimals: asset.decimals }) {
-                    Some(amount) => price.offers.push(Offer { network: index, asset: asset.clone(), amount }),
+                match self.amount(
+                    &term.amount,
+                    asset.decimals,
+                    &Unit::Asset {
+                        symbol: asset.symbol.clone(),
+                        decimals: asset.decimals,
+                    },
+                ) {
+                    Some(amount) => price.offers.push(Offer {
+                        network: index,
+                        asset: asset.clone(),
+                        amount,
+                    }),
                     None => {
                         ok = false;
                         break;

@@ -80,7 +80,15 @@ impl Outcome {
         }
     }
 
-    pub const NAMES: [&'static str; 7] = ["free", "pass", "deny", "bad_request", "challenge", "prepaid", "x402"];
+    pub const NAMES: [&'static str; 7] = [
+        "free",
+        "pass",
+        "deny",
+        "bad_request",
+        "challenge",
+        "prepaid",
+        "x402",
+    ];
 }
 
 /// Extra advice carried by a 402.
@@ -121,31 +129,55 @@ pub struct Decision<'p> {
 pub fn decide<'p>(policy: &'p Policy, request: &Request<'_>, buyer: &Buyer) -> Decision<'p> {
     let segments = match split_path(request.target) {
         Ok(s) => s,
-        Err(e) => return Decision { route: None, outcome: Outcome::BadRequest(e), why: Why::BadPath },
+        Err(e) => {
+            return Decision {
+                route: None,
+                outcome: Outcome::BadRequest(e),
+                why: Why::BadPath,
+            };
+        }
     };
-    let Some(route) = policy.matcher.find(request.method, &segments).and_then(|id| policy.route(id)) else {
+    let Some(route) = policy
+        .matcher
+        .find(request.method, &segments)
+        .and_then(|id| policy.route(id))
+    else {
         let outcome = match policy.default {
             DefaultAction::Deny => Outcome::Deny,
             DefaultAction::Pass => Outcome::Pass,
         };
-        return Decision { route: None, outcome, why: Why::NoRoute(policy.default) };
+        return Decision {
+            route: None,
+            outcome,
+            why: Why::NoRoute(policy.default),
+        };
     };
     let (outcome, why) = match &route.action {
         Action::Free => (Outcome::Free, Why::RouteFree),
         Action::Deny => (Outcome::Deny, Why::RouteDenied),
         Action::Charge(price) => charge(route, price, request, buyer),
     };
-    Decision { route: Some(route), outcome, why }
+    Decision {
+        route: Some(route),
+        outcome,
+        why,
+    }
 }
 
 fn charge(route: &Route, price: &Price, request: &Request<'_>, buyer: &Buyer) -> (Outcome, Why) {
     let key = request.api_key && price.credits.is_some();
     let payment = request.payment.is_some() && !price.offers.is_empty();
     let credits = price.credits.unwrap_or(0);
-    let short = buyer.prepaid_balance.is_some_and(|balance| balance < credits);
+    let short = buyer
+        .prepaid_balance
+        .is_some_and(|balance| balance < credits);
 
     if key && !(payment && route.prefer == Rail::X402) && !short {
-        let why = if payment { Why::KeyPreferred } else { Why::KeyDebited };
+        let why = if payment {
+            Why::KeyPreferred
+        } else {
+            Why::KeyDebited
+        };
         return (Outcome::Prepaid { credits }, why);
     }
     if payment {
@@ -161,7 +193,12 @@ fn charge(route: &Route, price: &Price, request: &Request<'_>, buyer: &Buyer) ->
         };
     }
     if key {
-        return (Outcome::Challenge { hint: Some(Hint::CreditsExhausted) }, Why::KeyShort);
+        return (
+            Outcome::Challenge {
+                hint: Some(Hint::CreditsExhausted),
+            },
+            Why::KeyShort,
+        );
     }
     let why = if request.api_key {
         Why::KeyNotAccepted
@@ -176,27 +213,56 @@ fn charge(route: &Route, price: &Price, request: &Request<'_>, buyer: &Buyer) ->
 impl Why {
     /// One sentence for `explain` and policy-test failures.
     pub fn describe(self, route: Option<&Route>, policy: &Policy) -> String {
-        let header = policy.prepaid.as_ref().map_or("the API key header", |p| p.header.as_str());
-        let offers = route.and_then(Route::price).is_some_and(|p| !p.offers.is_empty());
+        let header = policy
+            .prepaid
+            .as_ref()
+            .map_or("the API key header", |p| p.header.as_str());
+        let offers = route
+            .and_then(Route::price)
+            .is_some_and(|p| !p.offers.is_empty());
         match self {
-            Why::BadPath => "the path has `.`/`..` segments or an encoded `/`, so it cannot be matched safely".into(),
-            Why::NoRoute(DefaultAction::Deny) => "no route matches and the policy says `default deny`".into(),
-            Why::NoRoute(DefaultAction::Pass) => "no route matches and the policy says `default pass`".into(),
+            Why::BadPath => {
+                "the path has `.`/`..` segments or an encoded `/`, so it cannot be matched safely"
+                    .into()
+            }
+            Why::NoRoute(DefaultAction::Deny) => {
+                "no route matches and the policy says `default deny`".into()
+            }
+            Why::NoRoute(DefaultAction::Pass) => {
+                "no route matches and the policy says `default pass`".into()
+            }
             Why::RouteFree => "the route is free".into(),
             Why::RouteDenied => "the route is denied".into(),
             Why::PayerDenied => "the payer is on a deny list".into(),
             Why::PayerNotAllowed => "the payer is not on the allow list".into(),
-            Why::KeyDebited => format!("an API key is in `{header}` and the route has a price in credits"),
-            Why::KeyPreferred => "both an API key and a payment came; the route prefers prepaid".into(),
-            Why::KeyShortPaymentUsed => "the key's balance is short, so the attached x402 payment is used".into(),
-            Why::KeyShort if offers => "the key's balance is short; the 402 offers x402 instead (hint: credits_exhausted)".into(),
+            Why::KeyDebited => {
+                format!("an API key is in `{header}` and the route has a price in credits")
+            }
+            Why::KeyPreferred => {
+                "both an API key and a payment came; the route prefers prepaid".into()
+            }
+            Why::KeyShortPaymentUsed => {
+                "the key's balance is short, so the attached x402 payment is used".into()
+            }
+            Why::KeyShort if offers => {
+                "the key's balance is short; the 402 offers x402 instead (hint: credits_exhausted)"
+                    .into()
+            }
             Why::KeyShort => "the key's balance is short and the route takes only credits".into(),
             Why::PaymentAttached => "an x402 payment is attached".into(),
-            Why::PaymentPreferred => "both an API key and a payment came; the route says `prefer x402`".into(),
+            Why::PaymentPreferred => {
+                "both an API key and a payment came; the route says `prefer x402`".into()
+            }
             Why::KeyNotAccepted => "an API key came, but this route has no price in credits".into(),
-            Why::PaymentNotAccepted => "an x402 payment came, but this route is paid only with credits".into(),
-            Why::NoCredentials if offers => "no API key and no payment: the 402 tells the buyer how to pay".into(),
-            Why::NoCredentials => format!("no API key: this route is paid with credits, sent in `{header}`"),
+            Why::PaymentNotAccepted => {
+                "an x402 payment came, but this route is paid only with credits".into()
+            }
+            Why::NoCredentials if offers => {
+                "no API key and no payment: the 402 tells the buyer how to pay".into()
+            }
+            Why::NoCredentials => {
+                format!("no API key: this route is paid with credits, sent in `{header}`")
+            }
         }
     }
 }

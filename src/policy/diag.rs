@@ -84,7 +84,7 @@ pub enum Style {
 /// Renders one diagnostic against the source it refers to.
 pub fn render(diagnostic: &Diagnostic, source: &Source, style: Style) -> String {
     let theme = match style {
-        Style::Plain => GraphicalTheme::ascii(),
+        Style::Plain => GraphicalTheme::none(),
         Style::Fancy => GraphicalTheme::unicode(),
     };
     let handler = GraphicalReportHandler::new_themed(theme)
@@ -93,7 +93,7 @@ pub fn render(diagnostic: &Diagnostic, source: &Source, style: Style) -> String 
         .without_syntax_highlighting();
     let view = View {
         diagnostic,
-        source: NamedSource::new(source.name.to_string(), source.text.to_string()),
+        source: NamedSource::new(&source.name, source.text.to_string()),
     };
     let mut out = String::new();
     if handler.render_report(&mut out, &view).is_err() {
@@ -148,7 +148,10 @@ impl miette::Diagnostic for View<'_> {
     }
 
     fn help<'a>(&'a self) -> Option<Box<dyn fmt::Display + 'a>> {
-        self.diagnostic.help.as_ref().map(|h| Box::new(h) as Box<dyn fmt::Display>)
+        self.diagnostic
+            .help
+            .as_ref()
+            .map(|h| Box::new(h) as Box<dyn fmt::Display>)
     }
 
     fn source_code(&self) -> Option<&dyn miette::SourceCode> {
@@ -158,10 +161,9 @@ impl miette::Diagnostic for View<'_> {
     fn labels(&self) -> Option<Box<dyn Iterator<Item = LabeledSpan> + '_>> {
         let d = self.diagnostic;
         let primary = LabeledSpan::new_primary_with_span(d.label.clone(), source_span(d.span));
-        let related = d
-            .related
-            .iter()
-            .map(|(span, label)| LabeledSpan::new_with_span(Some(label.clone()), source_span(*span)));
+        let related = d.related.iter().map(|(span, label)| {
+            LabeledSpan::new_with_span(Some(label.clone()), source_span(*span))
+        });
         Some(Box::new(std::iter::once(primary).chain(related)))
     }
 }

@@ -12,7 +12,13 @@ use super::source::Span;
 
 /// Formats a parsed file; `source` is the text it was parsed from (for blank lines).
 pub fn format(file: &PolicyFile, source: &str) -> String {
-    let mut p = Printer { out: String::new(), source, comments: &file.comments, next: 0, last_end: 0 };
+    let mut p = Printer {
+        out: String::new(),
+        source,
+        comments: &file.comments,
+        next: 0,
+        last_end: 0,
+    };
     for (i, item) in file.items.iter().enumerate() {
         if i > 0 {
             p.out.push('\n');
@@ -62,8 +68,15 @@ impl Printer<'_> {
     /// author left one (never at the top of a block when `allow_blank` is false).
     fn leading(&mut self, span: Span, depth: usize, allow_blank: bool) {
         let mut first = true;
-        while let Some(c) = self.comments.get(self.next).filter(|c| c.span.start < span.start) {
-            if (allow_blank || !first) && self.blank_line_between(self.last_end, c.span.start) && !self.out.ends_with("\n\n") {
+        while let Some(c) = self
+            .comments
+            .get(self.next)
+            .filter(|c| c.span.start < span.start)
+        {
+            if (allow_blank || !first)
+                && self.blank_line_between(self.last_end, c.span.start)
+                && !self.out.ends_with("\n\n")
+            {
                 self.out.push('\n');
             }
             let text = format!("#{}\n", c.node);
@@ -72,7 +85,10 @@ impl Printer<'_> {
             self.next += 1;
             first = false;
         }
-        if (allow_blank || !first) && self.blank_line_between(self.last_end, span.start) && !self.out.ends_with("\n\n") {
+        if (allow_blank || !first)
+            && self.blank_line_between(self.last_end, span.start)
+            && !self.out.ends_with("\n\n")
+        {
             self.out.push('\n');
         }
     }
@@ -96,7 +112,10 @@ impl Printer<'_> {
     /// Comments left before `end` (the inside of a block before its `}`, or the file's end).
     fn rest(&mut self, end: usize, depth: usize, allow_blank: bool) {
         while let Some(c) = self.comments.get(self.next).filter(|c| c.span.start < end) {
-            if allow_blank && self.blank_line_between(self.last_end, c.span.start) && !self.out.ends_with("\n\n") {
+            if allow_blank
+                && self.blank_line_between(self.last_end, c.span.start)
+                && !self.out.ends_with("\n\n")
+            {
                 self.out.push('\n');
             }
             let text = format!("#{}\n", c.node);
@@ -106,7 +125,14 @@ impl Printer<'_> {
         }
     }
 
-    fn block<T>(&mut self, header: &str, clauses: &[super::source::Spanned<T>], span: Span, depth: usize, mut each: impl FnMut(&mut Self, &T, Span, usize)) {
+    fn block<T>(
+        &mut self,
+        header: &str,
+        clauses: &[super::source::Spanned<T>],
+        span: Span,
+        depth: usize,
+        mut each: impl FnMut(&mut Self, &T, Span, usize),
+    ) {
         self.line(depth, &format!("{header} {{\n"));
         self.last_end = span.start;
         for (i, clause) in clauses.iter().enumerate() {
@@ -119,57 +145,92 @@ impl Printer<'_> {
     }
 
     fn network(&mut self, n: &NetworkDecl, span: Span) {
-        self.block(&format!("network {}", n.name.node), &n.clauses, span, 0, |p, clause, s, depth| {
-            let text = match clause {
-                NetworkClause::Chain(id) => format!("chain {}", id.node),
-                NetworkClause::Asset(a) => {
-                    let mut t = format!("asset {} at {}", a.symbol.node, a.address.node);
-                    for o in &a.options {
-                        match &o.node {
-                            AssetOption::Name(v) => t.push_str(&format!(" name {}", quote(&v.node))),
-                            AssetOption::Version(v) => t.push_str(&format!(" version {}", quote(&v.node))),
-                            AssetOption::Decimals(v) => t.push_str(&format!(" decimals {}", v.node)),
+        self.block(
+            &format!("network {}", n.name.node),
+            &n.clauses,
+            span,
+            0,
+            |p, clause, s, depth| {
+                let text = match clause {
+                    NetworkClause::Chain(id) => format!("chain {}", id.node),
+                    NetworkClause::Asset(a) => {
+                        let mut t = format!("asset {} at {}", a.symbol.node, a.address.node);
+                        for o in &a.options {
+                            match &o.node {
+                                AssetOption::Name(v) => {
+                                    t.push_str(&format!(" name {}", quote(&v.node)))
+                                }
+                                AssetOption::Version(v) => {
+                                    t.push_str(&format!(" version {}", quote(&v.node)))
+                                }
+                                AssetOption::Decimals(v) => {
+                                    t.push_str(&format!(" decimals {}", v.node))
+                                }
+                            }
                         }
+                        t
                     }
-                    t
-                }
-            };
-            p.line(depth, &text);
-            p.trailing(s);
-        });
+                };
+                p.line(depth, &text);
+                p.trailing(s);
+            },
+        );
     }
 
     fn service(&mut self, s: &ServiceDecl, span: Span) {
-        self.block(&format!("service {}", quote(&s.name.node)), &s.clauses, span, 0, |p, clause, cs, depth| {
-            let text = match clause {
-                ServiceClause::PayTo(a) => format!("pay_to {}", a.node),
-                ServiceClause::AcceptX402(networks) => {
-                    format!("accept x402 on {}", networks.iter().map(|n| n.node.as_str()).collect::<Vec<_>>().join(", "))
-                }
-                ServiceClause::AcceptPrepaid { header: None } => "accept prepaid".to_string(),
-                ServiceClause::AcceptPrepaid { header: Some(h) } => format!("accept prepaid header {}", quote(&h.node)),
-                ServiceClause::Settle(settle) => settle_text(settle),
-                ServiceClause::Timeout(t) => format!("timeout {}", t.node),
-                ServiceClause::Limit(l) => limit_text(l),
-                ServiceClause::Payers(pl) => payers_text(pl),
-                ServiceClause::Default(d) => format!("default {}", d.node),
-                ServiceClause::Route(r) => {
-                    p.route(r, cs, depth);
-                    p.trailing(cs);
-                    return;
-                }
-            };
-            p.line(depth, &text);
-            p.trailing(cs);
-        });
+        self.block(
+            &format!("service {}", quote(&s.name.node)),
+            &s.clauses,
+            span,
+            0,
+            |p, clause, cs, depth| {
+                let text = match clause {
+                    ServiceClause::PayTo(a) => format!("pay_to {}", a.node),
+                    ServiceClause::AcceptX402(networks) => {
+                        format!(
+                            "accept x402 on {}",
+                            networks
+                                .iter()
+                                .map(|n| n.node.as_str())
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        )
+                    }
+                    ServiceClause::AcceptPrepaid { header: None } => "accept prepaid".to_string(),
+                    ServiceClause::AcceptPrepaid { header: Some(h) } => {
+                        format!("accept prepaid header {}", quote(&h.node))
+                    }
+                    ServiceClause::Settle(settle) => settle_text(settle),
+                    ServiceClause::Timeout(t) => format!("timeout {}", t.node),
+                    ServiceClause::Limit(l) => limit_text(l),
+                    ServiceClause::Payers(pl) => payers_text(pl),
+                    ServiceClause::Default(d) => format!("default {}", d.node),
+                    ServiceClause::Route(r) => {
+                        p.route(r, cs, depth);
+                        p.trailing(cs);
+                        return;
+                    }
+                };
+                p.line(depth, &text);
+                p.trailing(cs);
+            },
+        );
     }
 
     fn route(&mut self, r: &RouteDecl, span: Span, depth: usize) {
         let header = format!("route {} {}", r.method.node, quote(&r.path.node));
-        let has_comment_inside = self.comments.get(self.next).is_some_and(|c| c.span.start < span.end);
-        if let ([only], false) = (r.clauses.as_slice(), has_comment_inside) {
-            if matches!(only.node, RouteClause::Free | RouteClause::Deny) {
-                self.line(depth, &format!("{header} {{ {} }}", route_clause_text(&only.node)));
+        let has_comment_inside = self
+            .comments
+            .get(self.next)
+            .is_some_and(|c| c.span.start < span.end);
+        if let ([only], false) = (r.clauses.as_slice(), has_comment_inside)
+            && matches!(only.node, RouteClause::Free | RouteClause::Deny)
+        {
+            {
+                self.line(
+                    depth,
+                    &format!("{header} {{ {} }}", route_clause_text(&only.node)),
+                );
                 self.last_end = span.end;
                 return;
             }
@@ -181,18 +242,34 @@ impl Printer<'_> {
     }
 
     fn test(&mut self, t: &TestDecl, span: Span) {
-        self.block(&format!("test {}", quote(&t.name.node)), &t.clauses, span, 0, |p, clause, cs, depth| {
-            let text = match clause {
-                TestClause::Request { method, target } => format!("request {} {}", method.node, quote(&target.node)),
-                TestClause::Header { name, value } => format!("header {} {}", quote(&name.node), quote(&value.node)),
-                TestClause::Payer(a) => format!("payer {}", a.node),
-                TestClause::Balance(m) => format!("balance {}", money_text(m)),
-                TestClause::Expect { outcome, price: None } => format!("expect {}", outcome.node),
-                TestClause::Expect { outcome, price: Some(m) } => format!("expect {} {}", outcome.node, money_text(m)),
-            };
-            p.line(depth, &text);
-            p.trailing(cs);
-        });
+        self.block(
+            &format!("test {}", quote(&t.name.node)),
+            &t.clauses,
+            span,
+            0,
+            |p, clause, cs, depth| {
+                let text = match clause {
+                    TestClause::Request { method, target } => {
+                        format!("request {} {}", method.node, quote(&target.node))
+                    }
+                    TestClause::Header { name, value } => {
+                        format!("header {} {}", quote(&name.node), quote(&value.node))
+                    }
+                    TestClause::Payer(a) => format!("payer {}", a.node),
+                    TestClause::Balance(m) => format!("balance {}", money_text(m)),
+                    TestClause::Expect {
+                        outcome,
+                        price: None,
+                    } => format!("expect {}", outcome.node),
+                    TestClause::Expect {
+                        outcome,
+                        price: Some(m),
+                    } => format!("expect {} {}", outcome.node, money_text(m)),
+                };
+                p.line(depth, &text);
+                p.trailing(cs);
+            },
+        );
     }
 }
 
@@ -200,7 +277,14 @@ fn route_clause_text(clause: &RouteClause) -> String {
     match clause {
         RouteClause::Free => "free".to_string(),
         RouteClause::Deny => "deny".to_string(),
-        RouteClause::Price(terms) => format!("price {}", terms.iter().map(money_text).collect::<Vec<_>>().join(" or ")),
+        RouteClause::Price(terms) => format!(
+            "price {}",
+            terms
+                .iter()
+                .map(money_text)
+                .collect::<Vec<_>>()
+                .join(" or ")
+        ),
         RouteClause::Prefer(r) => format!("prefer {}", r.node),
         RouteClause::RefundOn(c) => format!("refund on {}", c.node),
         RouteClause::Description(d) => format!("description {}", quote(&d.node)),
@@ -228,7 +312,9 @@ fn settle_text(s: &Settle) -> String {
     let mut t = "settle".to_string();
     match s.backend.as_ref().map(|b| &b.node) {
         None => {}
-        Some(Backend::Facilitator(url)) => t.push_str(&format!(" via facilitator {}", quote(&url.node))),
+        Some(Backend::Facilitator(url)) => {
+            t.push_str(&format!(" via facilitator {}", quote(&url.node)))
+        }
         Some(Backend::Rpc { url, relayer }) => {
             let key = match &relayer.node {
                 KeyRef::Env(name) => format!("env:{name}"),
@@ -269,7 +355,10 @@ fn limit_text(l: &Limit) -> String {
                 None => format!("limit buyer {q}"),
                 Some(Window::Duration(d)) => format!("limit buyer {q} per {d}"),
                 Some(Window::Units { count: None, unit }) => format!("limit buyer {q} per {unit}"),
-                Some(Window::Units { count: Some(n), unit }) => format!("limit buyer {q} per {n} {unit}"),
+                Some(Window::Units {
+                    count: Some(n),
+                    unit,
+                }) => format!("limit buyer {q} per {n} {unit}"),
             }
         }
     }
@@ -277,5 +366,12 @@ fn limit_text(l: &Limit) -> String {
 
 fn payers_text(p: &Payers) -> String {
     let verb = if p.allow { "allow" } else { "deny" };
-    format!("{verb} payers {}", p.addresses.iter().map(|a| a.node.as_str()).collect::<Vec<_>>().join(", "))
+    format!(
+        "{verb} payers {}",
+        p.addresses
+            .iter()
+            .map(|a| a.node.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    )
 }

@@ -70,7 +70,12 @@ pub fn check(source: Source) -> Checked {
             policy = compiled;
         }
     }
-    Checked { source, file: parsed.file, policy, diagnostics }
+    Checked {
+        source,
+        file: parsed.file,
+        policy,
+        diagnostics,
+    }
 }
 
 /// Parses a `*.test.toll` side file: test blocks only.
@@ -81,10 +86,18 @@ pub fn check_tests(source: Source) -> (Vec<cases::Case>, Checked) {
     if let Some(file) = &parsed.file {
         for item in &file.items {
             if !matches!(item.node, ast::Item::Test(_)) {
-                let end = source.text.get(item.span.start..).and_then(|s| s.find('\n')).map_or(item.span.end, |n| item.span.start + n);
+                let end = source
+                    .text
+                    .get(item.span.start..)
+                    .and_then(|s| s.find('\n'))
+                    .map_or(item.span.end, |n| item.span.start + n);
                 diagnostics.push(
-                    Diagnostic::error("not_a_test", Span::new(item.span.start, end), "a `.test.toll` file holds only `test` blocks")
-                        .help("move this block into the policy file"),
+                    Diagnostic::error(
+                        "not_a_test",
+                        Span::new(item.span.start, end),
+                        "a `.test.toll` file holds only `test` blocks",
+                    )
+                    .help("move this block into the policy file"),
                 );
             }
         }
@@ -92,7 +105,15 @@ pub fn check_tests(source: Source) -> (Vec<cases::Case>, Checked) {
         diagnostics.extend(more);
         found = cases;
     }
-    (found, Checked { source, file: parsed.file, policy: None, diagnostics })
+    (
+        found,
+        Checked {
+            source,
+            file: parsed.file,
+            policy: None,
+            diagnostics,
+        },
+    )
 }
 
 use source::Span;
@@ -100,17 +121,27 @@ use source::Span;
 /// Why a policy could not be loaded.
 #[derive(Debug)]
 pub enum LoadError {
-    Read { path: PathBuf, error: std::io::Error },
+    Read {
+        path: PathBuf,
+        error: std::io::Error,
+    },
     Invalid(Box<Checked>),
 }
 
 impl std::fmt::Display for LoadError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            LoadError::Read { path, error } => write!(f, "cannot read policy {}: {error}", path.display()),
+            LoadError::Read { path, error } => {
+                write!(f, "cannot read policy {}: {error}", path.display())
+            }
             LoadError::Invalid(checked) => {
                 write!(f, "{}", checked.render(Style::Plain))?;
-                write!(f, "policy {} has {} error(s)", checked.source.name, checked.errors())
+                write!(
+                    f,
+                    "policy {} has {} error(s)",
+                    checked.source.name,
+                    checked.errors()
+                )
             }
         }
     }
@@ -122,21 +153,31 @@ impl std::error::Error for LoadError {}
 pub fn read(path: &Path) -> Result<Source, LoadError> {
     std::fs::read_to_string(path)
         .map(|text| Source::new(path.display().to_string(), text))
-        .map_err(|error| LoadError::Read { path: path.to_path_buf(), error })
+        .map_err(|error| LoadError::Read {
+            path: path.to_path_buf(),
+            error,
+        })
 }
 
 /// Reads and compiles one policy file.
 pub fn load(path: &Path) -> Result<Policy, LoadError> {
     let checked = check(read(path)?);
     match checked.policy {
-        Some(_) if checked.errors() == 0 => checked.policy.ok_or(LoadError::Invalid(Box::new(Checked { policy: None, ..checked }))),
+        Some(_) if checked.errors() == 0 => {
+            checked.policy.ok_or(LoadError::Invalid(Box::new(Checked {
+                policy: None,
+                ..checked
+            })))
+        }
         _ => Err(LoadError::Invalid(Box::new(checked))),
     }
 }
 
 /// Whether a path names a side file of test cases.
 pub fn is_test_file(path: &Path) -> bool {
-    path.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.ends_with(TEST_SUFFIX))
+    path.file_name()
+        .and_then(|n| n.to_str())
+        .is_some_and(|n| n.ends_with(TEST_SUFFIX))
 }
 
 /// The side file of test cases that belongs to a policy file, if it exists.
@@ -151,7 +192,10 @@ pub fn discover(paths: &[PathBuf]) -> Result<Vec<PathBuf>, LoadError> {
     let mut out = Vec::new();
     for path in paths {
         if path.is_dir() {
-            let entries = std::fs::read_dir(path).map_err(|error| LoadError::Read { path: path.clone(), error })?;
+            let entries = std::fs::read_dir(path).map_err(|error| LoadError::Read {
+                path: path.clone(),
+                error,
+            })?;
             let mut found: Vec<PathBuf> = entries
                 .filter_map(Result::ok)
                 .map(|e| e.path())

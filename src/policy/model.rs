@@ -168,7 +168,10 @@ pub struct Quantity {
 pub enum Unit {
     Credits,
     /// An asset symbol with its decimals (identical on every network that carries it).
-    Asset { symbol: String, decimals: u8 },
+    Asset {
+        symbol: String,
+        decimals: u8,
+    },
 }
 
 impl std::fmt::Display for Quantity {
@@ -177,7 +180,11 @@ impl std::fmt::Display for Quantity {
             Unit::Credits if self.atomic == 1 => f.write_str("1 credit"),
             Unit::Credits => write!(f, "{} credits", self.atomic),
             Unit::Asset { symbol, decimals } => {
-                write!(f, "{} {symbol}", crate::money::format_atomic(self.atomic, *decimals))
+                write!(
+                    f,
+                    "{} {symbol}",
+                    crate::money::format_atomic(self.atomic, *decimals)
+                )
             }
         }
     }
@@ -221,7 +228,11 @@ pub struct PayerRules {
 
 impl PayerRules {
     pub fn admits(&self, payer: &Address) -> bool {
-        !self.deny.contains(payer) && self.allow.as_ref().is_none_or(|allow| allow.contains(payer))
+        !self.deny.contains(payer)
+            && self
+                .allow
+                .as_ref()
+                .is_none_or(|allow| allow.contains(payer))
     }
 }
 
@@ -233,10 +244,19 @@ impl Policy {
 
 /// A window in words: `per minute`, `per 10 minutes`.
 pub fn window_text(secs: u64) -> String {
-    for (unit, size) in [("day", 86_400), ("hour", 3_600), ("minute", 60), ("second", 1)] {
-        if secs % size == 0 {
+    for (unit, size) in [
+        ("day", 86_400),
+        ("hour", 3_600),
+        ("minute", 60),
+        ("second", 1),
+    ] {
+        if secs.is_multiple_of(size) {
             let n = secs / size;
-            return if n == 1 { format!("per {unit}") } else { format!("per {n} {unit}s") };
+            return if n == 1 {
+                format!("per {unit}")
+            } else {
+                format!("per {n} {unit}s")
+            };
         }
     }
     format!("per {secs} seconds")

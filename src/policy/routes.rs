@@ -52,41 +52,93 @@ impl PathPattern {
             help,
         };
         if !text.starts_with('/') {
-            return Err(err(0, 1, "a path pattern must start with `/`", "write it as `/…`"));
+            return Err(err(
+                0,
+                1,
+                "a path pattern must start with `/`",
+                "write it as `/…`",
+            ));
         }
         if let Some(i) = text.find(['?', '#']) {
-            return Err(err(i, text.len() - i, "a path pattern cannot contain a query or fragment", "match on the path only"));
+            return Err(err(
+                i,
+                text.len() - i,
+                "a path pattern cannot contain a query or fragment",
+                "match on the path only",
+            ));
         }
         if text.len() > 1 && text.ends_with('/') {
-            return Err(err(text.len() - 1, 1, "trailing `/` in a path pattern", "remove it: `/a` also matches a request for `/a/`"));
+            return Err(err(
+                text.len() - 1,
+                1,
+                "trailing `/` in a path pattern",
+                "remove it: `/a` also matches a request for `/a/`",
+            ));
         }
         let mut segments = Vec::new();
         let mut offset = 1;
         let body = text.get(1..).unwrap_or("");
-        let parts: Vec<&str> = if body.is_empty() { Vec::new() } else { body.split('/').collect() };
+        let parts: Vec<&str> = if body.is_empty() {
+            Vec::new()
+        } else {
+            body.split('/').collect()
+        };
         let count = parts.len();
         for (i, part) in parts.into_iter().enumerate() {
             let segment = if part.is_empty() {
-                return Err(err(offset, 1, "empty segment (`//`) in a path pattern", "remove the extra `/`"));
+                return Err(err(
+                    offset,
+                    1,
+                    "empty segment (`//`) in a path pattern",
+                    "remove the extra `/`",
+                ));
             } else if part == "**" {
                 if i + 1 != count {
-                    return Err(err(offset, 2, "`**` must be the last segment", "use `{name}` to match one segment in the middle of a path"));
+                    return Err(err(
+                        offset,
+                        2,
+                        "`**` must be the last segment",
+                        "use `{name}` to match one segment in the middle of a path",
+                    ));
                 }
                 Segment::CatchAll
             } else if let Some(name) = part.strip_prefix('{').and_then(|p| p.strip_suffix('}')) {
-                let valid = name.chars().next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+                let valid = name
+                    .chars()
+                    .next()
+                    .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
                     && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
                 if !valid {
-                    return Err(err(offset, part.len(), "a parameter name must be letters, digits and `_`", "write it as `{city}`"));
+                    return Err(err(
+                        offset,
+                        part.len(),
+                        "a parameter name must be letters, digits and `_`",
+                        "write it as `{city}`",
+                    ));
                 }
                 if segments.contains(&Segment::Param(name.to_string())) {
-                    return Err(err(offset, part.len(), "this parameter name is used twice in the pattern", "give each parameter its own name"));
+                    return Err(err(
+                        offset,
+                        part.len(),
+                        "this parameter name is used twice in the pattern",
+                        "give each parameter its own name",
+                    ));
                 }
                 Segment::Param(name.to_string())
             } else if part.contains(['{', '}', '*']) {
-                return Err(err(offset, part.len(), "`{`, `}` and `*` must form a whole segment", "use `{name}` for one segment or a trailing `**` for the rest of the path"));
+                return Err(err(
+                    offset,
+                    part.len(),
+                    "`{`, `}` and `*` must form a whole segment",
+                    "use `{name}` for one segment or a trailing `**` for the rest of the path",
+                ));
             } else if part == "." || part == ".." {
-                return Err(err(offset, part.len(), "`.` and `..` segments are not allowed", "write the path as the upstream resolves it"));
+                return Err(err(
+                    offset,
+                    part.len(),
+                    "`.` and `..` segments are not allowed",
+                    "write the path as the upstream resolves it",
+                ));
             } else {
                 Segment::Literal(part.to_string())
             };
@@ -161,7 +213,9 @@ impl fmt::Display for BadPath {
         f.write_str(match self {
             BadPath::NotAbsolute => "the request path must start with `/`",
             BadPath::DotSegment => "the request path contains a `.` or `..` segment",
-            BadPath::BadEncoding => "the request path contains an encoded `/` or invalid percent-encoding",
+            BadPath::BadEncoding => {
+                "the request path contains an encoded `/` or invalid percent-encoding"
+            }
         })
     }
 }
@@ -175,7 +229,9 @@ pub fn split_path(target: &str) -> Result<Vec<Cow<'_, str>>, BadPath> {
     let mut segments = Vec::with_capacity(8);
     for raw in path.split('/').filter(|s| !s.is_empty()) {
         let segment = if raw.contains('%') {
-            let decoded = percent_encoding::percent_decode_str(raw).decode_utf8().map_err(|_| BadPath::BadEncoding)?;
+            let decoded = percent_encoding::percent_decode_str(raw)
+                .decode_utf8()
+                .map_err(|_| BadPath::BadEncoding)?;
             if decoded.contains('/') {
                 return Err(BadPath::BadEncoding);
             }
@@ -200,7 +256,11 @@ struct Terminal {
 
 impl Terminal {
     fn get(&self, method: &str) -> Option<RouteId> {
-        self.by_method.iter().find(|(m, _)| m == method).map(|(_, id)| *id).or(self.any)
+        self.by_method
+            .iter()
+            .find(|(m, _)| m == method)
+            .map(|(_, id)| *id)
+            .or(self.any)
     }
 
     fn insert(&mut self, method: Option<&str>, id: RouteId) -> Result<(), RouteId> {
@@ -240,7 +300,12 @@ pub struct RouteMatcher {
 
 impl RouteMatcher {
     /// Adds a route; on a duplicate (same method and shape) returns the route already there.
-    pub fn insert(&mut self, method: Option<&str>, pattern: &PathPattern, id: RouteId) -> Result<(), RouteId> {
+    pub fn insert(
+        &mut self,
+        method: Option<&str>,
+        pattern: &PathPattern,
+        id: RouteId,
+    ) -> Result<(), RouteId> {
         let mut node = &mut self.root;
         for segment in &pattern.segments {
             node = match segment {
@@ -266,10 +331,18 @@ fn find_in<S: AsRef<str>>(node: &Node, method: &str, segments: &[S]) -> Option<R
             }
         }
         Some((first, rest)) => {
-            if let Some(id) = node.literals.get(first.as_ref()).and_then(|child| find_in(child, method, rest)) {
+            if let Some(id) = node
+                .literals
+                .get(first.as_ref())
+                .and_then(|child| find_in(child, method, rest))
+            {
                 return Some(id);
             }
-            if let Some(id) = node.param.as_deref().and_then(|child| find_in(child, method, rest)) {
+            if let Some(id) = node
+                .param
+                .as_deref()
+                .and_then(|child| find_in(child, method, rest))
+            {
                 return Some(id);
             }
         }
@@ -286,7 +359,8 @@ mod tests {
         let mut m = RouteMatcher::default();
         for (id, (method, pattern)) in routes.iter().enumerate() {
             let method = if *method == "*" { None } else { Some(*method) };
-            m.insert(method, &PathPattern::parse(pattern).unwrap(), id).unwrap();
+            m.insert(method, &PathPattern::parse(pattern).unwrap(), id)
+                .unwrap();
         }
         m
     }
@@ -297,7 +371,13 @@ mod tests {
 
     #[test]
     fn most_specific_wins_regardless_of_order() {
-        let m = matcher(&[("*", "/**"), ("GET", "/a/{x}"), ("GET", "/{y}/b"), ("GET", "/a/b"), ("*", "/a/b")]);
+        let m = matcher(&[
+            ("*", "/**"),
+            ("GET", "/a/{x}"),
+            ("GET", "/{y}/b"),
+            ("GET", "/a/b"),
+            ("*", "/a/b"),
+        ]);
         assert_eq!(find(&m, "GET", "/a/b"), Some(3));
         assert_eq!(find(&m, "POST", "/a/b"), Some(4));
         assert_eq!(find(&m, "GET", "/a/c"), Some(1));
@@ -324,8 +404,14 @@ mod tests {
     #[test]
     fn duplicates_are_refused() {
         let mut m = matcher(&[("GET", "/a/{x}")]);
-        assert_eq!(m.insert(Some("GET"), &PathPattern::parse("/a/{y}").unwrap(), 1), Err(0));
-        assert_eq!(m.insert(None, &PathPattern::parse("/a/{y}").unwrap(), 1), Ok(()));
+        assert_eq!(
+            m.insert(Some("GET"), &PathPattern::parse("/a/{y}").unwrap(), 1),
+            Err(0)
+        );
+        assert_eq!(
+            m.insert(None, &PathPattern::parse("/a/{y}").unwrap(), 1),
+            Ok(())
+        );
     }
 
     #[test]
@@ -346,6 +432,9 @@ mod tests {
         assert!(PathPattern::parse("a").is_err());
         assert!(PathPattern::parse("/a/").is_err());
         assert_eq!(PathPattern::parse("/").unwrap().segments, vec![]);
-        assert_eq!(PathPattern::parse("/v1/{city}/**").unwrap().to_string(), "/v1/{city}/**");
+        assert_eq!(
+            PathPattern::parse("/v1/{city}/**").unwrap().to_string(),
+            "/v1/{city}/**"
+        );
     }
 }

@@ -29,20 +29,37 @@ pub struct Parsed {
 /// Parses a policy file.
 pub fn parse(text: &str) -> Parsed {
     match Grammar::parse(Rule::file, text) {
-        Err(error) => Parsed { file: None, diagnostics: vec![fatal(error, text)] },
+        Err(error) => Parsed {
+            file: None,
+            diagnostics: vec![fatal(error, text)],
+        },
         Ok(pairs) => {
-            let mut lower = Lower { diagnostics: Vec::new() };
+            let mut lower = Lower {
+                diagnostics: Vec::new(),
+            };
             let comments = pairs
                 .clone()
                 .flatten()
                 .filter(|p| p.as_rule() == Rule::COMMENT)
-                .map(|p| Spanned::new(p.as_str().trim_start_matches('#').trim_end().to_string(), span(&p)))
+                .map(|p| {
+                    Spanned::new(
+                        p.as_str().trim_start_matches('#').trim_end().to_string(),
+                        span(&p),
+                    )
+                })
                 .collect();
             let mut items = Vec::new();
-            for pair in pairs.flatten().filter(|p| p.as_rule() == Rule::file).take(1) {
+            for pair in pairs
+                .flatten()
+                .filter(|p| p.as_rule() == Rule::file)
+                .take(1)
+            {
                 items = lower.file(pair);
             }
-            Parsed { file: Some(PolicyFile { items, comments }), diagnostics: lower.diagnostics }
+            Parsed {
+                file: Some(PolicyFile { items, comments }),
+                diagnostics: lower.diagnostics,
+            }
         }
     }
 }
@@ -58,13 +75,20 @@ enum Context {
 }
 
 impl Context {
-    const ALL: [Context; 5] = [Context::Top, Context::Service, Context::Route, Context::Network, Context::Test];
+    const ALL: [Context; 5] = [
+        Context::Top,
+        Context::Service,
+        Context::Route,
+        Context::Network,
+        Context::Test,
+    ];
 
     fn keywords(self) -> &'static [&'static str] {
         match self {
             Context::Top => &["service", "network", "test"],
             Context::Service => &[
-                "pay_to", "accept", "settle", "timeout", "limit", "allow", "deny", "default", "route",
+                "pay_to", "accept", "settle", "timeout", "limit", "allow", "deny", "default",
+                "route",
             ],
             Context::Route => &[
                 "free",
@@ -114,9 +138,29 @@ struct Lower {
     diagnostics: Vec<Diagnostic>,
 }
 
+/// The span of a pair without trailing spaces and comments: pest's implicit skip before an
+/// optional or repeated tail (`money?`, `(or money)*`) can leave them inside the pair.
 fn span(pair: &Pair<'_, Rule>) -> Span {
     let s = pair.as_span();
-    Span::new(s.start(), s.end())
+    let start = s.start();
+    let mut end = s.end();
+    let comments: Vec<(usize, usize)> = pair
+        .clone()
+        .into_inner()
+        .flatten()
+        .filter(|p| p.as_rule() == Rule::COMMENT)
+        .map(|p| (p.as_span().start(), p.as_span().end()))
+        .collect();
+    let text = s.get_input();
+    loop {
+        let trimmed = text
+            .get(start..end)
+            .map_or(end, |t| start + t.trim_end_matches([' ', '\t']).len());
+        match comments.iter().find(|(_, e)| *e == trimmed) {
+            Some((comment_start, _)) => end = *comment_start,
+            None => return Span::new(start, trimmed),
+        }
+    }
 }
 
 fn text(pair: &Pair<'_, Rule>) -> Text {
@@ -135,11 +179,18 @@ struct Kids<'i> {
 
 impl<'i> Kids<'i> {
     fn of(pair: Pair<'i, Rule>) -> Self {
-        Kids { parent: span(&pair), inner: pair.into_inner().peekable() }
+        Kids {
+            parent: span(&pair),
+            inner: pair.into_inner().peekable(),
+        }
     }
 
     fn skip_trivia(&mut self) {
-        while self.inner.next_if(|p| p.as_rule() == Rule::COMMENT || is_keyword(p.as_rule())).is_some() {}
+        while self
+            .inner
+            .next_if(|p| p.as_rule() == Rule::COMMENT || is_keyword(p.as_rule()))
+            .is_some()
+        {}
     }
 
     fn next(&mut self) -> Option<Pair<'i, Rule>> {
@@ -161,7 +212,11 @@ impl<'i> Kids<'i> {
     }
 
     fn maybe(&mut self, rule: Rule) -> Option<Pair<'i, Rule>> {
-        if self.peek_rule() == Some(rule) { self.next() } else { None }
+        if self.peek_rule() == Some(rule) {
+            self.next()
+        } else {
+            None
+        }
     }
 }
 
@@ -184,8 +239,12 @@ fn string(pair: Pair<'_, Rule>) -> Lowered<Text> {
 impl Lower {
     fn shape_error(&mut self, Shape(span): Shape) {
         self.diagnostics.push(
-            Diagnostic::error("internal", span, "the parser could not read this part of the file")
-                .help("this is a bug in tollgate; please report it with the policy file"),
+            Diagnostic::error(
+                "internal",
+                span,
+                "the parser could not read this part of the file",
+            )
+            .help("this is a bug in tollgate; please report it with the policy file"),
         );
     }
 
@@ -240,7 +299,9 @@ impl Lower {
         let mut kids = Kids::of(pair);
         let name = text(&kids.want(Rule::ident)?);
         let clauses = self.clauses(kids, Context::Network, |_, p| match p.as_rule() {
-            Rule::chain_clause => Ok(NetworkClause::Chain(text(&Kids::of(p).want(Rule::integer)?))),
+            Rule::chain_clause => Ok(NetworkClause::Chain(text(
+                &Kids::of(p).want(Rule::integer)?,
+            ))),
             Rule::asset_clause => asset(p).map(NetworkClause::Asset),
             _ => Err(Shape(span(&p))),
         });
@@ -266,10 +327,14 @@ impl Lower {
                     ServiceClause::AcceptPrepaid { header }
                 }
                 Rule::settle_clause => ServiceClause::Settle(settle(p)?),
-                Rule::timeout_clause => ServiceClause::Timeout(text(&Kids::of(p).want(Rule::duration)?)),
+                Rule::timeout_clause => {
+                    ServiceClause::Timeout(text(&Kids::of(p).want(Rule::duration)?))
+                }
                 Rule::limit_clause => ServiceClause::Limit(limit(p)?),
                 Rule::payers_clause => ServiceClause::Payers(payers(p)?),
-                Rule::default_clause => ServiceClause::Default(text(&Kids::of(p).want(Rule::ident)?)),
+                Rule::default_clause => {
+                    ServiceClause::Default(text(&Kids::of(p).want(Rule::ident)?))
+                }
                 Rule::route_decl => ServiceClause::Route(this.route(p)?),
                 _ => return Err(Shape(span(&p))),
             })
@@ -294,17 +359,27 @@ impl Lower {
                     RouteClause::Price(terms)
                 }
                 Rule::prefer_clause => RouteClause::Prefer(text(&Kids::of(p).want(Rule::ident)?)),
-                Rule::refund_clause => RouteClause::RefundOn(text(&Kids::of(p).want(Rule::status_class)?)),
-                Rule::description_clause => RouteClause::Description(string(Kids::of(p).want(Rule::string)?)?),
+                Rule::refund_clause => {
+                    RouteClause::RefundOn(text(&Kids::of(p).want(Rule::status_class)?))
+                }
+                Rule::description_clause => {
+                    RouteClause::Description(string(Kids::of(p).want(Rule::string)?)?)
+                }
                 Rule::mime_clause => RouteClause::Mime(string(Kids::of(p).want(Rule::string)?)?),
-                Rule::timeout_clause => RouteClause::Timeout(text(&Kids::of(p).want(Rule::duration)?)),
+                Rule::timeout_clause => {
+                    RouteClause::Timeout(text(&Kids::of(p).want(Rule::duration)?))
+                }
                 Rule::limit_clause => RouteClause::Limit(limit(p)?),
                 Rule::payers_clause => RouteClause::Payers(payers(p)?),
                 Rule::settle_clause => RouteClause::Settle(settle(p)?),
                 _ => return Err(Shape(span(&p))),
             })
         });
-        Ok(RouteDecl { method, path, clauses })
+        Ok(RouteDecl {
+            method,
+            path,
+            clauses,
+        })
     }
 
     fn test(&mut self, pair: Pair<'_, Rule>) -> Lowered<TestDecl> {
@@ -343,7 +418,9 @@ impl Lower {
         let line = pair.as_str().trim_end();
         let start = pair.as_span().start();
         let line_span = Span::new(start, start + line.len());
-        let word_len = line.find(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == '-')).unwrap_or(line.len());
+        let word_len = line
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == '-'))
+            .unwrap_or(line.len());
         let word = line.get(..word_len).unwrap_or("");
         let word_span = Span::new(start, start + word_len);
         let starts_with_name = word.chars().next().is_some_and(|c| c.is_ascii_alphabetic());
@@ -359,13 +436,31 @@ impl Lower {
                 .label("not allowed here")
                 .help(format!("`{word}` belongs {}", home.place())),
                 None => {
-                    let help = match closest(word, context.keywords()) {
-                        Some(s) => format!("did you mean `{s}`?"),
-                        None => format!("expected one of: {}", context.keywords().join(", ")),
+                    let elsewhere: Vec<&str> = Context::ALL
+                        .iter()
+                        .flat_map(|c| c.keywords().iter().copied())
+                        .collect();
+                    let help = match (closest(word, context.keywords()), closest(word, &elsewhere))
+                    {
+                        (Some(s), _) => format!("did you mean `{s}`?"),
+                        (None, Some(s)) => {
+                            let home = Context::ALL
+                                .iter()
+                                .find(|c| c.keywords().contains(&s))
+                                .map_or("elsewhere", |c| c.place());
+                            format!("did you mean `{s}`? it belongs {home}")
+                        }
+                        (None, None) => {
+                            format!("expected one of: {}", context.keywords().join(", "))
+                        }
                     };
-                    Diagnostic::error("unknown_keyword", word_span, format!("unknown keyword `{word}`"))
-                        .label(format!("not a keyword {}", context.place()))
-                        .help(help)
+                    Diagnostic::error(
+                        "unknown_keyword",
+                        word_span,
+                        format!("unknown keyword `{word}`"),
+                    )
+                    .label(format!("not a keyword {}", context.place()))
+                    .help(help)
                 }
             };
             self.diagnostics.push(diagnostic);
@@ -373,9 +468,13 @@ impl Lower {
         }
         if let Some(quote) = unterminated_quote(line) {
             self.diagnostics.push(
-                Diagnostic::error("unterminated_string", Span::new(start + quote, start + line.len()), "unterminated string")
-                    .label("this string is never closed")
-                    .help("close it with `\"` on the same line; strings cannot span lines"),
+                Diagnostic::error(
+                    "unterminated_string",
+                    Span::new(start + quote, start + line.len()),
+                    "unterminated string",
+                )
+                .label("this string is never closed")
+                .help("close it with `\"` on the same line; strings cannot span lines"),
             );
             return;
         }
@@ -383,7 +482,10 @@ impl Lower {
             Err(error) => from_pest(error, line, start, true),
             Ok(_) => Diagnostic::error("syntax", line_span, "this line could not be read here")
                 .label("unexpected line")
-                .help(format!("expected one of: {}", context.keywords().join(", "))),
+                .help(format!(
+                    "expected one of: {}",
+                    context.keywords().join(", ")
+                )),
         };
         self.diagnostics.push(diagnostic);
     }
@@ -404,7 +506,11 @@ fn asset(pair: Pair<'_, Rule>) -> Lowered<AssetDecl> {
         };
         options.push(Spanned::new(option, s));
     }
-    Ok(AssetDecl { symbol, address, options })
+    Ok(AssetDecl {
+        symbol,
+        address,
+        options,
+    })
 }
 
 fn money(pair: Pair<'_, Rule>) -> Lowered<Money> {
@@ -416,7 +522,10 @@ fn money(pair: Pair<'_, Rule>) -> Lowered<Money> {
 
 fn settle(pair: Pair<'_, Rule>) -> Lowered<Settle> {
     let mut kids = Kids::of(pair);
-    let mut settle = Settle { backend: None, timing: None };
+    let mut settle = Settle {
+        backend: None,
+        timing: None,
+    };
     while let Some(p) = kids.next() {
         let s = span(&p);
         match p.as_rule() {
@@ -430,13 +539,20 @@ fn settle(pair: Pair<'_, Rule>) -> Lowered<Settle> {
                 let key = kids.next().ok_or(Shape(s))?;
                 let key_span = span(&key);
                 let relayer = match key.as_rule() {
-                    Rule::env_ref => KeyRef::Env(key.as_str().trim_start_matches("env:").to_string()),
+                    Rule::env_ref => {
+                        KeyRef::Env(key.as_str().trim_start_matches("env:").to_string())
+                    }
                     Rule::string => KeyRef::Path(string(key)?.node),
                     Rule::hex => KeyRef::Inline(key.as_str().to_string()),
                     _ => return Err(Shape(key_span)),
                 };
-                settle.backend =
-                    Some(Spanned::new(Backend::Rpc { url, relayer: Spanned::new(relayer, key_span) }, s));
+                settle.backend = Some(Spanned::new(
+                    Backend::Rpc {
+                        url,
+                        relayer: Spanned::new(relayer, key_span),
+                    },
+                    s,
+                ));
             }
             Rule::before_response => settle.timing = Some(Spanned::new(Timing::BeforeResponse, s)),
             Rule::after_response => settle.timing = Some(Spanned::new(Timing::AfterResponse, s)),
@@ -447,7 +563,9 @@ fn settle(pair: Pair<'_, Rule>) -> Lowered<Settle> {
                     let ts = span(&t);
                     let trigger = match t.as_rule() {
                         Rule::duration => Trigger::Every(t.as_str().to_string()),
-                        Rule::payment_count => Trigger::Payments(Kids::of(t).want(Rule::integer)?.as_str().to_string()),
+                        Rule::payment_count => {
+                            Trigger::Payments(Kids::of(t).want(Rule::integer)?.as_str().to_string())
+                        }
                         Rule::money => Trigger::Value(money(t)?),
                         _ => return Err(Shape(ts)),
                     };
@@ -471,7 +589,9 @@ fn limit(pair: Pair<'_, Rule>) -> Lowered<Limit> {
             let q = kids.next().ok_or(Shape(kids.parent))?;
             let qs = span(&q);
             let quantity = match q.as_rule() {
-                Rule::request_count => Quantity::Requests(Kids::of(q).want(Rule::integer)?.as_str().to_string()),
+                Rule::request_count => {
+                    Quantity::Requests(Kids::of(q).want(Rule::integer)?.as_str().to_string())
+                }
                 Rule::money => Quantity::Spend(money(q)?),
                 _ => return Err(Shape(qs)),
             };
@@ -491,7 +611,10 @@ fn limit(pair: Pair<'_, Rule>) -> Lowered<Limit> {
                     Some(Spanned::new(window, ws))
                 }
             };
-            Ok(Limit::Rate { quantity: Spanned::new(quantity, qs), window })
+            Ok(Limit::Rate {
+                quantity: Spanned::new(quantity, qs),
+                window,
+            })
         }
         _ => Err(Shape(span(&body))),
     }
@@ -543,7 +666,8 @@ fn fatal(error: PestError<Rule>, text: &str) -> Diagnostic {
     if diagnostic.span.start >= text.trim_end().len() {
         diagnostic = diagnostic.help("a block is never closed: check that every `{` has its `}`");
     } else if diagnostic.help.is_none() {
-        diagnostic = diagnostic.help("each clause goes on its own line, and every `{` needs a matching `}`");
+        diagnostic =
+            diagnostic.help("each clause goes on its own line, and every `{` needs a matching `}`");
     }
     diagnostic
 }
@@ -573,9 +697,17 @@ fn from_pest(error: PestError<Rule>, text: &str, offset: usize, single_line: boo
         ErrorVariant::ParsingError { positives, .. } => describe(positives, single_line),
         ErrorVariant::CustomError { message } => message.clone(),
     };
-    let span = Span::new(offset + pos, offset + pos + found_len.max(0));
-    let message = if expected.is_empty() { format!("unexpected {found}") } else { format!("expected {expected}, found {found}") };
-    let label = if expected.is_empty() { "unexpected".to_string() } else { format!("expected {expected}") };
+    let span = Span::new(offset + pos, offset + pos + found_len);
+    let message = if expected.is_empty() {
+        format!("unexpected {found}")
+    } else {
+        format!("expected {expected}, found {found}")
+    };
+    let label = if expected.is_empty() {
+        "unexpected".to_string()
+    } else {
+        format!("expected {expected}")
+    };
     Diagnostic::error("syntax", span, message).label(label)
 }
 
