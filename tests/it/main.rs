@@ -2,3 +2,7 @@
 
 // The sidecar config: defaults, file, environment overrides, every error message.
 mod config;
+// (policy, request, buyer) → decision: precedence, rails, payer lists, defaults.
+mod decide_table;
+// The `tollgate` binary: check, fmt, explain, test as an operator runs them.
+mod cli;
