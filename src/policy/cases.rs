@@ -75,6 +75,32 @@ pub fn collect(file: &PolicyFile, source: &Source) -> (Vec<Case>, Vec<Diagnostic
                         );
                     }
                     request_at = Some(clause.span);
+                    if !super::compile::METHODS.contains(&method.node.as_str()) {
+                        let upper = method.node.to_ascii_uppercase();
+                        let help = if super::compile::METHODS.contains(&upper.as_str()) {
+                            format!("methods are written in upper case: `{upper}`")
+                        } else {
+                            format!("use one of {}", super::compile::METHODS.join(", "))
+                        };
+                        diagnostics.push(
+                            Diagnostic::error(
+                                "bad_method",
+                                method.span,
+                                format!("unknown HTTP method `{}`", method.node),
+                            )
+                            .help(help),
+                        );
+                    }
+                    if !target.node.starts_with('/') {
+                        diagnostics.push(
+                            Diagnostic::error(
+                                "bad_target",
+                                target.span,
+                                "a test request goes to a path starting with `/`",
+                            )
+                            .help("e.g. `request GET \"/v1/forecast/paris?days=3\"`"),
+                        );
+                    }
                     case.method = method.node.clone();
                     case.target = target.node.clone();
                 }
@@ -92,7 +118,19 @@ pub fn collect(file: &PolicyFile, source: &Source) -> (Vec<Case>, Vec<Diagnostic
                         .help("an address is `0x` followed by 40 hex digits"),
                     ),
                 },
-                TestClause::Balance(m) => case.balance = Some(m.clone()),
+                TestClause::Balance(m) => {
+                    if !matches!(m.unit.node.as_str(), "credit" | "credits") {
+                        diagnostics.push(
+                            Diagnostic::error(
+                                "bad_balance",
+                                m.unit.span,
+                                "a key's balance is counted in credits",
+                            )
+                            .help(format!("write `balance {} credits`", m.amount.node)),
+                        );
+                    }
+                    case.balance = Some(m.clone());
+                }
                 TestClause::Expect { outcome, price } => {
                     if !Outcome::NAMES.contains(&outcome.node.as_str()) {
                         diagnostics.push(unknown_outcome(outcome));

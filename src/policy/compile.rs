@@ -6,7 +6,7 @@
 //! produced only when there is no error. Amounts are converted to atomic units exactly once,
 //! here, with the decimals of the asset on each network.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 
 use alloy::primitives::Address;
@@ -25,7 +25,7 @@ use crate::networks::{self, Asset, Network};
 pub const DEFAULT_TIMEOUT_SECS: u64 = 60;
 /// Default header that carries an API key.
 pub const DEFAULT_KEY_HEADER: &str = "x-api-key";
-const METHODS: [&str; 9] = [
+pub(crate) const METHODS: [&str; 9] = [
     "GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "CONNECT", "TRACE",
 ];
 
@@ -38,6 +38,8 @@ pub fn compile(
 ) -> (Option<Policy>, Vec<Diagnostic>) {
     let mut cx = Cx {
         source,
+        broken: HashSet::new(),
+        x402_unresolved: false,
         diagnostics: Vec::new(),
         partial,
     };
@@ -50,6 +52,8 @@ pub fn compile(
 pub fn networks_of(file: &ast::PolicyFile, source: &Source) -> Vec<Network> {
     let mut cx = Cx {
         source,
+        broken: HashSet::new(),
+        x402_unresolved: false,
         diagnostics: Vec::new(),
         partial: true,
     };
@@ -61,6 +65,10 @@ type Seen = Option<(Span, ())>;
 
 struct Cx<'s> {
     source: &'s Source,
+    /// Declared networks that had errors: naming them later is not a second mistake.
+    broken: HashSet<String>,
+    /// An `accept x402` network did not resolve, so asset names cannot be checked.
+    x402_unresolved: bool,
     diagnostics: Vec<Diagnostic>,
     partial: bool,
 }
@@ -68,6 +76,8 @@ struct Cx<'s> {
 /// Service-level settings a route inherits.
 struct Inherited<'a> {
     networks: &'a [Network],
+    /// `accept x402` is written, even if none of its networks resolved.
+    x402_declared: bool,
     prepaid: bool,
     timeout_secs: u64,
     settle: &'a Timing,
@@ -122,7 +132,7 @@ impl Cx<'_> {
         for item in &file.items {
             if let ast::Item::Service(s) = &item.node {
                 match service {
-                    None => service = Some((item.span, s)),
+                    None => service = Some((s.name.span, s)),
                     Some((first, _)) => {
                         self.push(
                             Diagnostic::error(
@@ -139,13 +149,7 @@ impl Cx<'_> {
         }
         let Some((_, service)) = service else {
             if !self.partial {
-                let at = Span::new(
-                    0,
-                    self.source
-                        .text
-                        .find('\n')
-                        .unwrap_or(self.source.text.len()),
-                );
+                let at = first_code_line(&self.source.text);
                 self.push(
                     Diagnostic::error(
                         "missing_service",
@@ -186,10 +190,13 @@ impl Cx<'_> {
             declared.insert(name.clone(), decl.name.span);
             let builtin_index = all.iter().position(|n| n.name == name);
             let mut chain: Option<(Span, u64)> = None;
+            let mut chain_given = false;
+            let mut asset_clauses = 0;
             let mut assets: Vec<(Span, Asset)> = Vec::new();
             for clause in &decl.clauses {
                 match &clause.node {
                     ast::NetworkClause::Chain(id) => {
+                        chain_given = true;
                         if let Some(index) = builtin_index {
                             let fixed = all.get(index).map_or(0, |n| n.chain_id);
                             self.push(Diagnostic::error("builtin_network_chain", clause.span, format!("the chain of built-in network `{name}` is fixed")).label(format!("`{name}` is chain {fixed}")).help("a block for a built-in network may only add assets; give a new network another name"));
@@ -211,6 +218,7 @@ impl Cx<'_> {
                         }
                     }
                     ast::NetworkClause::Asset(a) => {
+                        asset_clauses += 1;
                         if let Some(asset) = self.asset(a, clause.span) {
                             let existing = assets
                                 .iter()
@@ -233,9 +241,13 @@ impl Cx<'_> {
                                             asset.symbol
                                         ),
                                     );
-                                    if let Some(first) = first {
-                                        d = d.related(first, "first defined here");
-                                    }
+                                    d = match first {
+                                        Some(first) => d.related(first, "first defined here"),
+                                        None => d.help(format!(
+                                            "`{}` is built in on `{name}`; remove this line",
+                                            asset.symbol
+                                        )),
+                                    };
                                     self.push(d);
                                 }
                                 None => assets.push((clause.span, asset)),
@@ -248,7 +260,8 @@ impl Cx<'_> {
                 Some(builtin) => builtin.assets.extend(assets.into_iter().map(|(_, a)| a)),
                 None => {
                     let Some((chain_span, chain_id)) = chain else {
-                        if !self.partial {
+                        self.broken.insert(name.clone());
+                        if !self.partial && !chain_given {
                             self.push(
                                 Diagnostic::error(
                                     "missing_chain",
@@ -272,6 +285,12 @@ impl Cx<'_> {
                                 other.name, other.name
                             )),
                         );
+                        self.broken.insert(name);
+                        continue;
+                    }
+                    if assets.is_empty() && asset_clauses > 0 {
+                        // Each asset clause already reported its own mistake.
+                        self.broken.insert(name);
                         continue;
                     }
                     if assets.is_empty() && !self.partial {
@@ -303,6 +322,7 @@ impl Cx<'_> {
         }
         let address = self.address(&decl.address);
         let (mut name, mut version, mut decimals) = (None, None, None);
+        let mut decimals_given = false;
         for option in &decl.options {
             match &option.node {
                 ast::AssetOption::Name(n) => {
@@ -314,6 +334,7 @@ impl Cx<'_> {
                 ast::AssetOption::Decimals(d) => match d.node.parse::<u8>() {
                     Ok(n) if n <= 38 => self.once(&mut decimals, option.span, n, "decimals"),
                     _ => {
+                        decimals_given = true;
                         self.push(
                             Diagnostic::error(
                                 "bad_decimals",
@@ -333,8 +354,11 @@ impl Cx<'_> {
         if version.is_none() {
             missing.push("version \"…\" (the token's EIP-712 domain version)");
         }
-        if decimals.is_none() {
+        if decimals.is_none() && !decimals_given {
             missing.push("decimals N");
+        }
+        if missing.is_empty() && decimals.is_none() {
+            return None;
         }
         if !missing.is_empty() {
             self.push(
@@ -392,6 +416,9 @@ impl Cx<'_> {
         if let Some(n) = networks.iter().find(|n| n.name == name.node) {
             return Some(n.clone());
         }
+        if self.broken.contains(&name.node) {
+            return None;
+        }
         let names: Vec<&str> = networks.iter().map(|n| n.name.as_str()).collect();
         let help = match closest(&name.node, &names) {
             Some(s) => format!("did you mean `{s}`?"),
@@ -441,10 +468,16 @@ impl Cx<'_> {
                                 "repeated_network",
                                 name.span,
                                 format!("network `{}` is listed twice", name.node),
+                            )
+                            .help = Some(
+                                "list each network once; the first place sets its order".into(),
                             );
                             continue;
                         }
-                        resolved.extend(self.network_ref(name, &all_networks));
+                        match self.network_ref(name, &all_networks) {
+                            Some(n) => resolved.push(n),
+                            None => self.x402_unresolved = true,
+                        }
                     }
                     self.once(&mut accept_x402, span, resolved, "accept x402");
                 }
@@ -499,15 +532,20 @@ impl Cx<'_> {
             .as_ref()
             .map(|(_, n)| n.clone())
             .unwrap_or_default();
+        let pay_to_given = pay_to.is_some();
         let pay_to = pay_to.and_then(|(_, a)| a);
         let settlement = self.settlement(settle, &networks, accept_x402.as_ref().map(|(s, _)| *s));
         let limits = self.limits(&limit_clauses, &networks, None);
         let payers = self.payers(&payer_clauses, None);
 
-        if default.is_none() && !self.partial {
+        let default_given = decl
+            .clauses
+            .iter()
+            .any(|c| matches!(c.node, ast::ServiceClause::Default(_)));
+        if !default_given && !self.partial {
             self.push(Diagnostic::error("missing_default", decl.name.span, "the service does not say what happens to unmatched requests").help("add `default deny` (403 for any path no route matches) or `default pass` (forward it, free)"));
         }
-        if let (Some((span, _)), None, false) = (&accept_x402, pay_to, self.partial) {
+        if let (Some((span, _)), false, false) = (&accept_x402, pay_to_given, self.partial) {
             {
                 self.push(
                     Diagnostic::error(
@@ -522,6 +560,7 @@ impl Cx<'_> {
 
         let inherited = Inherited {
             networks: &networks,
+            x402_declared: accept_x402.is_some(),
             prepaid: accept_prepaid.is_some(),
             timeout_secs: timeout.map_or(DEFAULT_TIMEOUT_SECS, |(_, t)| t),
             settle: &settlement.timing,
@@ -554,9 +593,13 @@ impl Cx<'_> {
             }
         }
 
-        let takes_credits = compiled
-            .iter()
-            .any(|r| r.price().is_some_and(|p| p.credits.is_some()));
+        let takes_credits = decl.clauses.iter().any(|c| match &c.node {
+            ast::ServiceClause::Route(r) => r.clauses.iter().any(|rc| match &rc.node {
+                ast::RouteClause::Price(terms) => terms.iter().any(|t| is_credits(&t.unit.node)),
+                _ => false,
+            }),
+            _ => false,
+        });
         if let (Some((span, _)), false, false) = (&accept_prepaid, takes_credits, self.partial) {
             self.push(
                 Diagnostic::warning(
@@ -639,6 +682,10 @@ impl Cx<'_> {
                 "unused_settlement",
                 span,
                 "settlement is configured but the service does not accept x402",
+            )
+            .help = Some(
+                "settlement applies to x402 payments: add `accept x402 on …`, or remove the clause"
+                    .into(),
             );
         }
         let timing = settle
@@ -700,7 +747,9 @@ impl Cx<'_> {
                                         "bad_count",
                                         trigger.span,
                                         "a bundle needs at least 1 payment",
-                                    );
+                                    )
+                                    .help =
+                                        Some("e.g. `deferred every 60s or 100 payments`".into());
                                 }
                             }
                         }
@@ -784,9 +833,9 @@ impl Cx<'_> {
                     Diagnostic::error(
                         "credits_not_allowed",
                         unit.span,
-                        "credits cannot be used here",
+                        "credits are not settled on chain, so they cannot be used here",
                     )
-                    .help("this amount is settled on chain: give it in an asset such as `USDC`"),
+                    .help("give this amount in an asset such as `USDC`"),
                 );
                 return None;
             }
@@ -820,10 +869,18 @@ impl Cx<'_> {
         if credits_ok {
             known.push("credits");
         }
+        if self.x402_unresolved {
+            // An `accept x402` network did not resolve (already reported): its assets are unknown.
+            return;
+        }
         let help = match closest(&unit.node, &known) {
             Some(s) => format!("did you mean `{s}`?"),
+            None if networks.is_empty() && credits_ok => {
+                "the service accepts no x402 network: price in credits, or add `accept x402 on …`"
+                    .to_string()
+            }
             None if networks.is_empty() => {
-                "the service accepts no x402 network: add `accept x402 on …` to price in an asset"
+                "the service accepts no x402 network: add `accept x402 on …` to use an asset"
                     .to_string()
             }
             None => format!("units here: {}", known.join(", ")),
@@ -893,8 +950,9 @@ impl Cx<'_> {
                         self.error(
                             "zero_limit",
                             money.amount.span,
-                            "a limit of zero blocks every request; use `deny` instead",
-                        );
+                            "a limit of zero blocks every request",
+                        )
+                        .help = Some("to refuse every request, use `deny` on the route".into());
                         continue;
                     }
                     if let Some(first) = unsettled_at.insert(q.unit.clone(), *span) {
@@ -922,7 +980,10 @@ impl Cx<'_> {
                                     self.error(
                                         "zero_limit",
                                         quantity.span,
-                                        "a limit of zero blocks every request; use `deny` instead",
+                                        "a limit of zero blocks every request",
+                                    )
+                                    .help = Some(
+                                        "to refuse every request, use `deny` on the route".into(),
                                     );
                                     continue;
                                 }
@@ -938,8 +999,10 @@ impl Cx<'_> {
                                 self.error(
                                     "zero_limit",
                                     money.amount.span,
-                                    "a limit of zero blocks every request; use `deny` instead",
-                                );
+                                    "a limit of zero blocks every request",
+                                )
+                                .help =
+                                    Some("to refuse every request, use `deny` on the route".into());
                                 continue;
                             }
                             if let Some(first) = spend_at.insert(max.unit.clone(), *span) {
@@ -1019,34 +1082,39 @@ impl Cx<'_> {
     ) -> PayerRules {
         let mut allow: Option<Vec<Address>> = None;
         let mut allow_at: Option<(Span, ())> = None;
-        let mut deny: Vec<Address> = Vec::new();
+        let mut deny: Vec<(Address, Span)> = Vec::new();
+        let mut allowed: Vec<(Address, Span)> = Vec::new();
         for (span, clause) in clauses {
-            let addresses: Vec<Address> = clause
+            let addresses: Vec<(Address, Span)> = clause
                 .addresses
                 .iter()
-                .filter_map(|a| self.address(a))
+                .filter_map(|a| self.address(a).map(|x| (x, a.span)))
                 .collect();
             if clause.allow {
                 self.once(&mut allow_at, *span, (), "allow payers");
-                allow.get_or_insert_with(Vec::new).extend(addresses);
+                allow
+                    .get_or_insert_with(Vec::new)
+                    .extend(addresses.iter().map(|(a, _)| *a));
+                allowed.extend(addresses);
             } else {
                 deny.extend(addresses);
             }
         }
-        if let (Some(both), Some((span, _))) =
-            (allow.iter().flatten().find(|a| deny.contains(a)), allow_at)
-        {
-            {
+        for (address, span) in &allowed {
+            if let Some((_, denied_at)) = deny.iter().find(|(d, _)| d == address) {
                 self.push(
                     Diagnostic::error(
                         "payer_allowed_and_denied",
-                        span,
-                        format!("payer `{both}` is both allowed and denied"),
+                        *span,
+                        format!("payer `{address}` is both allowed and denied"),
                     )
-                    .help("remove it from one of the lists"),
+                    .label("allowed here")
+                    .related(*denied_at, "denied here")
+                    .help("remove it from one of the lists; denying wins, so it would never be served"),
                 );
             }
         }
+        let deny: Vec<Address> = deny.into_iter().map(|(a, _)| a).collect();
         let Some(parent) = inherit else {
             return PayerRules { allow, deny };
         };
@@ -1266,11 +1334,13 @@ impl Cx<'_> {
                     "no_effect",
                     *s,
                     format!("`{what}` has no effect on a route that is free or denied"),
-                );
+                )
+                .help = Some("remove it, or give the route a `price`".into());
             }
         }
         if let (Some((s, _)), false, false) = (prefer, hybrid, is_free) {
-            self.warning("no_effect", s, "`prefer` has no effect unless the route has both an x402 price and a price in credits");
+            self.warning("no_effect", s, "`prefer` has no effect unless the route has both an x402 price and a price in credits").help =
+                Some("`prefer` picks the rail when a request carries both an API key and a payment".into());
         }
         if let (Some((s, _)), false, false) = (refund, has_credits, is_free) {
             self.push(Diagnostic::warning("no_effect", s, "`refund on 5xx` has no effect without a price in credits").help("x402 payments are never settled when the upstream fails, so there is nothing to refund"));
@@ -1382,6 +1452,11 @@ impl Cx<'_> {
                 }
                 continue;
             }
+            if up.networks.is_empty() && up.x402_declared {
+                // `accept x402` is there but its networks did not resolve (already reported).
+                ok = false;
+                continue;
+            }
             if up.networks.is_empty() {
                 self.push(
                     Diagnostic::error(
@@ -1450,4 +1525,17 @@ fn looks_like_key(path: &str) -> bool {
 fn version(text: &str) -> String {
     let digest = Sha256::digest(text.as_bytes());
     digest.iter().take(8).map(|b| format!("{b:02x}")).collect()
+}
+
+/// The first line that is neither blank nor a comment (where a missing block is reported).
+fn first_code_line(text: &str) -> Span {
+    let mut offset = 0;
+    for line in text.split_inclusive('\n') {
+        let trimmed = line.trim();
+        if !trimmed.is_empty() && !trimmed.starts_with('#') {
+            return Span::new(offset, offset + line.trim_end().len());
+        }
+        offset += line.len();
+    }
+    Span::new(0, 0)
 }

@@ -1,13 +1,9 @@
 //! Diagnostics: every mistake `tollgate check` can report about a policy file.
 //!
 //! A [`Diagnostic`] is plain data (stable code, message, primary span and label, help, related
-//! spans). Rendering goes through miette so each one prints as `file:line:col`, the source line
-//! and a caret under the span, then the hint. Messages follow cedar's rules: lower case, user
-//! input in backticks, no final period, detail in `help` rather than in the message.
-
-use std::fmt;
-
-use miette::{GraphicalReportHandler, GraphicalTheme, LabeledSpan, NamedSource, SourceSpan};
+//! spans). [`render`] prints it as rustc does: `error[code]: message`, then `file:line:col`, the
+//! source line with a caret under the span, and the hint. Messages follow cedar's rules: lower
+//! case, user input in backticks, no final period, detail in `help` rather than in the message.
 
 use super::source::{Source, Span};
 
@@ -75,95 +71,143 @@ impl Diagnostic {
 /// How to draw diagnostics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Style {
-    /// ASCII, no colour: logs, CI, golden tests.
+    /// No colour: logs, CI, golden tests.
     Plain,
-    /// Unicode box drawing and colour: a terminal.
+    /// ANSI colour: a terminal.
     Fancy,
 }
 
-/// Renders one diagnostic against the source it refers to.
+struct Paint {
+    on: bool,
+}
+
+impl Paint {
+    fn paint(&self, code: &str, text: &str) -> String {
+        if self.on {
+            format!("\x1b[{code}m{text}\x1b[0m")
+        } else {
+            text.to_string()
+        }
+    }
+}
+
+/// Renders one diagnostic against its source, in the layout rustc made familiar:
+///
+/// ```text
+/// error[unknown_network]: unknown network `base-sepolai`
+///   --> policies/weather.toll:3:18
+///    |
+///  3 |   accept x402 on base-sepolai, base
+///    |                  ^^^^^^^^^^^^ not a known network
+///    |
+///    = help: did you mean `base-sepolia`?
+/// ```
 pub fn render(diagnostic: &Diagnostic, source: &Source, style: Style) -> String {
-    let theme = match style {
-        Style::Plain => GraphicalTheme::none(),
-        Style::Fancy => GraphicalTheme::unicode(),
+    let paint = Paint {
+        on: style == Style::Fancy,
     };
-    let handler = GraphicalReportHandler::new_themed(theme)
-        .with_width(100)
-        .with_context_lines(1)
-        .without_syntax_highlighting();
-    let view = View {
-        diagnostic,
-        source: NamedSource::new(&source.name, source.text.to_string()),
+    let (word, colour) = match diagnostic.severity {
+        Severity::Error => ("error", "1;31"),
+        Severity::Warning => ("warning", "1;33"),
     };
-    let mut out = String::new();
-    if handler.render_report(&mut out, &view).is_err() {
-        // Rendering into a String cannot fail; keep the message if it somehow does.
-        let (line, col) = source.line_col(diagnostic.span.start);
-        out = format!("{}:{line}:{col}: {}\n", source.name, diagnostic.message);
+    let mut out = format!(
+        "{}: {}\n",
+        paint.paint(colour, &format!("{word}[{}]", diagnostic.code)),
+        paint.paint("1", &diagnostic.message)
+    );
+    // The primary span first, then related ones, each drawn on its own source line.
+    let mut marks: Vec<(Span, Option<&str>, bool)> =
+        vec![(diagnostic.span, diagnostic.label.as_deref(), true)];
+    marks.extend(
+        diagnostic
+            .related
+            .iter()
+            .map(|(span, label)| (*span, Some(label.as_str()), false)),
+    );
+    let lines: Vec<&str> = source.text.split('\n').collect();
+    let width = marks
+        .iter()
+        .map(|(s, _, _)| source.line_col(s.start).0.to_string().len())
+        .max()
+        .unwrap_or(1);
+    let gutter = |n: &str| paint.paint("1;34", &format!("{n:>width$} |"));
+    let (line, col) = source.line_col(diagnostic.span.start);
+    out.push_str(&format!(
+        "{}{} {}:{line}:{col}\n",
+        " ".repeat(width),
+        paint.paint("1;34", "-->"),
+        source.name
+    ));
+    out.push_str(&format!("{}\n", gutter("")));
+    let mut sorted = marks.clone();
+    sorted.sort_by_key(|(s, _, primary)| (s.start, !primary));
+    let mut last_line = None;
+    for (span, label, primary) in sorted {
+        let (line, col) = source.line_col(span.start);
+        if last_line.is_some_and(|last| line > last + 1) {
+            out.push_str(&format!("{}\n", paint.paint("1;34", "...")));
+        }
+        let text = lines
+            .get(line - 1)
+            .copied()
+            .unwrap_or("")
+            .trim_end_matches('\r')
+            .replace('\t', " ");
+        if last_line != Some(line) {
+            out.push_str(&format!("{} {text}\n", gutter(&line.to_string())));
+        }
+        last_line = Some(line);
+        let on_line = text.chars().count().saturating_sub(col - 1);
+        let len = source
+            .slice(span)
+            .split('\n')
+            .next()
+            .map_or(0, |s| s.chars().count())
+            .min(on_line.max(1))
+            .max(1);
+        let (mark, colour) = if primary {
+            (
+                "^",
+                if diagnostic.is_error() {
+                    "1;31"
+                } else {
+                    "1;33"
+                },
+            )
+        } else {
+            ("-", "1;34")
+        };
+        let underline = paint.paint(
+            colour,
+            &format!(
+                "{}{}",
+                mark.repeat(len),
+                label.map_or(String::new(), |l| format!(" {l}"))
+            ),
+        );
+        out.push_str(&format!(
+            "{} {}{underline}\n",
+            gutter(""),
+            " ".repeat(col - 1)
+        ));
+    }
+    if let Some(help) = &diagnostic.help {
+        out.push_str(&format!("{}\n", gutter("")));
+        out.push_str(&format!(
+            "{} = {}: {help}\n",
+            " ".repeat(width),
+            paint.paint("1", "help")
+        ));
     }
     out
 }
 
-/// Renders many diagnostics, errors and warnings in source order.
+/// Renders many diagnostics in source order, separated by blank lines.
 pub fn render_all(diagnostics: &[Diagnostic], source: &Source, style: Style) -> String {
     let mut sorted: Vec<&Diagnostic> = diagnostics.iter().collect();
     sorted.sort_by_key(|d| (d.span.start, d.span.end));
-    sorted.iter().map(|d| render(d, source, style)).collect()
-}
-
-/// A diagnostic as miette sees it.
-struct View<'a> {
-    diagnostic: &'a Diagnostic,
-    source: NamedSource<String>,
-}
-
-impl fmt::Debug for View<'_> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        self.diagnostic.fmt(f)
-    }
-}
-
-impl fmt::Display for View<'_> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.diagnostic.message)
-    }
-}
-
-impl std::error::Error for View<'_> {}
-
-fn source_span(span: Span) -> SourceSpan {
-    SourceSpan::new(span.start.into(), span.end.saturating_sub(span.start))
-}
-
-impl miette::Diagnostic for View<'_> {
-    fn code<'a>(&'a self) -> Option<Box<dyn fmt::Display + 'a>> {
-        Some(Box::new(self.diagnostic.code))
-    }
-
-    fn severity(&self) -> Option<miette::Severity> {
-        Some(match self.diagnostic.severity {
-            Severity::Error => miette::Severity::Error,
-            Severity::Warning => miette::Severity::Warning,
-        })
-    }
-
-    fn help<'a>(&'a self) -> Option<Box<dyn fmt::Display + 'a>> {
-        self.diagnostic
-            .help
-            .as_ref()
-            .map(|h| Box::new(h) as Box<dyn fmt::Display>)
-    }
-
-    fn source_code(&self) -> Option<&dyn miette::SourceCode> {
-        Some(&self.source)
-    }
-
-    fn labels(&self) -> Option<Box<dyn Iterator<Item = LabeledSpan> + '_>> {
-        let d = self.diagnostic;
-        let primary = LabeledSpan::new_primary_with_span(d.label.clone(), source_span(d.span));
-        let related = d.related.iter().map(|(span, label)| {
-            LabeledSpan::new_with_span(Some(label.clone()), source_span(*span))
-        });
-        Some(Box::new(std::iter::once(primary).chain(related)))
-    }
+    sorted
+        .iter()
+        .map(|d| render(d, source, style) + "\n")
+        .collect()
 }

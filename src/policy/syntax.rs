@@ -660,16 +660,100 @@ pub(crate) fn closest<'a>(word: &str, candidates: &[&'a str]) -> Option<&'a str>
         .map(|(_, c)| c)
 }
 
-/// A structural error that stopped the parse.
+/// A structural error that stopped the parse: usually a block never closed, or a stray `}`.
 fn fatal(error: PestError<Rule>, text: &str) -> Diagnostic {
-    let mut diagnostic = from_pest(error, text, 0, false);
-    if diagnostic.span.start >= text.trim_end().len() {
-        diagnostic = diagnostic.help("a block is never closed: check that every `{` has its `}`");
-    } else if diagnostic.help.is_none() {
-        diagnostic =
-            diagnostic.help("each clause goes on its own line, and every `{` needs a matching `}`");
+    if let Some(open) = unclosed_block(text) {
+        let line_end = text
+            .get(open..)
+            .and_then(|t| t.find('\n'))
+            .map_or(text.len(), |n| open + n);
+        let header_start = text
+            .get(..open)
+            .and_then(|t| t.rfind('\n'))
+            .map_or(0, |n| n + 1);
+        let header = text.get(header_start..line_end).unwrap_or("").trim();
+        return Diagnostic::error(
+            "unclosed_block",
+            Span::new(open, open + 1),
+            "this block is never closed",
+        )
+        .label("opened here")
+        .help(format!("add a line with `}}` where `{header}` ends"));
     }
-    diagnostic
+    let diagnostic = from_pest(error, text, 0, false);
+    if text.get(diagnostic.span.start..diagnostic.span.end) == Some("}") {
+        return Diagnostic::error("syntax", diagnostic.span, "unexpected `}`")
+            .label("closes no block")
+            .help("remove it, or check the `{` of the block above");
+    }
+    diagnostic.help("each clause goes on its own line, and every `{` needs a matching `}`")
+}
+
+/// The `{` of a block whose `}` is missing. Braces in strings and comments do not count; when
+/// braces do not balance, indentation tells which block lost its `}`: the first block followed
+/// by a line indented no deeper than its header before any closing `}` at that depth.
+fn unclosed_block(text: &str) -> Option<usize> {
+    let mut stack: Vec<(usize, usize)> = Vec::new(); // (offset of `{`, indent of its line)
+    let mut culprit: Option<usize> = None;
+    let mut offset = 0;
+    for line in text.split_inclusive('\n') {
+        let indent = line.len() - line.trim_start().len();
+        let code = strip_comment(line);
+        let trimmed = code.trim();
+        if !trimmed.is_empty() && culprit.is_none() {
+            // A line as shallow as an open block's header, that is not its `}`, means that block
+            // was never closed.
+            if let Some((open, _)) = stack
+                .iter()
+                .find(|(_, depth)| indent <= *depth && !trimmed.starts_with('}'))
+            {
+                culprit = Some(*open);
+            }
+        }
+        let mut in_string = false;
+        let mut escaped = false;
+        for (i, c) in code.char_indices() {
+            match c {
+                '\\' if in_string && !escaped => {
+                    escaped = true;
+                    continue;
+                }
+                '"' if !escaped => in_string = !in_string,
+                '{' if !in_string => stack.push((offset + i, indent)),
+                '}' if !in_string => {
+                    stack.pop();
+                }
+                _ => {}
+            }
+            escaped = false;
+        }
+        offset += line.len();
+    }
+    if stack.is_empty() {
+        return None;
+    }
+    culprit
+        .filter(|c| stack.iter().any(|(o, _)| o <= c))
+        .or_else(|| stack.last().map(|(o, _)| *o))
+}
+
+/// A line without its `#` comment (a `#` inside a string is text).
+fn strip_comment(line: &str) -> &str {
+    let mut in_string = false;
+    let mut escaped = false;
+    for (i, c) in line.char_indices() {
+        match c {
+            '\\' if in_string && !escaped => {
+                escaped = true;
+                continue;
+            }
+            '"' if !escaped => in_string = !in_string,
+            '#' if !in_string => return line.get(..i).unwrap_or(line),
+            _ => {}
+        }
+        escaped = false;
+    }
+    line
 }
 
 /// Turns a pest error on `text` (which starts at byte `offset` of the file) into a diagnostic.
@@ -708,7 +792,12 @@ fn from_pest(error: PestError<Rule>, text: &str, offset: usize, single_line: boo
     } else {
         format!("expected {expected}")
     };
-    Diagnostic::error("syntax", span, message).label(label)
+    let diagnostic = Diagnostic::error("syntax", span, message).label(label);
+    if single_line && expected.contains("end of line") {
+        diagnostic.help("one clause per line: move the rest to a line of its own, or remove it")
+    } else {
+        diagnostic
+    }
 }
 
 /// Names the rules pest expected, in words an operator knows.
@@ -731,6 +820,29 @@ fn describe(rules: &[Rule], single_line: bool) -> String {
             Rule::window => "a window such as `per minute`".to_string(),
             Rule::EOI if single_line => "end of line".to_string(),
             Rule::EOI => "end of file".to_string(),
+            // Internal rules: never worth naming to an operator.
+            Rule::COMMENT | Rule::bad_line => continue,
+            Rule::payers_verb => "`allow` or `deny`".to_string(),
+            Rule::request_count => "a number of requests such as `60 requests`".to_string(),
+            Rule::payment_count => "a number of payments such as `100 payments`".to_string(),
+            Rule::rate_limit => "a limit such as `60 requests per minute`".to_string(),
+            Rule::unsettled_limit => "`unsettled`".to_string(),
+            Rule::facilitator => "`via facilitator \"URL\"`".to_string(),
+            Rule::rpc => "`via rpc \"URL\" relayer env:NAME`".to_string(),
+            Rule::before_response => "`before response`".to_string(),
+            Rule::after_response => "`after response`".to_string(),
+            Rule::deferred => "`deferred`".to_string(),
+            Rule::accept_x402_clause => "`accept x402 on …`".to_string(),
+            Rule::accept_prepaid_clause => "`accept prepaid`".to_string(),
+            Rule::asset_name => "`name`".to_string(),
+            Rule::asset_version => "`version`".to_string(),
+            Rule::asset_decimals => "`decimals`".to_string(),
+            _ if name.ends_with("_clause") || name.ends_with("_decl") => {
+                format!(
+                    "`{}`",
+                    name.trim_end_matches("_clause").trim_end_matches("_decl")
+                )
+            }
             _ if name.starts_with("kw_") => format!("`{}`", name.trim_start_matches("kw_")),
             _ => name.replace('_', " "),
         };

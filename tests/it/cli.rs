@@ -34,7 +34,11 @@ fn stderr(o: &Output) -> String {
 #[expect(clippy::expect_used, reason = "tests")]
 fn scratch() -> PathBuf {
     static N: AtomicUsize = AtomicUsize::new(0);
-    let dir = std::env::temp_dir().join(format!("tollgate-cli-{}-{}", std::process::id(), N.fetch_add(1, Ordering::SeqCst)));
+    let dir = std::env::temp_dir().join(format!(
+        "tollgate-cli-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::SeqCst)
+    ));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("create scratch dir");
     dir
@@ -49,7 +53,11 @@ fn write(path: &Path, text: &str) {
 fn check_accepts_the_shipped_policies() {
     let o = tollgate(&["check", POLICIES]);
     assert_eq!(o.status.code(), Some(0), "{}{}", stdout(&o), stderr(&o));
-    assert!(stdout(&o).contains("0 errors, 0 warnings"), "{}", stdout(&o));
+    assert!(
+        stdout(&o).contains("0 errors, 0 warnings"),
+        "{}",
+        stdout(&o)
+    );
     assert!(stdout(&o).contains("ok    ") && stdout(&o).contains("weather.toll"));
 }
 
@@ -75,19 +83,31 @@ fn check_reports_every_error_with_location_caret_and_hint() {
     assert!(err.contains("bad.toll:6:20"), "{err}");
     assert!(err.contains("did you mean `free`?"), "{err}");
     assert!(err.contains("^^^"), "{err}");
-    assert!(!err.contains('\u{1b}'), "no colour codes when NO_COLOR is set: {err}");
+    assert!(
+        !err.contains('\u{1b}'),
+        "no colour codes when NO_COLOR is set: {err}"
+    );
     assert!(stdout(&o).contains("2 errors"), "{}", stdout(&o));
 }
 
 #[test]
 fn check_config_reports_field_paths() {
     let dir = scratch();
-    write(&dir.join("tollgate.yaml"), "admin:\n  listen: x\nlog:\n  format: xml\n");
+    write(
+        &dir.join("tollgate.yaml"),
+        "admin:\n  listen: x\nlog:\n  format: xml\n",
+    );
     let o = tollgate_in(&dir, &["check", "--config", "tollgate.yaml", WEATHER]);
     assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
     let err = stderr(&o);
-    assert!(err.contains("admin.listen: invalid socket address \"x\""), "{err}");
-    assert!(err.contains("log.format: unknown log format \"xml\""), "{err}");
+    assert!(
+        err.contains("admin.listen: invalid socket address \"x\""),
+        "{err}"
+    );
+    assert!(
+        err.contains("log.format: unknown log format \"xml\""),
+        "{err}"
+    );
 
     write(&dir.join("tollgate.yaml"), "listen: 127.0.0.1:9000\n");
     let o = tollgate_in(&dir, &["check", "--config", "tollgate.yaml", WEATHER]);
@@ -115,7 +135,10 @@ fn fmt_rewrites_and_checks() {
     let o = tollgate_in(&dir, &["fmt", "s.toll"]);
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
     let formatted = std::fs::read_to_string(dir.join("s.toll")).unwrap_or_default();
-    assert_eq!(formatted, "# header\nservice \"s\" {\n  default deny  # trailing\n  route GET \"/h\" { free }\n}\n");
+    assert_eq!(
+        formatted,
+        "# header\nservice \"s\" {\n  default deny  # trailing\n  route GET \"/h\" { free }\n}\n"
+    );
 
     let o = tollgate_in(&dir, &["fmt", "--check", "s.toll"]);
     assert_eq!(o.status.code(), Some(0));
@@ -127,19 +150,37 @@ fn fmt_refuses_files_with_syntax_errors() {
     write(&dir.join("s.toll"), "service \"s\" {\n  defualt deny\n}\n");
     let o = tollgate_in(&dir, &["fmt", "s.toll"]);
     assert_eq!(o.status.code(), Some(1));
-    assert!(stderr(&o).contains("unknown keyword `defualt`"), "{}", stderr(&o));
-    assert_eq!(std::fs::read_to_string(dir.join("s.toll")).unwrap_or_default(), "service \"s\" {\n  defualt deny\n}\n");
+    assert!(
+        stderr(&o).contains("unknown keyword `defualt`"),
+        "{}",
+        stderr(&o)
+    );
+    assert_eq!(
+        std::fs::read_to_string(dir.join("s.toll")).unwrap_or_default(),
+        "service \"s\" {\n  defualt deny\n}\n"
+    );
 }
 
 #[test]
 fn shipped_policies_are_canonical() {
     let o = tollgate(&["fmt", "--check", POLICIES]);
-    assert_eq!(o.status.code(), Some(0), "run `tollgate fmt policies`: {}", stdout(&o));
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "run `tollgate fmt policies`: {}",
+        stdout(&o)
+    );
 }
 
 #[test]
 fn explain_shows_route_prices_limits_and_reasons() {
-    let o = tollgate(&["explain", "--policy", WEATHER, "GET", "https://api.example.com/v1/forecast/paris?days=3"]);
+    let o = tollgate(&[
+        "explain",
+        "--policy",
+        WEATHER,
+        "GET",
+        "https://api.example.com/v1/forecast/paris?days=3",
+    ]);
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
     let out = stdout(&o);
     for expected in [
@@ -154,14 +195,44 @@ fn explain_shows_route_prices_limits_and_reasons() {
         assert!(out.contains(expected), "missing {expected:?} in:\n{out}");
     }
 
-    let o = tollgate(&["explain", "--policy", WEATHER, "get", "/v1/forecast/paris", "-H", "X-Api-Key: tg_x", "--balance", "0"]);
-    assert!(stdout(&o).contains("hint credits_exhausted"), "{}", stdout(&o));
+    let o = tollgate(&[
+        "explain",
+        "--policy",
+        WEATHER,
+        "get",
+        "/v1/forecast/paris",
+        "-H",
+        "X-Api-Key: tg_x",
+        "--balance",
+        "0",
+    ]);
+    assert!(
+        stdout(&o).contains("hint credits_exhausted"),
+        "{}",
+        stdout(&o)
+    );
 
-    let o = tollgate(&["explain", "--policy", WEATHER, "GET", "/v1/forecast/paris", "-H", "x-api-key: tg_x"]);
-    assert!(stdout(&o).contains("decision  prepaid — debit 1 credit"), "{}", stdout(&o));
+    let o = tollgate(&[
+        "explain",
+        "--policy",
+        WEATHER,
+        "GET",
+        "/v1/forecast/paris",
+        "-H",
+        "x-api-key: tg_x",
+    ]);
+    assert!(
+        stdout(&o).contains("decision  prepaid — debit 1 credit"),
+        "{}",
+        stdout(&o)
+    );
 
     let o = tollgate(&["explain", "--policy", WEATHER, "GET", "/nowhere"]);
-    assert!(stdout(&o).contains("route     none matches"), "{}", stdout(&o));
+    assert!(
+        stdout(&o).contains("route     none matches"),
+        "{}",
+        stdout(&o)
+    );
     assert!(stdout(&o).contains("`default deny`"), "{}", stdout(&o));
 }
 
@@ -191,13 +262,22 @@ fn test_command_shows_the_failing_case_and_the_difference() {
         &dir.join("api.toll"),
         "service \"api\" {\n  accept prepaid\n  default deny\n  route GET \"/x\" { price 2 credits }\n}\n\ntest \"x costs one credit\" {\n  request GET \"/x\"\n  header \"x-api-key\" \"k\"\n  expect prepaid 1 credit\n}\n",
     );
-    write(&dir.join("api.test.toll"), "test \"side file case\" {\n  request GET \"/y\"\n  expect deny\n}\n");
+    write(
+        &dir.join("api.test.toll"),
+        "test \"side file case\" {\n  request GET \"/y\"\n  expect deny\n}\n",
+    );
     let o = tollgate_in(&dir, &["test", "."]);
     assert_eq!(o.status.code(), Some(1));
     let out = stdout(&o);
-    assert!(out.contains("FAIL  x costs one credit (./api.toll:7)"), "{out}");
+    assert!(
+        out.contains("FAIL  x costs one credit (./api.toll:7)"),
+        "{out}"
+    );
     assert!(out.contains("expected  prepaid 1 credit"), "{out}");
-    assert!(out.contains("actual    prepaid 2 credits (route GET /x"), "{out}");
+    assert!(
+        out.contains("actual    prepaid 2 credits (route GET /x"),
+        "{out}"
+    );
     assert!(out.contains("ok    side file case"), "{out}");
     assert!(out.contains("1 passed, 1 failed"), "{out}");
 }

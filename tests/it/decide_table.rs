@@ -65,8 +65,25 @@ struct Row {
     why: Why,
 }
 
-const fn row(method: &'static str, target: &'static str, outcome: &'static str, route: Option<&'static str>, why: Why) -> Row {
-    Row { policy: SHOP, method, target, key: false, payment: None, balance: None, payer: None, outcome, route, why }
+const fn row(
+    method: &'static str,
+    target: &'static str,
+    outcome: &'static str,
+    route: Option<&'static str>,
+    why: Why,
+) -> Row {
+    Row {
+        policy: SHOP,
+        method,
+        target,
+        key: false,
+        payment: None,
+        balance: None,
+        payer: None,
+        outcome,
+        route,
+        why,
+    }
 }
 
 impl Row {
@@ -97,18 +114,48 @@ fn rows() -> Vec<Row> {
         // Precedence: literal beats {param} beats **, position by position; then method beats *.
         row("GET", "/a/b", "free", Some("GET /a/b"), RouteFree),
         row("POST", "/a/b", "deny", Some("* /a/b"), RouteDenied),
-        row("GET", "/a/c", "challenge", Some("GET /a/{x}"), NoCredentials),
-        row("GET", "/z/b", "challenge", Some("GET /{y}/b"), NoCredentials),
+        row(
+            "GET",
+            "/a/c",
+            "challenge",
+            Some("GET /a/{x}"),
+            NoCredentials,
+        ),
+        row(
+            "GET",
+            "/z/b",
+            "challenge",
+            Some("GET /{y}/b"),
+            NoCredentials,
+        ),
         row("GET", "/z/z", "deny", Some("* /**"), RouteDenied),
         row("GET", "/", "free", Some("GET /"), RouteFree),
         row("POST", "/", "deny", Some("* /**"), RouteDenied),
         // `**` matches zero or more segments; an exact end beats it.
         row("GET", "/files", "free", Some("GET /files"), RouteFree),
         row("GET", "/files/", "free", Some("GET /files"), RouteFree),
-        row("GET", "/files/x/y/z", "challenge", Some("GET /files/**"), NoCredentials),
+        row(
+            "GET",
+            "/files/x/y/z",
+            "challenge",
+            Some("GET /files/**"),
+            NoCredentials,
+        ),
         // A dead-end literal branch falls back to the parameter branch.
-        row("GET", "/deep/lit/other", "challenge", Some("GET /{p}/lit/other"), NoCredentials),
-        row("GET", "/deep/lit/end", "free", Some("GET /deep/lit/end"), RouteFree),
+        row(
+            "GET",
+            "/deep/lit/other",
+            "challenge",
+            Some("GET /{p}/lit/other"),
+            NoCredentials,
+        ),
+        row(
+            "GET",
+            "/deep/lit/end",
+            "free",
+            Some("GET /deep/lit/end"),
+            RouteFree,
+        ),
         // Path normalisation: queries ignored, empty segments dropped, segments percent-decoded.
         row("GET", "/a/b?x=1#frag", "free", Some("GET /a/b"), RouteFree),
         row("GET", "//a///b/", "free", Some("GET /a/b"), RouteFree),
@@ -119,35 +166,146 @@ fn rows() -> Vec<Row> {
         row("GET", "/a%2Fb", "bad_request", None, BadPath),
         row("GET", "/%2e%2e/x", "bad_request", None, BadPath),
         // Hybrid route, prefer prepaid (the default).
-        row("GET", "/hybrid", "challenge", Some("GET /hybrid"), NoCredentials),
+        row(
+            "GET",
+            "/hybrid",
+            "challenge",
+            Some("GET /hybrid"),
+            NoCredentials,
+        ),
         row("GET", "/hybrid", "prepaid", Some("GET /hybrid"), KeyDebited).key(None),
         row("GET", "/hybrid", "prepaid", Some("GET /hybrid"), KeyDebited).key(Some(2)),
         row("GET", "/hybrid", "challenge", Some("GET /hybrid"), KeyShort).key(Some(1)),
-        row("GET", "/hybrid", "x402", Some("GET /hybrid"), PaymentAttached).paid(V1),
-        row("GET", "/hybrid", "x402", Some("GET /hybrid"), PaymentAttached).paid(V2),
-        row("GET", "/hybrid", "prepaid", Some("GET /hybrid"), KeyPreferred).key(Some(10)).paid(V2),
-        row("GET", "/hybrid", "x402", Some("GET /hybrid"), KeyShortPaymentUsed).key(Some(0)).paid(V2),
+        row(
+            "GET",
+            "/hybrid",
+            "x402",
+            Some("GET /hybrid"),
+            PaymentAttached,
+        )
+        .paid(V1),
+        row(
+            "GET",
+            "/hybrid",
+            "x402",
+            Some("GET /hybrid"),
+            PaymentAttached,
+        )
+        .paid(V2),
+        row(
+            "GET",
+            "/hybrid",
+            "prepaid",
+            Some("GET /hybrid"),
+            KeyPreferred,
+        )
+        .key(Some(10))
+        .paid(V2),
+        row(
+            "GET",
+            "/hybrid",
+            "x402",
+            Some("GET /hybrid"),
+            KeyShortPaymentUsed,
+        )
+        .key(Some(0))
+        .paid(V2),
         // Hybrid route with `prefer x402`.
-        row("GET", "/hybrid-x402", "x402", Some("GET /hybrid-x402"), PaymentPreferred).key(Some(10)).paid(V1),
-        row("GET", "/hybrid-x402", "prepaid", Some("GET /hybrid-x402"), KeyDebited).key(Some(10)),
+        row(
+            "GET",
+            "/hybrid-x402",
+            "x402",
+            Some("GET /hybrid-x402"),
+            PaymentPreferred,
+        )
+        .key(Some(10))
+        .paid(V1),
+        row(
+            "GET",
+            "/hybrid-x402",
+            "prepaid",
+            Some("GET /hybrid-x402"),
+            KeyDebited,
+        )
+        .key(Some(10)),
         // Credits-only and x402-only routes ignore the other rail's credentials.
-        row("GET", "/credits-only", "challenge", Some("GET /credits-only"), NoCredentials),
-        row("GET", "/credits-only", "challenge", Some("GET /credits-only"), PaymentNotAccepted).paid(V2),
-        row("GET", "/credits-only", "challenge", Some("GET /credits-only"), KeyShort).key(Some(4)),
-        row("GET", "/credits-only", "prepaid", Some("GET /credits-only"), KeyDebited).key(Some(5)),
-        row("GET", "/a/c", "challenge", Some("GET /a/{x}"), KeyNotAccepted).key(Some(100)),
-        row("GET", "/a/c", "x402", Some("GET /a/{x}"), PaymentAttached).key(Some(100)).paid(V1),
+        row(
+            "GET",
+            "/credits-only",
+            "challenge",
+            Some("GET /credits-only"),
+            NoCredentials,
+        ),
+        row(
+            "GET",
+            "/credits-only",
+            "challenge",
+            Some("GET /credits-only"),
+            PaymentNotAccepted,
+        )
+        .paid(V2),
+        row(
+            "GET",
+            "/credits-only",
+            "challenge",
+            Some("GET /credits-only"),
+            KeyShort,
+        )
+        .key(Some(4)),
+        row(
+            "GET",
+            "/credits-only",
+            "prepaid",
+            Some("GET /credits-only"),
+            KeyDebited,
+        )
+        .key(Some(5)),
+        row(
+            "GET",
+            "/a/c",
+            "challenge",
+            Some("GET /a/{x}"),
+            KeyNotAccepted,
+        )
+        .key(Some(100)),
+        row("GET", "/a/c", "x402", Some("GET /a/{x}"), PaymentAttached)
+            .key(Some(100))
+            .paid(V1),
         // Payer lists apply once the payer is known: service deny list, route allow list.
-        row("GET", "/a/c", "deny", Some("GET /a/{x}"), PayerDenied).paid(V2).payer(DEAD),
-        row("GET", "/a/c", "x402", Some("GET /a/{x}"), PaymentAttached).paid(V2).payer(OTHER),
-        row("GET", "/vip", "x402", Some("GET /vip"), PaymentAttached).paid(V2).payer(PAYER),
-        row("GET", "/vip", "deny", Some("GET /vip"), PayerNotAllowed).paid(V2).payer(OTHER),
-        row("GET", "/vip", "deny", Some("GET /vip"), PayerDenied).paid(V2).payer(DEAD),
+        row("GET", "/a/c", "deny", Some("GET /a/{x}"), PayerDenied)
+            .paid(V2)
+            .payer(DEAD),
+        row("GET", "/a/c", "x402", Some("GET /a/{x}"), PaymentAttached)
+            .paid(V2)
+            .payer(OTHER),
+        row("GET", "/vip", "x402", Some("GET /vip"), PaymentAttached)
+            .paid(V2)
+            .payer(PAYER),
+        row("GET", "/vip", "deny", Some("GET /vip"), PayerNotAllowed)
+            .paid(V2)
+            .payer(OTHER),
+        row("GET", "/vip", "deny", Some("GET /vip"), PayerDenied)
+            .paid(V2)
+            .payer(DEAD),
         row("GET", "/vip", "x402", Some("GET /vip"), PaymentAttached).paid(V2),
         // The default for unmatched requests.
-        row("GET", "/anything", "pass", None, NoRoute(policy::DefaultAction::Pass)).on(OPEN),
+        row(
+            "GET",
+            "/anything",
+            "pass",
+            None,
+            NoRoute(policy::DefaultAction::Pass),
+        )
+        .on(OPEN),
         row("GET", "/blocked", "deny", Some("GET /blocked"), RouteDenied).on(OPEN),
-        row("GET", "/blocked/more", "pass", None, NoRoute(policy::DefaultAction::Pass)).on(OPEN),
+        row(
+            "GET",
+            "/blocked/more",
+            "pass",
+            None,
+            NoRoute(policy::DefaultAction::Pass),
+        )
+        .on(OPEN),
     ]
 }
 
@@ -160,7 +318,10 @@ fn compile(text: &str) -> Policy {
     }
 }
 
-#[expect(clippy::panic, reason = "a test policy that does not compile is a broken test")]
+#[expect(
+    clippy::panic,
+    reason = "a test policy that does not compile is a broken test"
+)]
 fn unreachable_policy(rendered: &str) -> ! {
     panic!("table policy does not compile cleanly:\n{rendered}")
 }
@@ -172,7 +333,12 @@ fn decision_table() {
     let mut failures = Vec::new();
     for r in rows() {
         let policy = if r.policy == SHOP { &shop } else { &open };
-        let request = Request { method: r.method, target: r.target, api_key: r.key, payment: r.payment };
+        let request = Request {
+            method: r.method,
+            target: r.target,
+            api_key: r.key,
+            payment: r.payment,
+        };
         let buyer = Buyer {
             payer: r.payer.and_then(|p| p.parse().ok()),
             prepaid_balance: r.balance,
@@ -186,16 +352,49 @@ fn decision_table() {
             ));
         }
     }
-    assert!(failures.is_empty(), "{} of {} rows differ:\n{}", failures.len(), rows().len(), failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{} of {} rows differ:\n{}",
+        failures.len(),
+        rows().len(),
+        failures.join("\n")
+    );
 }
 
 #[test]
 fn prices_are_integer_atomic_units_per_network() {
     let shop = compile(SHOP);
-    let d = policy::decide(&shop, &Request { method: "GET", target: "/hybrid", api_key: false, payment: None }, &Buyer::default());
+    let d = policy::decide(
+        &shop,
+        &Request {
+            method: "GET",
+            target: "/hybrid",
+            api_key: false,
+            payment: None,
+        },
+        &Buyer::default(),
+    );
     let price = d.route.and_then(|r| r.price()).cloned();
     let price = price.unwrap_or_else(|| unreachable_policy("no price"));
-    let offers: Vec<(String, u128)> = price.offers.iter().map(|o| (shop.networks.get(o.network).map(|n| n.caip2()).unwrap_or_default(), o.amount)).collect();
-    assert_eq!(offers, vec![("eip155:84532".to_string(), 1000), ("eip155:8453".to_string(), 1000)]);
+    let offers: Vec<(String, u128)> = price
+        .offers
+        .iter()
+        .map(|o| {
+            (
+                shop.networks
+                    .get(o.network)
+                    .map(|n| n.caip2())
+                    .unwrap_or_default(),
+                o.amount,
+            )
+        })
+        .collect();
+    assert_eq!(
+        offers,
+        vec![
+            ("eip155:84532".to_string(), 1000),
+            ("eip155:8453".to_string(), 1000)
+        ]
+    );
     assert_eq!(price.credits, Some(2));
 }
