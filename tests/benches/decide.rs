@@ -6,13 +6,11 @@ use std::hint::black_box;
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 use tollgate::policy::{self, Buyer, PaymentHeader, Policy, Request, Source};
 
+/// A request target, method, whether an API key is sent, and which payment header.
+type Sample = (String, &'static str, bool, Option<PaymentHeader>);
+
 /// A policy with `n` routes of four shapes, and requests that hit each shape and miss.
-fn generated(
-    n: usize,
-) -> (
-    String,
-    Vec<(String, &'static str, bool, Option<PaymentHeader>)>,
-) {
+fn generated(n: usize) -> (String, Vec<Sample>) {
     let mut text = String::from(
         "service \"bench\" {\n  pay_to 0x209693Bc6afc0C5328bA36FaF03C514EF312287C\n  accept x402 on base-sepolia, base\n  accept prepaid\n  settle via facilitator \"https://x402.org/facilitator\"\n  limit buyer 60 requests per minute\n  default deny\n",
     );
