@@ -1134,16 +1134,8 @@ impl Cx<'_> {
         let pattern = match PathPattern::parse(&decl.path.node) {
             Ok(p) => Some(p),
             Err(e) => {
-                // +1 skips the opening quote; patterns rarely hold escapes.
-                let at = decl.path.span.start + 1 + e.at;
-                self.push(
-                    Diagnostic::error(
-                        "bad_path_pattern",
-                        Span::new(at, (at + e.len).min(decl.path.span.end)),
-                        e.message,
-                    )
-                    .help(e.help),
-                );
+                let span = self.inside_string(&decl.path, e.at, e.len);
+                self.push(Diagnostic::error("bad_path_pattern", span, e.message).help(e.help));
                 None
             }
         };
@@ -1363,6 +1355,28 @@ impl Cx<'_> {
             limits,
             payers,
         })
+    }
+
+    /// The span of `len` bytes at byte `at` of a string's unescaped value. When the source
+    /// spells the string with escapes, offsets differ, so the whole string is underlined.
+    fn inside_string(&self, string: &Text, at: usize, len: usize) -> Span {
+        let raw = self.source.slice(string.span);
+        let unescaped_in_place =
+            raw.len() >= 2 && raw.get(1..raw.len() - 1) == Some(string.node.as_str());
+        if !unescaped_in_place {
+            return string.span;
+        }
+        let text = string.node.as_str();
+        let mut start = at.min(text.len());
+        while !text.is_char_boundary(start) {
+            start -= 1;
+        }
+        let mut end = (at + len.max(1)).min(text.len()).max(start);
+        while !text.is_char_boundary(end) {
+            end += 1;
+        }
+        let base = string.span.start + 1;
+        Span::new(base + start, base + end.max(start))
     }
 
     /// `Some(None)` is any method.

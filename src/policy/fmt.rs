@@ -56,7 +56,13 @@ impl Printer<'_> {
     }
 
     fn blank_line_between(&self, from: usize, to: usize) -> bool {
-        let gap = self.source.get(from..to).unwrap_or("");
+        // Line ends may be `\n`, `\r\n` or a lone `\r`, as the grammar accepts.
+        let gap = self
+            .source
+            .get(from..to)
+            .unwrap_or("")
+            .replace("\r\n", "\n")
+            .replace('\r', "\n");
         let mut lines = gap.split('\n');
         lines.next();
         let mut inner: Vec<&str> = lines.collect();
@@ -96,8 +102,9 @@ impl Printer<'_> {
     /// A comment on the same line after `span`.
     fn trailing(&mut self, span: Span) {
         if let Some(c) = self.comments.get(self.next) {
+            // Trailing means only blanks between the clause and the `#` (not a `}` or a line end).
             let gap = self.source.get(span.end..c.span.start).unwrap_or("\n");
-            if c.span.start >= span.end && !gap.contains('\n') {
+            if c.span.start >= span.end && gap.chars().all(|ch| ch == ' ' || ch == '\t') {
                 self.out.push_str(&format!("  #{}", c.node));
                 self.next += 1;
                 self.last_end = c.span.end;

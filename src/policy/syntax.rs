@@ -153,18 +153,28 @@ fn span(pair: &Pair<'_, Rule>) -> Span {
         .collect();
     let text = s.get_input();
     loop {
+        if let Some((comment_start, _)) = comments.iter().find(|(_, e)| *e == end) {
+            end = *comment_start;
+            continue;
+        }
         let trimmed = text
             .get(start..end)
             .map_or(end, |t| start + t.trim_end_matches([' ', '\t']).len());
-        match comments.iter().find(|(_, e)| *e == trimmed) {
-            Some((comment_start, _)) => end = *comment_start,
-            None => return Span::new(start, trimmed),
+        if trimmed == end {
+            return Span::new(start, end);
         }
+        end = trimmed;
     }
 }
 
 fn text(pair: &Pair<'_, Rule>) -> Text {
-    Spanned::new(pair.as_str().to_string(), span(pair))
+    Spanned::new(
+        pair.as_str()
+            .get(..span(pair).end - pair.as_span().start())
+            .unwrap_or("")
+            .to_string(),
+        span(pair),
+    )
 }
 
 fn is_keyword(rule: Rule) -> bool {

@@ -6,3 +6,7 @@ mod config;
 mod decide_table;
 // The `tollgate` binary: check, fmt, explain, test as an operator runs them.
 mod cli;
+// Golden snapshots of rendered diagnostics, one bad policy per mistake.
+mod diagnostics;
+// Property tests: the fmt round trip, comment placement, the parser never panics.
+mod props;
