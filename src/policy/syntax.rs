@@ -644,20 +644,37 @@ fn payers(pair: Pair<'_, Rule>) -> Lowered<Payers> {
 /// Byte offset of a quote that opens a string never closed on this line.
 fn unterminated_quote(line: &str) -> Option<usize> {
     let mut open = None;
-    let mut escaped = false;
-    for (i, c) in line.char_indices() {
-        match (open, c) {
-            (Some(_), '\\') if !escaped => escaped = true,
-            (Some(_), '"') if !escaped => open = None,
-            (None, '"') => open = Some(i),
-            (None, '#') => break,
-            _ => escaped = false,
+    let mut still_open = false;
+    for (i, c, before, after) in scan_line(line) {
+        if c == '#' && !before {
+            break;
         }
-        if c != '\\' {
-            escaped = false;
+        if c == '"' && !before {
+            open = Some(i);
         }
+        still_open = after;
     }
-    open
+    open.filter(|_| still_open)
+}
+
+/// Walks a line's characters with, for each, whether it sits inside a string literal before
+/// and after it (so an opening quote is `(false, true)` and a closing one `(true, false)`).
+fn scan_line(line: &str) -> impl Iterator<Item = (usize, char, bool, bool)> + '_ {
+    let mut in_string = false;
+    let mut escaped = false;
+    line.char_indices().map(move |(i, c)| {
+        let before = in_string;
+        if !in_string {
+            in_string = c == '"';
+        } else if escaped {
+            escaped = false;
+        } else if c == '\\' {
+            escaped = true;
+        } else if c == '"' {
+            in_string = false;
+        }
+        (i, c, before, in_string)
+    })
 }
 
 /// The closest candidate by edit distance, if it is close enough to be a likely typo.
@@ -720,22 +737,14 @@ fn unclosed_block(text: &str) -> Option<usize> {
                 culprit = Some(*open);
             }
         }
-        let mut in_string = false;
-        let mut escaped = false;
-        for (i, c) in code.char_indices() {
+        for (i, c, inside, _) in scan_line(code) {
             match c {
-                '\\' if in_string && !escaped => {
-                    escaped = true;
-                    continue;
-                }
-                '"' if !escaped => in_string = !in_string,
-                '{' if !in_string => stack.push((offset + i, indent)),
-                '}' if !in_string => {
+                '{' if !inside => stack.push((offset + i, indent)),
+                '}' if !inside => {
                     stack.pop();
                 }
                 _ => {}
             }
-            escaped = false;
         }
         offset += line.len();
     }
@@ -749,21 +758,10 @@ fn unclosed_block(text: &str) -> Option<usize> {
 
 /// A line without its `#` comment (a `#` inside a string is text).
 fn strip_comment(line: &str) -> &str {
-    let mut in_string = false;
-    let mut escaped = false;
-    for (i, c) in line.char_indices() {
-        match c {
-            '\\' if in_string && !escaped => {
-                escaped = true;
-                continue;
-            }
-            '"' if !escaped => in_string = !in_string,
-            '#' if !in_string => return line.get(..i).unwrap_or(line),
-            _ => {}
-        }
-        escaped = false;
-    }
-    line
+    scan_line(line)
+        .find(|(_, c, inside, _)| *c == '#' && !inside)
+        .and_then(|(i, ..)| line.get(..i))
+        .unwrap_or(line)
 }
 
 /// Turns a pest error on `text` (which starts at byte `offset` of the file) into a diagnostic.
