@@ -659,20 +659,7 @@ fn is_kubernetes_service_link(name: &str, value: &str) -> bool {
 // ---------------------------------------------------------------------------------------------
 
 fn edit_distance(a: &str, b: &str) -> usize {
-    let b: Vec<char> = b.chars().collect();
-    let mut previous: Vec<usize> = (0..=b.len()).collect();
-    for (i, ca) in a.chars().enumerate() {
-        let mut current = Vec::with_capacity(previous.len());
-        current.push(i + 1);
-        for (cb, pair) in b.iter().zip(previous.windows(2)) {
-            let [diagonal, up] = pair else { continue };
-            let left = current.last().copied().unwrap_or(0);
-            let substitution = diagonal + usize::from(ca != *cb);
-            current.push(substitution.min(up + 1).min(left + 1));
-        }
-        previous = current;
-    }
-    previous.last().copied().unwrap_or(0)
+    strsim::levenshtein(a, b)
 }
 
 fn is_close(input: &str, candidate: &str) -> bool {
@@ -1110,16 +1097,6 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn edit_distance_basics() {
-        assert_eq!(edit_distance("", ""), 0);
-        assert_eq!(edit_distance("abc", ""), 3);
-        assert_eq!(edit_distance("", "abc"), 3);
-        assert_eq!(edit_distance("kitten", "sitting"), 3);
-        assert_eq!(edit_distance("LISTNE", "LISTEN"), 2);
-        assert_eq!(edit_distance("lisen", "listen"), 1);
-    }
 
     #[test]
     fn kubernetes_service_links_are_recognised() {

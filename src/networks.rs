@@ -27,8 +27,6 @@ pub struct Network {
     pub name: String,
     pub chain_id: u64,
     pub assets: Vec<Asset>,
-    /// Whether this came from the built-in registry.
-    pub builtin: bool,
 }
 
 impl Network {
@@ -62,7 +60,6 @@ pub fn builtin() -> Vec<Network> {
                 address!("0x833589fCD6eDb6E08f4c7C32D4f71b54bdA02913"),
                 "USD Coin",
             )],
-            builtin: true,
         },
         Network {
             name: "base-sepolia".to_string(),
@@ -71,7 +68,6 @@ pub fn builtin() -> Vec<Network> {
                 address!("0x036CbD53842c5426634e7929541eC2318f3dCF7e"),
                 "USDC",
             )],
-            builtin: true,
         },
     ]
 }

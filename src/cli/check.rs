@@ -19,27 +19,40 @@ pub struct Args {
 pub fn run(args: Args) -> Result<ExitCode, Failed> {
     let mut errors = 0;
     let mut warnings = 0;
+    let mut paths = args.paths;
     if args.config.is_some() {
         let path = config_path(args.config.as_ref());
+        let name = path.as_ref().map_or_else(
+            || "built-in defaults".to_string(),
+            |p| p.display().to_string(),
+        );
         match Config::load(path.as_deref()) {
             Ok(resolved) => {
                 for w in &resolved.warnings {
                     eprintln!("warning: {w}");
                 }
                 warnings += resolved.warnings.len();
-                let name = path.map_or_else(
-                    || "built-in defaults".to_string(),
-                    |p| p.display().to_string(),
-                );
                 println!("ok    config {name}");
+                if paths.is_empty() {
+                    paths = resolved.config.policies;
+                }
             }
             Err(e) => {
                 eprintln!("{e}");
+                println!(
+                    "FAIL  config {name} ({} error{})",
+                    e.0.len(),
+                    if e.0.len() == 1 { "" } else { "s" }
+                );
+                if paths.is_empty() {
+                    // Without a valid config there is no list of policies to check.
+                    return Ok(ExitCode::FAILURE);
+                }
                 errors += e.0.len();
             }
         }
     }
-    let paths = policy_paths(args.paths, args.config.as_ref())?;
+    let paths = policy_paths(paths, None)?;
     let files = policy::discover(&paths).map_err(|e| e.to_string())?;
     if files.is_empty() {
         return Err(format!(

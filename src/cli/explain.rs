@@ -52,7 +52,7 @@ pub fn run(args: Args) -> Result<ExitCode, Failed> {
     let case = policy::cases::Case {
         name: String::new(),
         origin: String::new(),
-        method: args.method.to_ascii_uppercase(),
+        method: args.method.clone(),
         target,
         headers,
         payer: args.payer,

@@ -75,21 +75,8 @@ pub fn collect(file: &PolicyFile, source: &Source) -> (Vec<Case>, Vec<Diagnostic
                         );
                     }
                     request_at = Some(clause.span);
-                    if !super::compile::METHODS.contains(&method.node.as_str()) {
-                        let upper = method.node.to_ascii_uppercase();
-                        let help = if super::compile::METHODS.contains(&upper.as_str()) {
-                            format!("methods are written in upper case: `{upper}`")
-                        } else {
-                            format!("use one of {}", super::compile::METHODS.join(", "))
-                        };
-                        diagnostics.push(
-                            Diagnostic::error(
-                                "bad_method",
-                                method.span,
-                                format!("unknown HTTP method `{}`", method.node),
-                            )
-                            .help(help),
-                        );
+                    if let Err(d) = super::compile::check_method(method) {
+                        diagnostics.push(*d);
                     }
                     if !target.node.starts_with('/') {
                         diagnostics.push(
@@ -107,16 +94,9 @@ pub fn collect(file: &PolicyFile, source: &Source) -> (Vec<Case>, Vec<Diagnostic
                 TestClause::Header { name, value } => case
                     .headers
                     .push((name.node.to_ascii_lowercase(), value.node.clone())),
-                TestClause::Payer(a) => match a.node.parse::<Address>() {
+                TestClause::Payer(a) => match super::compile::check_address(a) {
                     Ok(address) => case.payer = Some(address),
-                    Err(_) => diagnostics.push(
-                        Diagnostic::error(
-                            "bad_address",
-                            a.span,
-                            format!("`{}` is not an address", a.node),
-                        )
-                        .help("an address is `0x` followed by 40 hex digits"),
-                    ),
+                    Err(d) => diagnostics.push(*d),
                 },
                 TestClause::Balance(m) => {
                     if !matches!(m.unit.node.as_str(), "credit" | "credits") {

@@ -25,7 +25,15 @@ use crate::networks::{self, Asset, Network};
 pub const DEFAULT_TIMEOUT_SECS: u64 = 60;
 /// Default header that carries an API key.
 pub const DEFAULT_KEY_HEADER: &str = "x-api-key";
-pub(crate) const METHODS: [&str; 9] = [
+/// x402 headers: a key header may not reuse them.
+const RESERVED_HEADERS: [&str; 5] = [
+    "x-payment",
+    "payment-signature",
+    "payment-required",
+    "payment-response",
+    "x-payment-response",
+];
+const METHODS: [&str; 9] = [
     "GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "CONNECT", "TRACE",
 ];
 
@@ -46,18 +54,6 @@ pub fn compile(
     let policy = cx.file(file);
     let failed = cx.diagnostics.iter().any(Diagnostic::is_error);
     (if failed { None } else { policy }, cx.diagnostics)
-}
-
-/// Resolves the networks of a file (built-ins plus its `network` blocks). Used by tests files too.
-pub fn networks_of(file: &ast::PolicyFile, source: &Source) -> Vec<Network> {
-    let mut cx = Cx {
-        source,
-        broken: HashSet::new(),
-        x402_unresolved: false,
-        diagnostics: Vec::new(),
-        partial: true,
-    };
-    cx.networks(file)
 }
 
 /// Where a clause that may appear once was first seen.
@@ -300,7 +296,6 @@ impl Cx<'_> {
                         name,
                         chain_id,
                         assets: assets.into_iter().map(|(_, a)| a).collect(),
-                        builtin: false,
                     });
                 }
             }
@@ -383,33 +378,7 @@ impl Cx<'_> {
     }
 
     fn address(&mut self, text: &Text) -> Option<Address> {
-        let s = text.node.as_str();
-        let hex = s.get(2..).unwrap_or("");
-        if hex.len() != 40 {
-            self.push(
-                Diagnostic::error("bad_address", text.span, format!("`{s}` is not an address"))
-                    .label(format!("{} hex digits", hex.len()))
-                    .help("an address is `0x` followed by 40 hex digits"),
-            );
-            return None;
-        }
-        let mixed = hex.chars().any(|c| c.is_ascii_lowercase())
-            && hex.chars().any(|c| c.is_ascii_uppercase());
-        match s.parse::<Address>() {
-            Ok(address) if mixed && Address::parse_checksummed(s, None).is_err() => {
-                self.push(
-                    Diagnostic::error("bad_checksum", text.span, "address checksum does not match (EIP-55)")
-                    .label("mixed case, but not the checksummed form")
-                    .help(format!("a typo? the checksummed form of these digits is `{}`; write all lower case to skip the check", address.to_checksum(None))),
-                );
-                None
-            }
-            Ok(address) => Some(address),
-            Err(_) => {
-                self.error("bad_address", text.span, format!("`{s}` is not an address"));
-                None
-            }
-        }
+        check_address(text).map_err(|d| self.push(*d)).ok()
     }
 
     fn network_ref(&mut self, name: &Text, networks: &[Network]) -> Option<Network> {
@@ -458,6 +427,12 @@ impl Cx<'_> {
             match &clause.node {
                 ast::ServiceClause::PayTo(a) => {
                     let address = self.address(a);
+                    if address.is_some_and(|x| x.is_zero()) {
+                        self.push(
+                            Diagnostic::error("zero_address", a.span, "payments to the zero address would be burned")
+                                .help("USDC refuses transfers to the zero address: give the address that should receive payments"),
+                        );
+                    }
                     self.once(&mut pay_to, span, address, "pay_to");
                 }
                 ast::ServiceClause::AcceptX402(names) => {
@@ -492,7 +467,18 @@ impl Cx<'_> {
                             {
                                 self.push(Diagnostic::error("bad_header_name", h.span, format!("`{}` is not a valid header name", h.node)).help("header names are letters, digits and `-`, e.g. `x-api-key`"));
                             }
-                            h.node.to_ascii_lowercase()
+                            let name = h.node.to_ascii_lowercase();
+                            if RESERVED_HEADERS.contains(&name.as_str()) {
+                                self.push(
+                                    Diagnostic::error(
+                                        "reserved_header",
+                                        h.span,
+                                        format!("`{}` carries x402 payments, not API keys", h.node),
+                                    )
+                                    .help("choose another header for keys, e.g. `x-api-key`"),
+                                );
+                            }
+                            name
                         }
                     };
                     self.once(&mut accept_prepaid, span, name, "accept prepaid");
@@ -546,16 +532,14 @@ impl Cx<'_> {
             self.push(Diagnostic::error("missing_default", decl.name.span, "the service does not say what happens to unmatched requests").help("add `default deny` (403 for any path no route matches) or `default pass` (forward it, free)"));
         }
         if let (Some((span, _)), false, false) = (&accept_x402, pay_to_given, self.partial) {
-            {
-                self.push(
-                    Diagnostic::error(
-                        "missing_pay_to",
-                        *span,
-                        "x402 is accepted but the service has no `pay_to` address",
-                    )
-                    .help("add `pay_to 0x…`: the address that receives every payment"),
-                );
-            }
+            self.push(
+                Diagnostic::error(
+                    "missing_pay_to",
+                    *span,
+                    "x402 is accepted but the service has no `pay_to` address",
+                )
+                .help("add `pay_to 0x…`: the address that receives every payment"),
+            );
         }
 
         let inherited = Inherited {
@@ -591,6 +575,22 @@ impl Cx<'_> {
                     );
                 }
             }
+        }
+
+        for id in matcher.shadowed() {
+            let (Some(route), Some(span)) = (compiled.get(id), route_spans.get(id)) else {
+                continue;
+            };
+            let header = Span::new(span.start, span.start + 5);
+            self.push(
+                Diagnostic::error("shadowed_route", header, format!("route `{}` can never match", route.display()))
+                    .label("every request it matches goes to a more specific route")
+                    .help(format!(
+                        "routes for `{}` and for `{}/{{…}}/**` (or deeper) take all its paths: remove it, or one of them",
+                        route.pattern.to_string().trim_end_matches("/**").trim_end_matches('/').to_string() + if route.pattern.segments.len() == 1 { "/" } else { "" },
+                        route.pattern.to_string().trim_end_matches("/**"),
+                    )),
+            );
         }
 
         let takes_credits = decl.clauses.iter().any(|c| match &c.node {
@@ -740,9 +740,10 @@ impl Cx<'_> {
                         }
                         ast::Trigger::Payments(n) => {
                             self.once(&mut payments_at, trigger.span, (), "<n> payments");
-                            match n.parse::<u64>() {
-                                Ok(n) if n > 0 => bundle.payments = Some(n),
-                                _ => {
+                            match self.count(n, trigger.span) {
+                                Some(n) if n > 0 => bundle.payments = Some(n),
+                                None => {}
+                                Some(_) => {
                                     self.error(
                                         "bad_count",
                                         trigger.span,
@@ -756,6 +757,13 @@ impl Cx<'_> {
                         ast::Trigger::Value(m) => {
                             self.once(&mut value_at, trigger.span, (), "<amount>");
                             bundle.value = self.quantity(m, networks, false);
+                            if bundle.value.as_ref().is_some_and(|q| q.atomic == 0) {
+                                self.error(
+                                    "bad_count",
+                                    trigger.span,
+                                    "a bundle value must be more than zero",
+                                );
+                            }
                         }
                     }
                 }
@@ -794,14 +802,18 @@ impl Cx<'_> {
                 return None;
             }
         };
-        match n.and_then(|n| n.checked_mul(scale)) {
-            Some(secs) if secs > 0 => Some(secs),
-            _ => {
+        match n.map(|n| n.checked_mul(scale)) {
+            Some(Some(secs)) if secs > 0 => Some(secs),
+            Some(Some(_)) => {
                 self.error(
                     "bad_duration",
                     text.span,
                     format!("{what} must be longer than zero"),
                 );
+                None
+            }
+            _ => {
+                self.error("bad_duration", text.span, format!("{what} is too long"));
                 None
             }
         }
@@ -947,12 +959,7 @@ impl Cx<'_> {
                         continue;
                     };
                     if q.atomic == 0 {
-                        self.error(
-                            "zero_limit",
-                            money.amount.span,
-                            "a limit of zero blocks every request",
-                        )
-                        .help = Some("to refuse every request, use `deny` on the route".into());
+                        self.zero_limit(money.amount.span);
                         continue;
                     }
                     if let Some(first) = unsettled_at.insert(q.unit.clone(), *span) {
@@ -974,17 +981,11 @@ impl Cx<'_> {
                     };
                     match &quantity.node {
                         ast::Quantity::Requests(n) => {
-                            let count = match n.parse::<u64>() {
-                                Ok(c) if c > 0 => c,
-                                _ => {
-                                    self.error(
-                                        "zero_limit",
-                                        quantity.span,
-                                        "a limit of zero blocks every request",
-                                    )
-                                    .help = Some(
-                                        "to refuse every request, use `deny` on the route".into(),
-                                    );
+                            let count = match self.count(n, quantity.span) {
+                                Some(c) if c > 0 => c,
+                                None => continue,
+                                Some(_) => {
+                                    self.zero_limit(quantity.span);
                                     continue;
                                 }
                             };
@@ -996,13 +997,7 @@ impl Cx<'_> {
                                 continue;
                             };
                             if max.atomic == 0 {
-                                self.error(
-                                    "zero_limit",
-                                    money.amount.span,
-                                    "a limit of zero blocks every request",
-                                )
-                                .help =
-                                    Some("to refuse every request, use `deny` on the route".into());
+                                self.zero_limit(money.amount.span);
                                 continue;
                             }
                             if let Some(first) = spend_at.insert(max.unit.clone(), *span) {
@@ -1040,6 +1035,24 @@ impl Cx<'_> {
         merged
     }
 
+    fn zero_limit(&mut self, span: Span) {
+        self.push(
+            Diagnostic::error("zero_limit", span, "a limit of zero blocks every request")
+                .help("to refuse every request, use `deny` on the route"),
+        );
+    }
+
+    /// A positive whole number; zero is the caller's to report.
+    fn count(&mut self, text: &str, span: Span) -> Option<u64> {
+        match text.parse::<u64>() {
+            Ok(n) => Some(n),
+            Err(_) => {
+                self.error("bad_count", span, format!("`{text}` is too large"));
+                None
+            }
+        }
+    }
+
     fn window(&mut self, window: Option<&Spanned<ast::Window>>, quantity: Span) -> Option<u64> {
         let Some(window) = window else {
             self.push(Diagnostic::error("limit_without_window", quantity, "this limit has no window").label("per what?").help("add a window, e.g. `per minute`, `per hour`, `per 10 minutes` or `per day`"));
@@ -1070,7 +1083,11 @@ impl Cx<'_> {
                         }
                     },
                 };
-                n.checked_mul(size)
+                let secs = n.checked_mul(size);
+                if secs.is_none() {
+                    self.error("bad_duration", window.span, "this window is too long");
+                }
+                secs
             }
         }
     }
@@ -1379,33 +1396,15 @@ impl Cx<'_> {
         Span::new(base + start, base + end.max(start))
     }
 
-    /// `Some(None)` is any method.
+    /// `Some(None)` is any method (`*`).
     fn method(&mut self, method: &Text) -> Option<Option<String>> {
-        let m = method.node.as_str();
-        if m == "*" {
+        if method.node == "*" {
             return Some(None);
         }
-        if METHODS.contains(&m) {
-            return Some(Some(m.to_string()));
-        }
-        let upper = m.to_ascii_uppercase();
-        let help = if METHODS.contains(&upper.as_str()) {
-            format!("methods are written in upper case: `{upper}`")
-        } else {
-            match closest(&upper, &METHODS) {
-                Some(s) => format!("did you mean `{s}`?"),
-                None => format!("use one of {} or `*` for any", METHODS.join(", ")),
-            }
-        };
-        self.push(
-            Diagnostic::error(
-                "bad_method",
-                method.span,
-                format!("unknown HTTP method `{m}`"),
-            )
-            .help(help),
-        );
-        None
+        check_method(method)
+            .map_err(|d| self.push(*d))
+            .ok()
+            .map(Some)
     }
 
     fn price(&mut self, terms: &[ast::Money], span: Span, up: &Inherited<'_>) -> Option<Price> {
@@ -1552,4 +1551,58 @@ fn first_code_line(text: &str) -> Span {
         offset += line.len();
     }
     Span::new(0, 0)
+}
+
+/// An address: `0x` and 40 hex digits; mixed case must be the EIP-55 checksum.
+/// Boxed: a diagnostic is large and this is a cold path.
+pub(crate) fn check_address(text: &Text) -> Result<Address, Box<Diagnostic>> {
+    let s = text.node.as_str();
+    let hex = s.get(2..).unwrap_or("");
+    let not_an_address = || {
+        Box::new(
+            Diagnostic::error("bad_address", text.span, format!("`{s}` is not an address"))
+                .label(format!("{} hex digits", hex.len()))
+                .help("an address is `0x` followed by 40 hex digits"),
+        )
+    };
+    if hex.len() != 40 {
+        return Err(not_an_address());
+    }
+    let address = s.parse::<Address>().map_err(|_| not_an_address())?;
+    let mixed =
+        hex.chars().any(|c| c.is_ascii_lowercase()) && hex.chars().any(|c| c.is_ascii_uppercase());
+    if mixed && Address::parse_checksummed(s, None).is_err() {
+        return Err(Box::new(Diagnostic::error("bad_checksum", text.span, "address checksum does not match (EIP-55)")
+            .label("mixed case, but not the checksummed form")
+            .help(format!(
+                "a typo? the checksummed form of these digits is `{}`; write all lower case to skip the check",
+                address.to_checksum(None)
+            ))));
+    }
+    Ok(address)
+}
+
+/// An upper-case HTTP method (not `*`).
+pub(crate) fn check_method(method: &Text) -> Result<String, Box<Diagnostic>> {
+    let m = method.node.as_str();
+    if METHODS.contains(&m) {
+        return Ok(m.to_string());
+    }
+    let upper = m.to_ascii_uppercase();
+    let help = if METHODS.contains(&upper.as_str()) {
+        format!("methods are written in upper case: `{upper}`")
+    } else {
+        match closest(&upper, &METHODS) {
+            Some(s) => format!("did you mean `{s}`?"),
+            None => format!("use one of {} or `*` for any", METHODS.join(", ")),
+        }
+    };
+    Err(Box::new(
+        Diagnostic::error(
+            "bad_method",
+            method.span,
+            format!("unknown HTTP method `{m}`"),
+        )
+        .help(help),
+    ))
 }

@@ -17,7 +17,7 @@
 use alloy::primitives::Address;
 
 use super::model::{Action, DefaultAction, Policy, Price, Rail, Route};
-use super::routes::{BadPath, split_path};
+use super::routes::{Malformed, check_method, split_path};
 
 /// What the caller knows about the request before any payment is verified.
 #[derive(Debug, Clone, Copy)]
@@ -57,7 +57,7 @@ pub enum Outcome {
     /// 403.
     Deny,
     /// 400: the path cannot be matched safely.
-    BadRequest(BadPath),
+    BadRequest(Malformed),
     /// 402 with the route's offers.
     Challenge { hint: Option<Hint> },
     /// Debit this many credits from the key's account, then forward.
@@ -101,7 +101,7 @@ pub enum Hint {
 /// The rule that produced an outcome.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Why {
-    BadPath,
+    Malformed,
     NoRoute(DefaultAction),
     RouteFree,
     RouteDenied,
@@ -127,13 +127,13 @@ pub struct Decision<'p> {
 
 /// Decides what a request gets.
 pub fn decide<'p>(policy: &'p Policy, request: &Request<'_>, buyer: &Buyer) -> Decision<'p> {
-    let segments = match split_path(request.target) {
+    let segments = match check_method(request.method).and_then(|()| split_path(request.target)) {
         Ok(s) => s,
         Err(e) => {
             return Decision {
                 route: None,
                 outcome: Outcome::BadRequest(e),
-                why: Why::BadPath,
+                why: Why::Malformed,
             };
         }
     };
@@ -181,10 +181,10 @@ fn charge(route: &Route, price: &Price, request: &Request<'_>, buyer: &Buyer) ->
         return (Outcome::Prepaid { credits }, why);
     }
     if payment {
-        let why = match (key, short) {
-            (true, true) => Why::KeyShortPaymentUsed,
-            (true, false) => Why::PaymentPreferred,
-            (false, _) => Why::PaymentAttached,
+        let why = match (key, route.prefer, short) {
+            (false, ..) => Why::PaymentAttached,
+            (true, Rail::X402, _) => Why::PaymentPreferred,
+            (true, Rail::Prepaid, _) => Why::KeyShortPaymentUsed,
         };
         return match buyer.payer {
             Some(payer) if route.payers.deny.contains(&payer) => (Outcome::Deny, Why::PayerDenied),
@@ -221,9 +221,8 @@ impl Why {
             .and_then(Route::price)
             .is_some_and(|p| !p.offers.is_empty());
         match self {
-            Why::BadPath => {
-                "the path has `.`/`..` segments or an encoded `/`, so it cannot be matched safely"
-                    .into()
+            Why::Malformed => {
+                "the request is malformed, so it cannot be matched to a route safely".into()
             }
             Why::NoRoute(DefaultAction::Deny) => {
                 "no route matches and the policy says `default deny`".into()

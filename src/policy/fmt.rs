@@ -233,14 +233,12 @@ impl Printer<'_> {
         if let ([only], false) = (r.clauses.as_slice(), has_comment_inside)
             && matches!(only.node, RouteClause::Free | RouteClause::Deny)
         {
-            {
-                self.line(
-                    depth,
-                    &format!("{header} {{ {} }}", route_clause_text(&only.node)),
-                );
-                self.last_end = span.end;
-                return;
-            }
+            self.line(
+                depth,
+                &format!("{header} {{ {} }}", route_clause_text(&only.node)),
+            );
+            self.last_end = span.end;
+            return;
         }
         self.block(&header, &r.clauses, span, depth, |p, clause, cs, depth| {
             p.line(depth, &route_clause_text(clause));

@@ -200,12 +200,6 @@ pub struct Limits {
     pub unsettled: Vec<Quantity>,
 }
 
-impl Limits {
-    pub fn is_empty(&self) -> bool {
-        self.requests.is_none() && self.spend.is_empty() && self.unsettled.is_empty()
-    }
-}
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RequestLimit {
     pub count: u64,

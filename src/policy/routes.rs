@@ -17,6 +17,9 @@ use std::borrow::Cow;
 use std::collections::HashMap;
 use std::fmt;
 
+/// The deepest pattern a policy may hold; request paths may be longer (a `**` matches the rest).
+pub const MAX_SEGMENTS: usize = 64;
+
 /// Index of a route in `Policy::routes`.
 pub type RouteId = usize;
 
@@ -75,6 +78,14 @@ impl PathPattern {
                 "remove it: `/a` also matches a request for `/a/`",
             ));
         }
+        if text.split('/').count() > MAX_SEGMENTS + 1 {
+            return Err(err(
+                0,
+                text.len(),
+                "a path pattern has at most 64 segments",
+                "shorten the pattern, or end it with `**`",
+            ));
+        }
         let mut segments = Vec::new();
         let mut offset = 1;
         let body = text.get(1..).unwrap_or("");
@@ -131,6 +142,13 @@ impl PathPattern {
                     part.len(),
                     "`{`, `}` and `*` must form a whole segment",
                     "use `{name}` for one segment or a trailing `**` for the rest of the path",
+                ));
+            } else if part.contains('%') {
+                return Err(err(
+                    offset,
+                    part.len(),
+                    "a path pattern is written decoded, without `%` escapes",
+                    "request paths are percent-decoded before matching: write `my doc`, not `my%20doc`",
                 ));
             } else if part == "." || part == ".." {
                 return Err(err(
@@ -199,48 +217,66 @@ impl fmt::Display for PathPattern {
 
 /// Why a request path cannot be matched safely (answered with 400).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum BadPath {
+pub enum Malformed {
     /// Not an origin-form path (`/…`).
     NotAbsolute,
     /// A `.` or `..` segment, plain or percent-encoded.
     DotSegment,
     /// A percent-encoded `/` or a decoded segment that is not UTF-8.
     BadEncoding,
+    /// A `#` fragment: clients never send one, and upstreams disagree on what it means.
+    Fragment,
+    /// A method that is not upper case (`get`): methods are case-sensitive, frameworks are not.
+    Method,
 }
 
-impl fmt::Display for BadPath {
+impl fmt::Display for Malformed {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
-            BadPath::NotAbsolute => "the request path must start with `/`",
-            BadPath::DotSegment => "the request path contains a `.` or `..` segment",
-            BadPath::BadEncoding => {
+            Malformed::NotAbsolute => "the request path must start with `/`",
+            Malformed::Fragment => "the request target contains a `#` fragment",
+            Malformed::Method => "the request method must be upper case",
+            Malformed::DotSegment => "the request path contains a `.` or `..` segment",
+            Malformed::BadEncoding => {
                 "the request path contains an encoded `/` or invalid percent-encoding"
             }
         })
     }
 }
 
+/// Refuses a method that is not upper case: `get` must not dodge a `GET` route.
+pub fn check_method(method: &str) -> Result<(), Malformed> {
+    if method.bytes().any(|b| b.is_ascii_lowercase()) {
+        Err(Malformed::Method)
+    } else {
+        Ok(())
+    }
+}
+
 /// Splits a request target (path and optional query) into decoded, non-empty segments.
-pub fn split_path(target: &str) -> Result<Vec<Cow<'_, str>>, BadPath> {
-    let path = target.split(['?', '#']).next().unwrap_or("");
+pub fn split_path(target: &str) -> Result<Vec<Cow<'_, str>>, Malformed> {
+    if target.contains('#') {
+        return Err(Malformed::Fragment);
+    }
+    let path = target.split('?').next().unwrap_or("");
     if !path.starts_with('/') {
-        return Err(BadPath::NotAbsolute);
+        return Err(Malformed::NotAbsolute);
     }
     let mut segments = Vec::with_capacity(8);
     for raw in path.split('/').filter(|s| !s.is_empty()) {
         let segment = if raw.contains('%') {
             let decoded = percent_encoding::percent_decode_str(raw)
                 .decode_utf8()
-                .map_err(|_| BadPath::BadEncoding)?;
+                .map_err(|_| Malformed::BadEncoding)?;
             if decoded.contains('/') {
-                return Err(BadPath::BadEncoding);
+                return Err(Malformed::BadEncoding);
             }
             Cow::Owned(decoded.into_owned())
         } else {
             Cow::Borrowed(raw)
         };
         if segment == "." || segment == ".." {
-            return Err(BadPath::DotSegment);
+            return Err(Malformed::DotSegment);
         }
         segments.push(segment);
     }
@@ -255,12 +291,25 @@ struct Terminal {
 }
 
 impl Terminal {
+    /// The route for a method: its own, else (for `HEAD`) the `GET` route, else the `*` one.
     fn get(&self, method: &str) -> Option<RouteId> {
-        self.by_method
-            .iter()
-            .find(|(m, _)| m == method)
-            .map(|(_, id)| *id)
+        let exact = |m: &str| {
+            self.by_method
+                .iter()
+                .find(|(x, _)| x == m)
+                .map(|(_, id)| *id)
+        };
+        exact(method)
+            .or_else(|| if method == "HEAD" { exact("GET") } else { None })
             .or(self.any)
+    }
+
+    /// Whether every request with this method (`None`: any method) ends here.
+    fn covers(&self, method: Option<&str>) -> bool {
+        match method {
+            None => self.any.is_some(),
+            Some(m) => self.get(m).is_some(),
+        }
     }
 
     fn insert(&mut self, method: Option<&str>, id: RouteId) -> Result<(), RouteId> {
@@ -317,10 +366,40 @@ impl RouteMatcher {
         node.end.insert(method, id)
     }
 
+    /// Routes ending in `**` that can never be chosen: more specific routes take every path
+    /// they match (the path they end at, and every longer one through a `{param}` branch).
+    pub fn shadowed(&self) -> Vec<RouteId> {
+        let mut out = Vec::new();
+        shadowed_in(&self.root, &mut out);
+        out
+    }
+
     /// The most specific route for a method and a split request path.
     pub fn find<S: AsRef<str>>(&self, method: &str, segments: &[S]) -> Option<RouteId> {
         find_in(&self.root, method, segments)
     }
+}
+
+fn shadowed_in(node: &Node, out: &mut Vec<RouteId>) {
+    let catch_alls = node
+        .catch_all
+        .by_method
+        .iter()
+        .map(|(m, id)| (Some(m.as_str()), *id));
+    for (method, id) in catch_alls.chain(node.catch_all.any.map(|id| (None, id))) {
+        if node.end.covers(method) && node.param.as_deref().is_some_and(|p| covers_all(p, method)) {
+            out.push(id);
+        }
+    }
+    for child in node.literals.values().chain(node.param.as_deref()) {
+        shadowed_in(child, out);
+    }
+}
+
+/// Whether every path below `node` (zero or more segments) is taken by a route for `method`.
+fn covers_all(node: &Node, method: Option<&str>) -> bool {
+    node.catch_all.covers(method)
+        || (node.end.covers(method) && node.param.as_deref().is_some_and(|p| covers_all(p, method)))
 }
 
 fn find_in<S: AsRef<str>>(node: &Node, method: &str, segments: &[S]) -> Option<RouteId> {
@@ -402,6 +481,34 @@ mod tests {
     }
 
     #[test]
+    fn fully_covered_catch_alls_are_shadowed() {
+        let m = matcher(&[("GET", "/a"), ("GET", "/a/{x}/**"), ("GET", "/a/**")]);
+        assert_eq!(m.shadowed(), vec![2]);
+        // A `*` catch-all is only covered by `*` routes: other methods still reach it.
+        let m = matcher(&[("GET", "/a"), ("GET", "/a/{x}/**"), ("*", "/a/**")]);
+        assert_eq!(m.shadowed(), Vec::<RouteId>::new());
+        // A gap (no route for `/a` itself) keeps the catch-all reachable.
+        let m = matcher(&[("GET", "/a/{x}/**"), ("GET", "/a/**")]);
+        assert_eq!(m.shadowed(), Vec::<RouteId>::new());
+        // Covered through a deeper chain: /a, /a/{x}, /a/{x}/{y}/**.
+        let m = matcher(&[
+            ("GET", "/a"),
+            ("GET", "/a/{x}"),
+            ("GET", "/a/{x}/{y}/**"),
+            ("GET", "/a/**"),
+        ]);
+        assert_eq!(m.shadowed(), vec![3]);
+    }
+
+    #[test]
+    fn head_is_answered_by_the_get_route() {
+        let m = matcher(&[("GET", "/a"), ("*", "/**"), ("HEAD", "/h"), ("GET", "/h")]);
+        assert_eq!(find(&m, "HEAD", "/a"), Some(0));
+        assert_eq!(find(&m, "HEAD", "/h"), Some(2));
+        assert_eq!(find(&m, "POST", "/a"), Some(1));
+    }
+
+    #[test]
     fn duplicates_are_refused() {
         let mut m = matcher(&[("GET", "/a/{x}")]);
         assert_eq!(
@@ -418,10 +525,11 @@ mod tests {
     fn request_paths_are_normalised_or_refused() {
         assert_eq!(split_path("//a///b/?q=1").unwrap(), vec!["a", "b"]);
         assert_eq!(split_path("/caf%C3%A9").unwrap(), vec!["café"]);
-        assert_eq!(split_path("/a/../b"), Err(BadPath::DotSegment));
-        assert_eq!(split_path("/a/%2e%2E/b"), Err(BadPath::DotSegment));
-        assert_eq!(split_path("/a%2Fb"), Err(BadPath::BadEncoding));
-        assert_eq!(split_path("a"), Err(BadPath::NotAbsolute));
+        assert_eq!(split_path("/a/../b"), Err(Malformed::DotSegment));
+        assert_eq!(split_path("/a/%2e%2E/b"), Err(Malformed::DotSegment));
+        assert_eq!(split_path("/a%2Fb"), Err(Malformed::BadEncoding));
+        assert_eq!(split_path("a"), Err(Malformed::NotAbsolute));
+        assert_eq!(split_path("/a#/../b"), Err(Malformed::Fragment));
     }
 
     #[test]
@@ -431,6 +539,9 @@ mod tests {
         assert!(PathPattern::parse("/a/x{y}").is_err());
         assert!(PathPattern::parse("a").is_err());
         assert!(PathPattern::parse("/a/").is_err());
+        assert!(PathPattern::parse("/my%20doc").is_err());
+        assert!(PathPattern::parse(&"/a".repeat(65)).is_err());
+        assert!(PathPattern::parse(&"/a".repeat(64)).is_ok());
         assert_eq!(PathPattern::parse("/").unwrap().segments, vec![]);
         assert_eq!(
             PathPattern::parse("/v1/{city}/**").unwrap().to_string(),

@@ -14,7 +14,13 @@ pub struct Source {
 }
 
 impl Source {
-    pub fn new(name: impl Into<Arc<str>>, text: impl Into<Arc<str>>) -> Self {
+    /// A lone `\r` (old Mac line end, which the grammar accepts) becomes `\n` — same length,
+    /// so spans are unchanged — so that line numbers count every line end.
+    pub fn new(name: impl Into<Arc<str>>, text: impl Into<String>) -> Self {
+        let mut text: String = text.into();
+        if text.contains('\r') {
+            text = normalize_cr(&text);
+        }
         Source {
             name: name.into(),
             text: text.into(),
@@ -36,6 +42,19 @@ impl Source {
     }
 }
 
+fn normalize_cr(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        out.push(if c == '\r' && chars.peek() != Some(&'\n') {
+            '\n'
+        } else {
+            c
+        });
+    }
+    out
+}
+
 /// A half-open byte range `[start, end)` in a [`Source`].
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
 pub struct Span {
@@ -46,14 +65,6 @@ pub struct Span {
 impl Span {
     pub fn new(start: usize, end: usize) -> Self {
         Span { start, end }
-    }
-
-    /// The smallest span covering both.
-    pub fn to(self, other: Span) -> Span {
-        Span {
-            start: self.start.min(other.start),
-            end: self.end.max(other.end),
-        }
     }
 }
 

@@ -716,30 +716,42 @@ fn fatal(error: PestError<Rule>, text: &str) -> Diagnostic {
     diagnostic.help("each clause goes on its own line, and every `{` needs a matching `}`")
 }
 
-/// The `{` of a block whose `}` is missing. Braces in strings and comments do not count; when
-/// braces do not balance, indentation tells which block lost its `}`: the first block followed
-/// by a line indented no deeper than its header before any closing `}` at that depth.
+/// The `{` of a block whose `}` is missing. Braces in strings and comments do not count. When
+/// braces do not balance, the structure tells which block lost its `}`: a `route` line while a
+/// route is open, or a `service`/`network`/`test` line while any block is open, shows that the
+/// innermost open block ended without one; failing that, indentation does (the first line as
+/// shallow as an open block's header that is not its `}`); failing that, the innermost block.
 fn unclosed_block(text: &str) -> Option<usize> {
-    let mut stack: Vec<(usize, usize)> = Vec::new(); // (offset of `{`, indent of its line)
-    let mut culprit: Option<usize> = None;
+    struct Open {
+        brace: usize,
+        indent: usize,
+        route: bool,
+    }
+    let mut stack: Vec<Open> = Vec::new();
+    let (mut by_structure, mut by_indent) = (None, None);
+    let indented = text.lines().any(|l| l.starts_with([' ', '\t']));
     let mut offset = 0;
     for line in text.split_inclusive('\n') {
         let indent = line.len() - line.trim_start().len();
         let code = strip_comment(line);
         let trimmed = code.trim();
-        if !trimmed.is_empty() && culprit.is_none() {
-            // A line as shallow as an open block's header, that is not its `}`, means that block
-            // was never closed.
-            if let Some((open, _)) = stack
-                .iter()
-                .find(|(_, depth)| indent <= *depth && !trimmed.starts_with('}'))
-            {
-                culprit = Some(*open);
+        let word = trimmed.split([' ', '\t', '"', '{']).next().unwrap_or("");
+        if let Some(innermost) = stack.last().filter(|_| by_structure.is_none()) {
+            let top_level = matches!(word, "service" | "network" | "test");
+            if top_level || (word == "route" && innermost.route) {
+                by_structure = Some(innermost.brace);
             }
+        }
+        if indented && by_indent.is_none() && !trimmed.is_empty() && !trimmed.starts_with('}') {
+            by_indent = stack.iter().find(|o| indent <= o.indent).map(|o| o.brace);
         }
         for (i, c, inside, _) in scan_line(code) {
             match c {
-                '{' if !inside => stack.push((offset + i, indent)),
+                '{' if !inside => stack.push(Open {
+                    brace: offset + i,
+                    indent,
+                    route: word == "route",
+                }),
                 '}' if !inside => {
                     stack.pop();
                 }
@@ -748,12 +760,8 @@ fn unclosed_block(text: &str) -> Option<usize> {
         }
         offset += line.len();
     }
-    if stack.is_empty() {
-        return None;
-    }
-    culprit
-        .filter(|c| stack.iter().any(|(o, _)| o <= c))
-        .or_else(|| stack.last().map(|(o, _)| *o))
+    let innermost = stack.last()?.brace;
+    Some(by_structure.or(by_indent).unwrap_or(innermost))
 }
 
 /// A line without its `#` comment (a `#` inside a string is text).
@@ -787,7 +795,17 @@ fn from_pest(error: PestError<Rule>, text: &str, offset: usize, single_line: boo
     };
     let expected = match &error.variant {
         ErrorVariant::ParsingError { positives, .. } => describe(positives, single_line),
-        ErrorVariant::CustomError { message } => message.clone(),
+        // pest's only custom error here is its recursion guard.
+        ErrorVariant::CustomError { .. } => {
+            return Diagnostic::error(
+                "too_deep",
+                Span::new(offset + pos, offset + pos + found_len),
+                "blocks are nested too deeply",
+            )
+            .help(
+                "a policy needs at most three levels: service, route, and nothing inside a route",
+            );
+        }
     };
     let span = Span::new(offset + pos, offset + pos + found_len);
     let message = if expected.is_empty() {

@@ -157,14 +157,35 @@ fn rows() -> Vec<Row> {
             RouteFree,
         ),
         // Path normalisation: queries ignored, empty segments dropped, segments percent-decoded.
-        row("GET", "/a/b?x=1#frag", "free", Some("GET /a/b"), RouteFree),
+        row("GET", "/a/b?x=1", "free", Some("GET /a/b"), RouteFree),
+        // A fragment never reaches a server legitimately, and `#/../` must not dodge a price.
+        row("GET", "/a/b#frag", "bad_request", None, Malformed),
+        row(
+            "GET",
+            "/files#/../credits-only",
+            "bad_request",
+            None,
+            Malformed,
+        ),
+        // Methods are case-sensitive: `get` must not dodge the `GET` route's price.
+        row("get", "/credits-only", "bad_request", None, Malformed),
+        // HEAD is answered by the GET route (frameworks run the GET handler for it).
+        row("HEAD", "/a/b", "free", Some("GET /a/b"), RouteFree),
+        row(
+            "HEAD",
+            "/credits-only",
+            "challenge",
+            Some("GET /credits-only"),
+            NoCredentials,
+        ),
+        row("HEAD", "/z/z", "deny", Some("* /**"), RouteDenied),
         row("GET", "//a///b/", "free", Some("GET /a/b"), RouteFree),
         row("GET", "/caf%C3%A9", "free", Some("GET /café"), RouteFree),
         row("GET", "/a/%62", "free", Some("GET /a/b"), RouteFree),
         // Unsafe paths are refused before matching.
-        row("GET", "/files/../a/b", "bad_request", None, BadPath),
-        row("GET", "/a%2Fb", "bad_request", None, BadPath),
-        row("GET", "/%2e%2e/x", "bad_request", None, BadPath),
+        row("GET", "/files/../a/b", "bad_request", None, Malformed),
+        row("GET", "/a%2Fb", "bad_request", None, Malformed),
+        row("GET", "/%2e%2e/x", "bad_request", None, Malformed),
         // Hybrid route, prefer prepaid (the default).
         row(
             "GET",
