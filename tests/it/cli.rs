@@ -199,7 +199,7 @@ fn explain_shows_route_prices_limits_and_reasons() {
         "explain",
         "--policy",
         WEATHER,
-        "get",
+        "GET",
         "/v1/forecast/paris",
         "-H",
         "X-Api-Key: tg_x",
@@ -223,6 +223,14 @@ fn explain_shows_route_prices_limits_and_reasons() {
     ]);
     assert!(
         stdout(&o).contains("decision  prepaid — debit 1 credit"),
+        "{}",
+        stdout(&o)
+    );
+
+    // Lower-case methods are refused, as the sidecar will refuse them.
+    let o = tollgate(&["explain", "--policy", WEATHER, "get", "/health"]);
+    assert!(
+        stdout(&o).contains("decision  bad_request"),
         "{}",
         stdout(&o)
     );
