@@ -149,27 +149,33 @@ impl std::fmt::Display for LoadError {
 
 impl std::error::Error for LoadError {}
 
+/// The largest policy file tollgate reads; real ones are a few kilobytes.
+pub const MAX_POLICY_BYTES: u64 = 1 << 20;
+
 /// Reads the text of a file as a [`Source`] named by its path.
 pub fn read(path: &Path) -> Result<Source, LoadError> {
+    let error = |error| LoadError::Read {
+        path: path.to_path_buf(),
+        error,
+    };
+    let size = std::fs::metadata(path).map_err(error)?.len();
+    if size > MAX_POLICY_BYTES {
+        return Err(error(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("the file is {size} bytes; a policy file may hold at most 1 MiB"),
+        )));
+    }
     std::fs::read_to_string(path)
         .map(|text| Source::new(path.display().to_string(), text))
-        .map_err(|error| LoadError::Read {
-            path: path.to_path_buf(),
-            error,
-        })
+        .map_err(error)
 }
 
 /// Reads and compiles one policy file.
 pub fn load(path: &Path) -> Result<Policy, LoadError> {
-    let checked = check(read(path)?);
-    match checked.policy {
-        Some(_) if checked.errors() == 0 => {
-            checked.policy.ok_or(LoadError::Invalid(Box::new(Checked {
-                policy: None,
-                ..checked
-            })))
-        }
-        _ => Err(LoadError::Invalid(Box::new(checked))),
+    let mut checked = check(read(path)?);
+    match checked.policy.take() {
+        Some(policy) => Ok(policy),
+        None => Err(LoadError::Invalid(Box::new(checked))),
     }
 }
 
