@@ -39,6 +39,12 @@ impl fmt::Display for AmountError {
 }
 
 /// Converts decimal text (`"0.001"`) to atomic units of an asset with `decimals` decimals.
+///
+/// ```
+/// use tollgate::money::{AmountError, parse_decimal};
+/// assert_eq!(parse_decimal("0.001", 6), Ok(1_000)); // 0.001 USDC
+/// assert_eq!(parse_decimal("0.0000001", 6), Err(AmountError::TooManyDecimals { given: 7, allowed: 6 }));
+/// ```
 pub fn parse_decimal(text: &str, decimals: u8) -> Result<u128, AmountError> {
     let (whole, fraction) = match text.split_once('.') {
         Some((w, f)) => (w, f),

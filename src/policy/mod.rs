@@ -56,6 +56,28 @@ impl Checked {
 }
 
 /// Parses, validates and compiles one policy file's text.
+///
+/// ```
+/// use tollgate::policy::{self, Buyer, Request, Source};
+///
+/// let text = r#"
+/// service "weather" {
+///   pay_to 0x209693Bc6afc0C5328bA36FaF03C514EF312287C
+///   accept x402 on base-sepolia
+///   settle via facilitator "https://x402.org/facilitator"
+///   default deny
+///   route GET "/v1/forecast/{city}" { price 0.001 USDC }
+/// }
+/// "#;
+/// let checked = policy::check(Source::new("weather.toll", text));
+/// assert_eq!(checked.errors(), 0, "{}", checked.render(policy::Style::Plain));
+/// let policy = checked.policy.expect("compiles");
+///
+/// let request = Request { method: "GET", target: "/v1/forecast/paris", api_key: false, payment: None };
+/// let decision = policy::decide(&policy, &request, &Buyer::default());
+/// assert_eq!(decision.outcome.name(), "challenge"); // 402 with the x402 offer
+/// assert_eq!(decision.route.and_then(|r| r.price()).map(|p| p.offers[0].amount), Some(1_000));
+/// ```
 pub fn check(source: Source) -> Checked {
     let parsed = syntax::parse(&source.text);
     let mut diagnostics = parsed.diagnostics;
