@@ -67,7 +67,7 @@ pub fn run(args: Args) -> Result<ExitCode, Failed> {
     for path in &files {
         let source = policy::read(path).map_err(|e| e.to_string())?;
         let checked: Checked = if policy::is_test_file(path) {
-            policy::check_tests(source).1
+            policy::check_tests(source)
         } else {
             policy::check(source)
         };

@@ -19,22 +19,21 @@ pub fn run(args: Args) -> Result<ExitCode, Failed> {
     for path in files.iter().filter(|p| !policy::is_test_file(p)) {
         let checked = policy::check(policy::read(path).map_err(|e| e.to_string())?);
         eprint!("{}", checked.render(style()));
-        let (Some(compiled), Some(file)) = (&checked.policy, &checked.file) else {
+        let Some(compiled) = &checked.policy else {
             println!("FAIL  {}: the policy does not validate", path.display());
             broken += 1;
             continue;
         };
-        let mut cases: Vec<Case> = policy::cases::collect(file, &checked.source).0;
+        let mut cases: Vec<Case> = checked.cases;
         if let Some(side) = policy::test_file_for(path) {
-            let (more, side_checked) =
-                policy::check_tests(policy::read(&side).map_err(|e| e.to_string())?);
+            let side_checked = policy::check_tests(policy::read(&side).map_err(|e| e.to_string())?);
             eprint!("{}", side_checked.render(style()));
             if side_checked.errors() > 0 {
                 println!("FAIL  {}: the test file does not validate", side.display());
                 broken += 1;
                 continue;
             }
-            cases.extend(more);
+            cases.extend(side_checked.cases);
         }
         if cases.is_empty() {
             continue;

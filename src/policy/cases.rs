@@ -99,7 +99,7 @@ pub fn collect(file: &PolicyFile, source: &Source) -> (Vec<Case>, Vec<Diagnostic
                     Err(d) => diagnostics.push(*d),
                 },
                 TestClause::Balance(m) => {
-                    if !matches!(m.unit.node.as_str(), "credit" | "credits") {
+                    if !super::compile::is_credits(&m.unit.node) {
                         diagnostics.push(
                             Diagnostic::error(
                                 "bad_balance",
@@ -222,7 +222,7 @@ fn price_matches(decision: &Decision<'_>, expected: &ast::Money) -> bool {
         return false;
     };
     let unit = expected.unit.node.as_str();
-    if unit == "credit" || unit == "credits" {
+    if super::compile::is_credits(unit) {
         let credits = match decision.outcome {
             Outcome::Prepaid { credits } => Some(credits),
             _ => price.credits,

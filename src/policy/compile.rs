@@ -1525,7 +1525,8 @@ impl Cx<'_> {
     }
 }
 
-fn is_credits(unit: &str) -> bool {
+/// Whether a unit names prepaid credits.
+pub(crate) fn is_credits(unit: &str) -> bool {
     unit == "credit" || unit == "credits"
 }
 

@@ -37,6 +37,8 @@ pub struct Checked {
     pub source: Source,
     pub file: Option<ast::PolicyFile>,
     pub policy: Option<Policy>,
+    /// The file's `test` blocks.
+    pub cases: Vec<cases::Case>,
     pub diagnostics: Vec<Diagnostic>,
 }
 
@@ -83,11 +85,13 @@ pub fn check(source: Source) -> Checked {
     let mut diagnostics = parsed.diagnostics;
     let partial = !diagnostics.is_empty();
     let mut policy = None;
+    let mut found = Vec::new();
     if let Some(file) = &parsed.file {
         let (compiled, more) = compile::compile(file, &source, partial);
         diagnostics.extend(more);
-        let (_, case_diagnostics) = cases::collect(file, &source);
+        let (collected, case_diagnostics) = cases::collect(file, &source);
         diagnostics.extend(case_diagnostics);
+        found = collected;
         if !diagnostics.iter().any(Diagnostic::is_error) {
             policy = compiled;
         }
@@ -96,12 +100,13 @@ pub fn check(source: Source) -> Checked {
         source,
         file: parsed.file,
         policy,
+        cases: found,
         diagnostics,
     }
 }
 
 /// Parses a `*.test.toll` side file: test blocks only.
-pub fn check_tests(source: Source) -> (Vec<cases::Case>, Checked) {
+pub fn check_tests(source: Source) -> Checked {
     let parsed = syntax::parse(&source.text);
     let mut diagnostics = parsed.diagnostics;
     let mut found = Vec::new();
@@ -127,15 +132,13 @@ pub fn check_tests(source: Source) -> (Vec<cases::Case>, Checked) {
         diagnostics.extend(more);
         found = cases;
     }
-    (
-        found,
-        Checked {
-            source,
-            file: parsed.file,
-            policy: None,
-            diagnostics,
-        },
-    )
+    Checked {
+        source,
+        file: parsed.file,
+        policy: None,
+        cases: found,
+        diagnostics,
+    }
 }
 
 use source::Span;
