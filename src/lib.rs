@@ -53,3 +53,8 @@ pub mod config;
 pub mod money;
 pub mod networks;
 pub mod policy;
+pub mod proxy;
+pub mod server;
+pub mod settle;
+pub mod store;
+pub mod x402;

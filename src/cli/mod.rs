@@ -7,6 +7,7 @@
 mod check;
 mod explain;
 mod fmt;
+mod run;
 mod test;
 
 use std::io::IsTerminal;
@@ -32,6 +33,8 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Run the sidecar: proxy to the upstream, charging as the policy says.
+    Run(run::Args),
     /// Validate policy files and the sidecar config; print every problem with its location.
     Check(check::Args),
     /// Rewrite policy files in canonical form (or check that they are).
@@ -46,6 +49,7 @@ enum Command {
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Run(args) => run::run(args),
         Command::Check(args) => check::run(args),
         Command::Fmt(args) => fmt::run(args),
         Command::Explain(args) => explain::run(args),

@@ -6,6 +6,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 const WEATHER: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/policies/weather.toll");
 const POLICIES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/policies");
+/// Example policies that `tollgate run` does not serve by default (a local dev chain).
+const EXAMPLE_POLICIES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/policies");
 
 fn tollgate(args: &[&str]) -> Output {
     tollgate_in(Path::new(env!("CARGO_MANIFEST_DIR")), args)
@@ -51,7 +53,7 @@ fn write(path: &Path, text: &str) {
 
 #[test]
 fn check_accepts_the_shipped_policies() {
-    let o = tollgate(&["check", POLICIES]);
+    let o = tollgate(&["check", POLICIES, EXAMPLE_POLICIES]);
     assert_eq!(o.status.code(), Some(0), "{}{}", stdout(&o), stderr(&o));
     assert!(
         stdout(&o).contains("0 errors, 0 warnings"),
@@ -163,7 +165,7 @@ fn fmt_refuses_files_with_syntax_errors() {
 
 #[test]
 fn shipped_policies_are_canonical() {
-    let o = tollgate(&["fmt", "--check", POLICIES]);
+    let o = tollgate(&["fmt", "--check", POLICIES, EXAMPLE_POLICIES]);
     assert_eq!(
         o.status.code(),
         Some(0),
@@ -258,7 +260,7 @@ fn explain_rejects_bad_input_clearly() {
 
 #[test]
 fn test_command_passes_on_shipped_policies() {
-    let o = tollgate(&["test", POLICIES]);
+    let o = tollgate(&["test", POLICIES, EXAMPLE_POLICIES]);
     assert_eq!(o.status.code(), Some(0), "{}{}", stdout(&o), stderr(&o));
     assert!(stdout(&o).contains(" passed, 0 failed"), "{}", stdout(&o));
 }

@@ -1,4 +1,11 @@
 //! Integration tests: one binary, so the crate and its dependencies link once.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing,
+    reason = "a test fails by panicking"
+)]
 
 // The sidecar config: defaults, file, environment overrides, every error message.
 mod config;
@@ -10,3 +17,8 @@ mod cli;
 mod diagnostics;
 // Property tests: the fmt round trip, comment placement, the parser never panics.
 mod props;
+// x402 known answers: the golden signature and captured official-client payments.
+mod x402_vectors;
+// The real binary between a real client, upstream and facilitator: proxying, payments,
+// replay, settlement, lifecycle.
+mod e2e;

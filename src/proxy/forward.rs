@@ -1,0 +1,70 @@
+//! The request the upstream sees: the client's, minus what is not the upstream's business,
+//! plus what tollgate knows.
+//!
+//! Removed: hop-by-hop headers (RFC 9110 §7.6.1: `Connection` and the headers it names,
+//! `Keep-Alive`, `Proxy-Connection`, `Proxy-Authorization`, `TE`, `Trailer`; an `Upgrade`
+//! handshake is kept), the payment headers (`X-PAYMENT`, `PAYMENT-SIGNATURE`), the prepaid key
+//! header, and any `x-tollgate-*` header the client sent (they cannot be spoofed).
+//!
+//! Added (README "Headers the upstream receives"):
+//! - `x-request-id` — the client's, or one tollgate made.
+//! - `x-tollgate-rail` — `free`, `pass` or `x402`.
+//! - `x-tollgate-route` — the matched route, `GET /v1/forecast/{city}`.
+//! - for x402: `x-tollgate-payer` (EIP-55), `x-tollgate-amount` (atomic units),
+//!   `x-tollgate-asset` (token address), `x-tollgate-network` (policy network name).
+
+use pingora::http::RequestHeader;
+
+use super::Ctx;
+use crate::policy::Policy;
+use crate::x402::wire::{PAYMENT_SIGNATURE, X_PAYMENT};
+
+const HOP_BY_HOP: [&str; 5] = ["keep-alive", "proxy-connection", "proxy-authorization", "te", "trailer"];
+
+pub fn prepare(upstream: &mut RequestHeader, policy: &Policy, ctx: &Ctx) -> pingora::Result<()> {
+    let upgrade = upstream.headers.contains_key("upgrade");
+    let mut remove: Vec<String> = upstream
+        .headers
+        .keys()
+        .map(|name| name.as_str())
+        .filter(|name| name.starts_with("x-tollgate-"))
+        .map(str::to_string)
+        .collect();
+    if !upgrade {
+        for value in upstream.headers.get_all("connection") {
+            if let Ok(text) = value.to_str() {
+                remove.extend(text.split(',').map(|t| t.trim().to_ascii_lowercase()).filter(|t| !t.is_empty()));
+            }
+        }
+        remove.push("connection".to_string());
+    }
+    remove.extend(HOP_BY_HOP.iter().map(|h| h.to_string()));
+    remove.push(X_PAYMENT.to_string());
+    remove.push(PAYMENT_SIGNATURE.to_string());
+    if let Some(prepaid) = &policy.prepaid {
+        remove.push(prepaid.header.clone());
+    }
+    for name in &remove {
+        upstream.remove_header(name.as_str());
+    }
+
+    upstream.insert_header("x-request-id", ctx.request_id.as_str())?;
+    let rail = match (&ctx.paid, ctx.route) {
+        (Some(_), _) => "x402",
+        (None, Some(_)) => "free",
+        (None, None) => "pass",
+    };
+    upstream.insert_header("x-tollgate-rail", rail)?;
+    if let Some(route) = ctx.route.and_then(|id| policy.route(id)) {
+        upstream.insert_header("x-tollgate-route", route.display())?;
+    }
+    if let Some(paid) = &ctx.paid
+        && let Some(offer) = paid.offer()
+    {
+        upstream.insert_header("x-tollgate-payer", paid.payment.payer.to_checksum(None))?;
+        upstream.insert_header("x-tollgate-amount", paid.payment.amount.to_string())?;
+        upstream.insert_header("x-tollgate-asset", offer.asset.to_checksum(None))?;
+        upstream.insert_header("x-tollgate-network", offer.network.as_str())?;
+    }
+    Ok(())
+}

@@ -1,0 +1,374 @@
+//! The proxy: the only module that touches Pingora sessions.
+//!
+//! One [`Gate`] per process, shared by every connection. Per request, in Pingora's phases:
+//!
+//! 1. `request_filter` — assign the request id, answer `/.well-known/x402`, gather the facts
+//!    and ask [`policy::decide`]. Free and pass-through requests go on; denials, malformed
+//!    paths and challenges are answered here ([`refusal`]); an attached x402 payment goes to
+//!    [`admit`], which verifies it, applies payer lists, claims its nonce durably and (for
+//!    `before response`) settles it.
+//! 2. `upstream_peer` / `upstream_request_filter` — forward to the one configured upstream,
+//!    without hop-by-hop, payment or key headers, with `x-request-id` and `x-tollgate-*`
+//!    headers saying what was paid ([`forward`]).
+//! 3. `response_filter` — for `after response`: settle when the upstream answered below 400,
+//!    before any byte reaches the client; add the receipt header. A failed settlement turns
+//!    the response into a 402 (via `fail_to_proxy`).
+//! 4. `fail_to_proxy` — upstream unreachable (502), upstream timeout (504), or a refusal
+//!    raised in `response_filter`; all JSON.
+//! 5. `logging` — one debug line per request.
+
+mod admit;
+mod forward;
+pub mod refusal;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use pingora::http::{RequestHeader, ResponseHeader};
+use pingora::proxy::{FailToProxy, ProxyHttp, Session};
+use pingora::upstreams::peer::HttpPeer;
+use pingora::{Error, ErrorSource, ErrorType};
+
+use crate::policy::{self, Buyer, Outcome, PaymentHeader, Policy, Request, Why};
+use crate::settle::Facilitator;
+use crate::store::Store;
+use crate::x402::wire::{PAYMENT_SIGNATURE, X_PAYMENT};
+use crate::x402::{RouteTerms, Terms};
+pub use admit::Admitted;
+use refusal::Refusal;
+
+/// Where tollgate answers machine-readable prices.
+pub const DISCOVERY_PATH: &str = "/.well-known/x402";
+
+/// Everything a request needs, built once at startup.
+pub struct Gate {
+    policy: Policy,
+    /// x402 terms per route, shared with refusals (`Arc` so a 402 does not copy them).
+    terms: Vec<Option<Arc<RouteTerms>>>,
+    discovery: Bytes,
+    store: Store,
+    facilitator: Option<Facilitator>,
+    upstream: HttpPeer,
+    /// Absolute base URL for x402 `resource` URLs.
+    public_url: String,
+    clock: fn() -> u64,
+    ids: RequestIds,
+}
+
+/// Per-request state, owned by Pingora between phases.
+#[derive(Default)]
+pub struct Ctx {
+    request_id: String,
+    outcome: &'static str,
+    route: Option<usize>,
+    /// A verified payment whose request was forwarded.
+    paid: Option<Admitted>,
+    /// A refusal raised after the upstream answered (failed settlement).
+    refusal: Option<Refusal>,
+    upstream_status: u16,
+}
+
+impl Gate {
+    pub fn new(
+        policy: Policy,
+        store: Store,
+        facilitator: Option<Facilitator>,
+        upstream: HttpPeer,
+        public_url: String,
+    ) -> Gate {
+        let terms = Terms::new(&policy);
+        let discovery = Bytes::from(terms.discovery().to_vec());
+        let terms = (0..policy.routes.len())
+            .map(|id| terms.route(id).cloned().map(Arc::new))
+            .collect();
+        Gate {
+            policy,
+            terms,
+            discovery,
+            store,
+            facilitator,
+            upstream,
+            public_url,
+            clock: unix_now,
+            ids: RequestIds::new(),
+        }
+    }
+
+    fn route_terms(&self, route: Option<usize>) -> Option<Arc<RouteTerms>> {
+        route.and_then(|id| self.terms.get(id).cloned().flatten())
+    }
+
+    /// The 402 for a paid route: the challenge and, for a credits-only route, the key header.
+    fn challenge(&self, route: Option<usize>, target: &str, why: Why, hint: Option<&'static str>) -> Refusal {
+        let terms = self.route_terms(route);
+        let (code, message) = match (why, &terms) {
+            (Why::KeyShort, Some(_)) => (
+                "payment_required",
+                "the API key's credits do not cover this call; pay with x402 instead".to_string(),
+            ),
+            (Why::KeyShort, None) => (
+                "credits_exhausted",
+                "the API key's credits do not cover this call".to_string(),
+            ),
+            (_, Some(_)) => (
+                "payment_required",
+                "this route is paid: sign one of `accepts` and retry with PAYMENT-SIGNATURE (v2) or X-PAYMENT (v1)".to_string(),
+            ),
+            (_, None) => {
+                let header = self.policy.prepaid.as_ref().map_or("x-api-key", |p| p.header.as_str());
+                ("api_key_required", format!("this route is paid with prepaid credits: send an API key in `{header}`"))
+            }
+        };
+        let mut refusal = Refusal::new(402, code, message).with_challenge(terms, self.resource_url(target));
+        refusal.hint = hint;
+        refusal
+    }
+
+    fn resource_url(&self, target: &str) -> String {
+        format!("{}{}", self.public_url, target)
+    }
+
+    async fn refuse(&self, session: &mut Session, ctx: &mut Ctx, refusal: Refusal) -> pingora::Result<bool> {
+        ctx.outcome = refusal.code;
+        let (head, body) = refusal.render(&ctx.request_id)?;
+        refusal::write(session, head, body).await?;
+        Ok(true)
+    }
+}
+
+#[async_trait]
+impl ProxyHttp for Gate {
+    type CTX = Ctx;
+
+    fn new_ctx(&self) -> Ctx {
+        Ctx::default()
+    }
+
+    async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> pingora::Result<bool> {
+        ctx.request_id = self.ids.take_or_make(session.req_header());
+        let header = session.req_header();
+        let target = header
+            .uri
+            .path_and_query()
+            .map_or_else(|| header.uri.path().to_string(), |pq| pq.as_str().to_string());
+        if header.uri.path() == DISCOVERY_PATH {
+            return self.discovery(session, ctx).await;
+        }
+        let payment = if header.headers.contains_key(PAYMENT_SIGNATURE) {
+            Some(PaymentHeader::V2)
+        } else if header.headers.contains_key(X_PAYMENT) {
+            Some(PaymentHeader::V1)
+        } else {
+            None
+        };
+        let api_key = self
+            .policy
+            .prepaid
+            .as_ref()
+            .is_some_and(|p| header.headers.contains_key(p.header.as_str()));
+        let request = Request {
+            method: header.method.as_str(),
+            target: &target,
+            api_key,
+            payment,
+        };
+        let decision = policy::decide(&self.policy, &request, &Buyer::default());
+        ctx.route = decision.route.map(|r| r.id);
+        ctx.outcome = decision.outcome.name();
+        match decision.outcome {
+            Outcome::Free | Outcome::Pass => Ok(false),
+            Outcome::Deny => {
+                let (code, message) = match decision.why {
+                    Why::NoRoute(_) => ("no_route", "no route of this service matches the request"),
+                    _ => ("route_denied", "this route is closed"),
+                };
+                self.refuse(session, ctx, Refusal::new(403, code, message)).await
+            }
+            Outcome::BadRequest(malformed) => {
+                let refusal = Refusal::new(400, "malformed_request", malformed.to_string());
+                self.refuse(session, ctx, refusal).await
+            }
+            Outcome::Challenge { hint } => {
+                let hint = hint.map(|_| "credits_exhausted");
+                let refusal = self.challenge(ctx.route, &target, decision.why, hint);
+                self.refuse(session, ctx, refusal).await
+            }
+            Outcome::Prepaid { .. } => {
+                let refusal = Refusal::new(
+                    503,
+                    "prepaid_unavailable",
+                    "prepaid credits are not available on this sidecar yet; pay with x402",
+                );
+                self.refuse(session, ctx, refusal).await
+            }
+            Outcome::X402 => {
+                let header_name = match payment {
+                    Some(PaymentHeader::V1) => X_PAYMENT,
+                    _ => PAYMENT_SIGNATURE,
+                };
+                let value = session
+                    .req_header()
+                    .headers
+                    .get(header_name)
+                    .map(|v| v.as_bytes().to_vec())
+                    .unwrap_or_default();
+                let admitted = self.admit(&request, ctx.route, &value, &target).await;
+                match admitted {
+                    Ok(admitted) => {
+                        ctx.paid = Some(admitted);
+                        Ok(false)
+                    }
+                    Err(refusal) => self.refuse(session, ctx, *refusal).await,
+                }
+            }
+        }
+    }
+
+    async fn upstream_peer(&self, _session: &mut Session, ctx: &mut Ctx) -> pingora::Result<Box<HttpPeer>> {
+        let mut peer = self.upstream.clone();
+        if let Some(route) = ctx.route.and_then(|id| self.policy.route(id)) {
+            peer.options.read_timeout = Some(Duration::from_secs(route.timeout_secs));
+        }
+        Ok(Box::new(peer))
+    }
+
+    async fn upstream_request_filter(
+        &self,
+        _session: &mut Session,
+        upstream: &mut RequestHeader,
+        ctx: &mut Ctx,
+    ) -> pingora::Result<()> {
+        forward::prepare(upstream, &self.policy, ctx)
+    }
+
+    async fn response_filter(
+        &self,
+        _session: &mut Session,
+        response: &mut ResponseHeader,
+        ctx: &mut Ctx,
+    ) -> pingora::Result<()> {
+        ctx.upstream_status = response.status.as_u16();
+        response.insert_header("x-request-id", ctx.request_id.as_str())?;
+        let Some(paid) = ctx.paid.as_mut() else {
+            return Ok(());
+        };
+        if paid.receipt.is_none() && paid.settle_after && ctx.upstream_status < 400 {
+            match self.settle(paid).await {
+                Ok(receipt) => paid.receipt = Some(receipt),
+                Err(refusal) => {
+                    ctx.refusal = Some(*refusal);
+                    return Err(Error::explain(ErrorType::HTTPStatus(402), "settlement failed"));
+                }
+            }
+        }
+        if let Some(receipt) = &paid.receipt {
+            response.insert_header(paid.payment.version.receipt_header(), receipt.as_str())?;
+            response.insert_header(
+                "access-control-expose-headers",
+                "PAYMENT-RESPONSE, X-PAYMENT-RESPONSE",
+            )?;
+        }
+        Ok(())
+    }
+
+    async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut Ctx) -> FailToProxy {
+        let refusal = ctx.refusal.take().unwrap_or_else(|| upstream_failure(e));
+        let status = refusal.status;
+        ctx.outcome = refusal.code;
+        let written = match refusal.render(&ctx.request_id) {
+            Ok((head, body)) => {
+                session.set_keepalive(None);
+                session.write_response_header(Box::new(head), false).await.is_ok()
+                    && session.write_response_body(Some(body), true).await.is_ok()
+            }
+            Err(_) => false,
+        };
+        FailToProxy {
+            error_code: if written { status } else { 0 },
+            can_reuse_downstream: false,
+        }
+    }
+
+    async fn logging(&self, session: &mut Session, error: Option<&Error>, ctx: &mut Ctx) {
+        let status = session.response_written().map_or(0, |r| r.status.as_u16());
+        tracing::debug!(
+            request_id = %ctx.request_id,
+            method = %session.req_header().method,
+            path = session.req_header().uri.path(),
+            outcome = ctx.outcome,
+            status,
+            upstream_status = ctx.upstream_status,
+            payer = ctx.paid.as_ref().map(|p| p.payment.payer.to_string()),
+            error = error.map(|e| e.etype().as_str()),
+            "request"
+        );
+    }
+}
+
+/// 502 when the upstream cannot be reached or breaks, 504 when it is too slow.
+fn upstream_failure(e: &Error) -> Refusal {
+    match (e.esource(), e.etype()) {
+        (_, ErrorType::HTTPStatus(code)) => Refusal::new(*code, "internal_error", "tollgate could not complete the request"),
+        (ErrorSource::Upstream, ErrorType::ReadTimedout | ErrorType::ConnectTimedout | ErrorType::WriteTimedout) => {
+            Refusal::new(504, "upstream_timeout", "the upstream service did not answer in time")
+        }
+        (ErrorSource::Upstream, _) | (_, ErrorType::ConnectRefused | ErrorType::ConnectError | ErrorType::ConnectTimedout) => {
+            Refusal::new(502, "upstream_unavailable", "the upstream service is unreachable or closed the connection")
+        }
+        (ErrorSource::Downstream, _) => Refusal::new(400, "bad_request", "the request could not be read"),
+        _ => Refusal::new(502, "upstream_unavailable", "the request could not be proxied to the upstream service"),
+    }
+}
+
+impl Gate {
+    async fn discovery(&self, session: &mut Session, ctx: &mut Ctx) -> pingora::Result<bool> {
+        ctx.outcome = "discovery";
+        let method = &session.req_header().method;
+        if method != http::Method::GET && method != http::Method::HEAD {
+            let refusal = Refusal::new(405, "method_not_allowed", "use GET");
+            return self.refuse(session, ctx, refusal).await;
+        }
+        let mut head = ResponseHeader::build(200, Some(4))?;
+        head.insert_header("content-type", "application/json")?;
+        head.insert_header("content-length", self.discovery.len().to_string())?;
+        head.insert_header("x-request-id", ctx.request_id.as_str())?;
+        refusal::write(session, head, self.discovery.clone()).await?;
+        Ok(true)
+    }
+}
+
+/// Request ids: the client's `x-request-id` when it is short printable ASCII, else a fresh
+/// one (process start time and a counter, hex: unique per process, sortable).
+struct RequestIds {
+    prefix: String,
+    next: AtomicU64,
+}
+
+impl RequestIds {
+    fn new() -> RequestIds {
+        let start = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_micros());
+        RequestIds {
+            prefix: format!("{:012x}", start & 0xffff_ffff_ffff),
+            next: AtomicU64::new(1),
+        }
+    }
+
+    fn take_or_make(&self, header: &RequestHeader) -> String {
+        if let Some(given) = header.headers.get("x-request-id").and_then(|v| v.to_str().ok())
+            && !given.is_empty()
+            && given.len() <= 128
+            && given.bytes().all(|b| b.is_ascii_graphic())
+        {
+            return given.to_string();
+        }
+        let n = self.next.fetch_add(1, Ordering::Relaxed);
+        format!("{}-{n:08x}", self.prefix)
+    }
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}

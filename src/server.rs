@@ -1,0 +1,232 @@
+//! `tollgate run`: assembling the sidecar from the configuration and running it.
+//!
+//! Startup checks everything before a port opens — the policy compiles, its settlement is one
+//! this build performs, the upstream resolves, the store opens — and reports every problem
+//! in the operator's words. Then one Pingora server runs:
+//! - the proxy ([`proxy::Gate`]) on `listen`;
+//! - the ops listener on `ops.listen`: `/healthz` (the process is up) and `/readyz` (a policy
+//!   is loaded and the store is open; false as soon as shutdown begins);
+//! - a background task that forgets expired nonces.
+//!
+//! Shutdown: SIGTERM stops accepting, lets in-flight requests finish ([`GRACE_PERIOD_SECS`]),
+//! then flushes the store; SIGINT is a fast shutdown (the store is still flushed).
+
+use std::net::ToSocketAddrs;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use pingora::apps::http_app::ServeHttp;
+use pingora::protocols::http::ServerSession;
+use pingora::server::configuration::ServerConf;
+use pingora::server::{RunArgs, Server, ShutdownSignal, ShutdownSignalWatch, ShutdownWatch};
+use pingora::services::background::{BackgroundService, background_service};
+use pingora::services::listening::Service;
+use pingora::upstreams::peer::HttpPeer;
+
+use crate::config::{Config, LogFormat, Scheme};
+use crate::policy::{self, Backend, Policy, Timing};
+use crate::proxy::Gate;
+use crate::settle::{Facilitator, SETTLE_TIMEOUT};
+use crate::store::Store;
+
+/// Seconds in-flight requests get to finish after SIGTERM, before runtimes stop. Keep below
+/// Kubernetes' `terminationGracePeriodSeconds` (30 s by default).
+pub const GRACE_PERIOD_SECS: u64 = 5;
+
+/// How often expired nonces are collected.
+const NONCE_GC_EVERY: Duration = Duration::from_secs(600);
+
+/// Runs the sidecar until it is told to stop. `Err` carries what to tell the operator.
+pub fn run(config: &Config) -> Result<(), String> {
+    init_logging(config);
+    let policy = load_policy(config)?;
+    supported(&policy)?;
+    let upstream = upstream_peer(config)?;
+    let facilitator = match &policy.settlement.backend {
+        Backend::Facilitator { url } => Some(Facilitator::new(url, SETTLE_TIMEOUT)?),
+        Backend::None | Backend::Rpc { .. } => None,
+    };
+    let store = Store::open(&config.store).map_err(|e| {
+        format!("cannot open the store at {}: {e}", config.store.display())
+    })?;
+
+    let conf = ServerConf {
+        threads: std::thread::available_parallelism().map_or(2, |n| n.get()),
+        grace_period_seconds: Some(GRACE_PERIOD_SECS),
+        graceful_shutdown_timeout_seconds: Some(5),
+        upstream_keepalive_pool_size: 256,
+        ..ServerConf::default()
+    };
+    let mut server = Server::new_with_opt_and_conf(None, conf);
+    server.bootstrap();
+    let conf = server.configuration.clone();
+
+    tracing::info!(
+        service = %policy.service,
+        policy = %policy.origin,
+        version = %policy.version,
+        routes = policy.routes.len(),
+        listen = %config.listen,
+        upstream = %config.upstream.url,
+        ops = %config.ops.listen,
+        "tollgate starting"
+    );
+    let gate = Gate::new(policy, store.clone(), facilitator, upstream, config.public_url.clone());
+    let mut proxy = pingora::proxy::http_proxy_service_with_name(&conf, gate, "tollgate proxy");
+    proxy.add_tcp(&config.listen.to_string());
+
+    let ready = Arc::new(AtomicBool::new(true));
+    let mut ops = Service::new("tollgate ops".to_string(), Ops { ready: ready.clone() });
+    ops.add_tcp(&config.ops.listen.to_string());
+    ops.threads = Some(1);
+
+    let mut gc = background_service("nonce gc", NonceGc { store: store.clone() });
+    gc.threads = Some(1);
+
+    server.add_service(proxy);
+    server.add_service(ops);
+    server.add_service(gc);
+    server.run(RunArgs {
+        shutdown_signal: Box::new(Signals { ready }),
+    });
+    tracing::info!("tollgate stopped; flushing the store");
+    store.flush().map_err(|e| format!("flushing the store failed: {e}"))
+}
+
+fn init_logging(config: &Config) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .or_else(|_| tracing_subscriber::EnvFilter::try_new(&config.log.level))
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    // A second initialisation (tests embedding the server twice) keeps the first subscriber.
+    let _ = match config.log.format {
+        LogFormat::Json => builder.json().try_init(),
+        LogFormat::Text => builder.try_init(),
+    };
+}
+
+/// Loads the configured policies; a sidecar serves exactly one service.
+fn load_policy(config: &Config) -> Result<Policy, String> {
+    let files: Vec<_> = policy::discover(&config.policies)
+        .map_err(|e| e.to_string())?
+        .into_iter()
+        .filter(|p| !policy::is_test_file(p))
+        .collect();
+    let [file] = files.as_slice() else {
+        let found = if files.is_empty() {
+            "none".to_string()
+        } else {
+            files.iter().map(|f| f.display().to_string()).collect::<Vec<_>>().join(", ")
+        };
+        return Err(format!(
+            "a sidecar serves exactly one service, so `policies` must name one policy file; found {found}"
+        ));
+    };
+    policy::load(file).map_err(|e| e.to_string())
+}
+
+/// Refuses policies whose settlement this build cannot perform, rather than admitting payments
+/// it would never settle.
+fn supported(policy: &Policy) -> Result<(), String> {
+    if let Backend::Rpc { .. } = policy.settlement.backend {
+        return Err(format!(
+            "{}: `settle via rpc` is not available in this version; use `settle via facilitator \"…\"`",
+            policy.origin
+        ));
+    }
+    let deferred = std::iter::once(&policy.settlement.timing)
+        .chain(policy.routes.iter().map(|r| &r.settle))
+        .any(|t| matches!(t, Timing::Deferred(_)));
+    if deferred {
+        return Err(format!(
+            "{}: `deferred` settlement is not available in this version; use `after response` or `before response`",
+            policy.origin
+        ));
+    }
+    Ok(())
+}
+
+/// The upstream as a Pingora peer, resolved once at startup.
+fn upstream_peer(config: &Config) -> Result<HttpPeer, String> {
+    let upstream = &config.upstream;
+    if upstream.scheme == Scheme::Https {
+        return Err(format!(
+            "upstream {}: https upstreams are not supported yet; a sidecar reaches its service over loopback http",
+            upstream.url
+        ));
+    }
+    let host = upstream.host.trim_start_matches('[').trim_end_matches(']');
+    let address = (host, upstream.port)
+        .to_socket_addrs()
+        .map_err(|e| format!("upstream {}: cannot resolve {host}: {e}", upstream.url))?
+        .next()
+        .ok_or_else(|| format!("upstream {}: {host} resolves to no address", upstream.url))?;
+    let mut peer = HttpPeer::new(address, false, String::new());
+    peer.options.connection_timeout = Some(Duration::from_secs(5));
+    peer.options.idle_timeout = Some(Duration::from_secs(60));
+    Ok(peer)
+}
+
+/// `/healthz` and `/readyz`.
+struct Ops {
+    ready: Arc<AtomicBool>,
+}
+
+#[async_trait]
+impl ServeHttp for Ops {
+    async fn response(&self, session: &mut ServerSession) -> http::Response<Vec<u8>> {
+        let (status, body): (u16, &str) = match session.req_header().uri.path() {
+            "/healthz" => (200, r#"{"status":"ok"}"#),
+            "/readyz" if self.ready.load(Ordering::Acquire) => (200, r#"{"status":"ready"}"#),
+            "/readyz" => (503, r#"{"status":"shutting_down"}"#),
+            _ => (404, r#"{"error":"not_found","message":"the ops listener serves /healthz and /readyz"}"#),
+        };
+        http::Response::builder()
+            .status(status)
+            .header("content-type", "application/json")
+            .header("content-length", body.len())
+            .body(body.as_bytes().to_vec())
+            .unwrap_or_default()
+    }
+}
+
+/// Forgets nonces whose authorizations expired long ago.
+struct NonceGc {
+    store: Store,
+}
+
+#[async_trait]
+impl BackgroundService for NonceGc {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        loop {
+            tokio::select! {
+                _ = shutdown.changed() => return,
+                () = tokio::time::sleep(NONCE_GC_EVERY) => {}
+            }
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            match self.store.forget_expired_nonces(now) {
+                Ok(removed) => tracing::debug!(removed, held = self.store.nonce_count(), "expired nonces collected"),
+                Err(e) => tracing::warn!(error = %e, "collecting expired nonces failed"),
+            }
+        }
+    }
+}
+
+/// Pingora's Unix signals, with readiness dropped the moment a shutdown is requested.
+struct Signals {
+    ready: Arc<AtomicBool>,
+}
+
+#[async_trait]
+impl ShutdownSignalWatch for Signals {
+    async fn recv(&self) -> ShutdownSignal {
+        let signal = pingora::server::UnixShutdownSignalWatch.recv().await;
+        self.ready.store(false, Ordering::Release);
+        tracing::info!(?signal, "shutdown requested; readiness is now false");
+        signal
+    }
+}

@@ -1,0 +1,518 @@
+//! What the end-to-end tests run against, all on loopback and ephemeral ports:
+//! - [`Upstream`]: a real HTTP/1.1 server (hyper) that echoes what it received as JSON, answers
+//!   `/status/NNN` anywhere in the path with that status, sleeps on `/slow/MS`, and counts
+//!   the requests it saw.
+//! - [`Facilitator`]: an x402 facilitator (`/verify`, `/settle`, `/supported`) that checks the
+//!   EIP-712 signature itself with alloy, refuses a used nonce, and records what it settled.
+//! - [`Sidecar`]: the real `tollgate` binary, started with a config and policy in a scratch
+//!   directory, ready when `/readyz` says so, killed on drop.
+//! - [`Wallet`]: a buyer that signs real EIP-3009 authorizations with a throwaway key.
+
+use std::collections::HashSet;
+use std::convert::Infallible;
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use alloy::primitives::{Address, B256, U256, keccak256};
+use alloy::signers::SignerSync;
+use alloy::signers::local::PrivateKeySigner;
+use alloy::sol_types::{SolStruct, eip712_domain};
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper::{Request, Response};
+use hyper_util::rt::TokioIo;
+use serde_json::{Value, json};
+
+alloy::sol! {
+    struct TransferWithAuthorization {
+        address from;
+        address to;
+        uint256 value;
+        uint256 validAfter;
+        uint256 validBefore;
+        bytes32 nonce;
+    }
+}
+
+/// The pay-to address of the test policies (the captured vectors' payee).
+pub const PAY_TO: &str = "0x710D094d04ac8B4eE234D26c53ba15A1Dce203d1";
+pub const BASE_SEPOLIA_USDC: &str = "0x036CbD53842c5426634e7929541eC2318f3dCF7e";
+
+/// An HTTP client (reqwest is built without its own TLS provider; install ring first).
+pub fn client() -> reqwest::Client {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::Client::new()
+}
+
+pub fn now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs()
+}
+
+/// A port nothing listens on (bound, then released).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+pub fn scratch_dir(name: &str) -> PathBuf {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    let dir = std::env::temp_dir().join(format!(
+        "tollgate-e2e-{name}-{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+type Handler = Arc<dyn Fn(Request<Bytes>) -> Response<Full<Bytes>> + Send + Sync>;
+
+/// Serves `handler` on an ephemeral loopback port until the runtime ends.
+async fn serve(handler: Handler) -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else { return };
+            let handler = handler.clone();
+            tokio::spawn(async move {
+                let service = service_fn(move |req: Request<Incoming>| {
+                    let handler = handler.clone();
+                    async move {
+                        let (parts, body) = req.into_parts();
+                        let body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+                        let path = parts.uri.path().to_string();
+                        if let Some(ms) = segment_after(&path, "slow") {
+                            tokio::time::sleep(Duration::from_millis(ms)).await;
+                        }
+                        Ok::<_, Infallible>(handler(Request::from_parts(parts, body)))
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+fn segment_after(path: &str, name: &str) -> Option<u64> {
+    let mut parts = path.split('/');
+    parts.find(|p| *p == name)?;
+    parts.next()?.parse().ok()
+}
+
+fn json_response(status: u16, value: &Value) -> Response<Full<Bytes>> {
+    Response::builder()
+        .status(status)
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(serde_json::to_vec(value).unwrap())))
+        .unwrap()
+}
+
+/// The upstream service the sidecar protects.
+pub struct Upstream {
+    pub addr: SocketAddr,
+    pub seen: Arc<AtomicUsize>,
+}
+
+impl Upstream {
+    pub async fn start() -> Upstream {
+        let seen = Arc::new(AtomicUsize::new(0));
+        let counter = seen.clone();
+        let addr = serve(Arc::new(move |req: Request<Bytes>| {
+            counter.fetch_add(1, Ordering::SeqCst);
+            let path = req.uri().path().to_string();
+            if path.starts_with("/echo") || path.contains("/echo/") {
+                return Response::builder()
+                    .status(200)
+                    .header("content-type", "application/octet-stream")
+                    .header("x-upstream-body-len", req.body().len().to_string())
+                    .body(Full::new(req.body().clone()))
+                    .unwrap();
+            }
+            let status = segment_after(&path, "status").map_or(200, |s| s as u16);
+            let headers: serde_json::Map<String, Value> = req
+                .headers()
+                .iter()
+                .map(|(k, v)| (k.as_str().to_string(), json!(v.to_str().unwrap_or("<binary>"))))
+                .collect();
+            json_response(
+                status,
+                &json!({
+                    "method": req.method().as_str(),
+                    "uri": req.uri().to_string(),
+                    "headers": headers,
+                    "body_len": req.body().len(),
+                }),
+            )
+        }))
+        .await;
+        Upstream { addr, seen }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn seen(&self) -> usize {
+        self.seen.load(Ordering::SeqCst)
+    }
+}
+
+/// How the test facilitator behaves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FacilitatorMode {
+    Honest,
+    /// Answers every `/settle` with `success: false` (`insufficient_funds`).
+    Refuse,
+    /// Answers every `/settle` with a 500.
+    Broken,
+}
+
+#[derive(Debug, Clone)]
+pub struct Settled {
+    pub x402_version: u64,
+    pub payer: Address,
+    pub nonce: B256,
+    pub value: U256,
+}
+
+/// An x402 facilitator that really checks what it settles.
+pub struct Facilitator {
+    pub addr: SocketAddr,
+    pub settled: Arc<Mutex<Vec<Settled>>>,
+    pub mode: Arc<Mutex<FacilitatorMode>>,
+}
+
+impl Facilitator {
+    pub async fn start() -> Facilitator {
+        let settled = Arc::new(Mutex::new(Vec::new()));
+        let mode = Arc::new(Mutex::new(FacilitatorMode::Honest));
+        let used: Arc<Mutex<HashSet<(Address, B256)>>> = Arc::default();
+        let (log, current) = (settled.clone(), mode.clone());
+        let addr = serve(Arc::new(move |req: Request<Bytes>| {
+            let path = req.uri().path().to_string();
+            if path == "/supported" {
+                return json_response(
+                    200,
+                    &json!({"kinds": [
+                        {"x402Version": 1, "scheme": "exact", "network": "base-sepolia"},
+                        {"x402Version": 2, "scheme": "exact", "network": "eip155:84532"}
+                    ]}),
+                );
+            }
+            let Ok(body) = serde_json::from_slice::<Value>(req.body()) else {
+                return json_response(400, &json!({"error": "not json"}));
+            };
+            let checked = check_settlement(&body);
+            match path.as_str() {
+                "/verify" => match checked {
+                    Ok(s) if !used.lock().unwrap().contains(&(s.payer, s.nonce)) => {
+                        json_response(200, &json!({"isValid": true, "payer": s.payer.to_checksum(None)}))
+                    }
+                    Ok(_) => json_response(200, &json!({"isValid": false, "invalidReason": "nonce_already_used"})),
+                    Err(reason) => json_response(200, &json!({"isValid": false, "invalidReason": reason})),
+                },
+                "/settle" => {
+                    let network = network_of(&body);
+                    match *current.lock().unwrap() {
+                        FacilitatorMode::Broken => return json_response(500, &json!({"error": "boom"})),
+                        FacilitatorMode::Refuse => {
+                            return json_response(200, &json!({"success": false, "errorReason": "insufficient_funds", "transaction": "", "network": network}));
+                        }
+                        FacilitatorMode::Honest => {}
+                    }
+                    match checked {
+                        Ok(s) => {
+                            if !used.lock().unwrap().insert((s.payer, s.nonce)) {
+                                return json_response(200, &json!({"success": false, "errorReason": "nonce_already_used", "transaction": "", "network": network}));
+                            }
+                            let tx = keccak256(s.nonce);
+                            let payer = s.payer.to_checksum(None);
+                            log.lock().unwrap().push(s);
+                            json_response(200, &json!({"success": true, "transaction": tx.to_string(), "network": network, "payer": payer}))
+                        }
+                        Err(reason) => json_response(200, &json!({"success": false, "errorReason": reason, "transaction": "", "network": network})),
+                    }
+                }
+                _ => json_response(404, &json!({"error": "not found"})),
+            }
+        }))
+        .await;
+        Facilitator { addr, settled, mode }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn settled(&self) -> Vec<Settled> {
+        self.settled.lock().unwrap().clone()
+    }
+
+    pub fn set_mode(&self, mode: FacilitatorMode) {
+        *self.mode.lock().unwrap() = mode;
+    }
+}
+
+fn network_of(body: &Value) -> String {
+    body["paymentRequirements"]["network"].as_str().unwrap_or("").to_string()
+}
+
+/// The facilitator's own verification, independent of tollgate's code.
+fn check_settlement(body: &Value) -> Result<Settled, &'static str> {
+    let version = body["x402Version"].as_u64().ok_or("invalid_x402_version")?;
+    let req = &body["paymentRequirements"];
+    let auth = &body["paymentPayload"]["payload"]["authorization"];
+    let chain_id: u64 = match req["network"].as_str().ok_or("invalid_network")? {
+        "base-sepolia" => 84532,
+        "base" => 8453,
+        other => other.strip_prefix("eip155:").and_then(|n| n.parse().ok()).ok_or("invalid_network")?,
+    };
+    let amount = req["amount"].as_str().or(req["maxAmountRequired"].as_str()).ok_or("invalid_payment_requirements")?;
+    let addr = |v: &Value| v.as_str().and_then(|s| s.parse::<Address>().ok()).ok_or("invalid_payload");
+    let num = |v: &Value| v.as_str().and_then(|s| U256::from_str_radix(s, 10).ok()).ok_or("invalid_payload");
+    let message = TransferWithAuthorization {
+        from: addr(&auth["from"])?,
+        to: addr(&auth["to"])?,
+        value: num(&auth["value"])?,
+        validAfter: num(&auth["validAfter"])?,
+        validBefore: num(&auth["validBefore"])?,
+        nonce: auth["nonce"].as_str().and_then(|s| s.parse::<B256>().ok()).ok_or("invalid_payload")?,
+    };
+    if message.to != addr(&req["payTo"])? {
+        return Err("invalid_exact_evm_payload_recipient_mismatch");
+    }
+    if message.value != U256::from_str_radix(amount, 10).map_err(|_| "invalid_payment_requirements")? {
+        return Err("invalid_exact_evm_payload_authorization_value");
+    }
+    let domain = eip712_domain! {
+        name: req["extra"]["name"].as_str().unwrap_or("").to_string(),
+        version: req["extra"]["version"].as_str().unwrap_or("").to_string(),
+        chain_id: chain_id,
+        verifying_contract: addr(&req["asset"])?,
+    };
+    let signature: alloy::primitives::Signature = body["paymentPayload"]["payload"]["signature"]
+        .as_str()
+        .and_then(|s| s.parse().ok())
+        .ok_or("invalid_exact_evm_payload_signature")?;
+    let signer = signature
+        .recover_address_from_prehash(&message.eip712_signing_hash(&domain))
+        .map_err(|_| "invalid_exact_evm_payload_signature")?;
+    if signer != message.from {
+        return Err("invalid_exact_evm_payload_signature");
+    }
+    Ok(Settled { x402_version: version, payer: signer, nonce: message.nonce, value: message.value })
+}
+
+/// A running `tollgate run`.
+pub struct Sidecar {
+    pub child: Child,
+    pub port: u16,
+    pub ops_port: u16,
+    pub dir: PathBuf,
+}
+
+impl Sidecar {
+    /// Starts the sidecar in `dir` (which holds `policy.toll`), proxying to `upstream`.
+    pub async fn start(dir: &Path, upstream: &str) -> Sidecar {
+        let port = free_port();
+        let ops_port = free_port();
+        let config = format!(
+            "listen: 127.0.0.1:{port}\nupstream: {upstream}\npublic_url: https://api.example.com\npolicies: [policy.toll]\nstore: data\nops:\n  listen: 127.0.0.1:{ops_port}\nadmin:\n  listen: 127.0.0.1:{}\nlog:\n  level: info\n",
+            free_port()
+        );
+        std::fs::write(dir.join("tollgate.yaml"), config).unwrap();
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("sidecar.log")).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_tollgate"))
+            .args(["run", "--config", "tollgate.yaml"])
+            .current_dir(dir)
+            .env_remove("RUST_LOG")
+            .env_remove("TOLLGATE_CONFIG")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let mut sidecar = Sidecar { child, port, ops_port, dir: dir.to_path_buf() };
+        sidecar.wait_ready().await;
+        sidecar
+    }
+
+    async fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let client = client();
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                panic!("tollgate exited with {status} before it was ready:\n{}", self.log());
+            }
+            if let Ok(r) = client.get(self.ops_url("/readyz")).send().await
+                && r.status() == 200
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        panic!("tollgate was not ready within 20 s:\n{}", self.log());
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    pub fn ops_url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.ops_port)
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("sidecar.log")).unwrap_or_default()
+    }
+
+    /// SIGKILL: no destructor, no flush.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Sends a signal by name (`TERM`, `INT`).
+    pub fn signal(&self, name: &str) {
+        let status = Command::new("kill").args([&format!("-{name}"), &self.child.id().to_string()]).status().unwrap();
+        assert!(status.success());
+    }
+
+    pub fn wait_exit(&mut self, within: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "tollgate did not exit within {within:?}:\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Sidecar {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A buyer with a throwaway key.
+pub struct Wallet {
+    pub signer: PrivateKeySigner,
+}
+
+/// How to bend an authorization for negative tests.
+#[derive(Debug, Clone, Default)]
+pub struct Tweak {
+    pub to: Option<Address>,
+    pub value: Option<U256>,
+    pub valid_after: Option<u64>,
+    pub valid_before: Option<u64>,
+    pub nonce: Option<B256>,
+    /// Sign under this EIP-712 domain name instead of the offered one.
+    pub domain_name: Option<String>,
+    /// Sign under this chain id instead of the offered one.
+    pub chain_id: Option<u64>,
+    /// Replace s by n - s (and flip v): same signer, non-canonical.
+    pub high_s: bool,
+    /// Sign with this other key but claim to be the wallet.
+    pub impostor: bool,
+}
+
+impl Wallet {
+    pub fn new(seed: u8) -> Wallet {
+        Wallet { signer: PrivateKeySigner::from_bytes(&B256::repeat_byte(seed)).unwrap() }
+    }
+
+    pub fn address(&self) -> Address {
+        self.signer.address()
+    }
+
+    /// The `payload` object: a signed authorization for one `accepts` entry (v1 or v2 shape).
+    pub fn authorize(&self, entry: &Value, tweak: &Tweak) -> Value {
+        static NONCES: AtomicUsize = AtomicUsize::new(0);
+        let now = now();
+        let chain_id = match entry["network"].as_str().unwrap() {
+            "base-sepolia" => 84532,
+            "base" => 8453,
+            caip2 => caip2.strip_prefix("eip155:").unwrap().parse().unwrap(),
+        };
+        let amount = entry["amount"].as_str().or(entry["maxAmountRequired"].as_str()).unwrap();
+        let nonce = tweak.nonce.unwrap_or_else(|| {
+            keccak256(format!("{}-{}-{:?}", std::process::id(), NONCES.fetch_add(1, Ordering::Relaxed), Instant::now()))
+        });
+        let message = TransferWithAuthorization {
+            from: self.address(),
+            to: tweak.to.unwrap_or_else(|| entry["payTo"].as_str().unwrap().parse().unwrap()),
+            value: tweak.value.unwrap_or_else(|| U256::from_str_radix(amount, 10).unwrap()),
+            validAfter: U256::from(tweak.valid_after.unwrap_or(now - 600)),
+            validBefore: U256::from(tweak.valid_before.unwrap_or(now + entry["maxTimeoutSeconds"].as_u64().unwrap())),
+            nonce,
+        };
+        let domain = eip712_domain! {
+            name: tweak.domain_name.clone().unwrap_or_else(|| entry["extra"]["name"].as_str().unwrap().to_string()),
+            version: entry["extra"]["version"].as_str().unwrap().to_string(),
+            chain_id: tweak.chain_id.unwrap_or(chain_id),
+            verifying_contract: entry["asset"].as_str().unwrap().parse::<Address>().unwrap(),
+        };
+        let hash = message.eip712_signing_hash(&domain);
+        let signer = if tweak.impostor { &Wallet::new(0x99).signer } else { &self.signer };
+        let mut signature = signer.sign_hash_sync(&hash).unwrap().as_bytes();
+        if tweak.high_s {
+            let n = U256::from_str_radix("fffffffffffffffffffffffffffffffebaaedce6af48a03bbfd25e8cd0364141", 16).unwrap();
+            let s = U256::from_be_slice(&signature[32..64]);
+            signature[32..64].copy_from_slice(&(n - s).to_be_bytes::<32>());
+            signature[64] = if signature[64] == 27 { 28 } else { 27 };
+        }
+        json!({
+            "signature": format!("0x{}", alloy::hex::encode(signature)),
+            "authorization": {
+                "from": self.address().to_checksum(None),
+                "to": message.to.to_checksum(None),
+                "value": message.value.to_string(),
+                "validAfter": message.validAfter.to_string(),
+                "validBefore": message.validBefore.to_string(),
+                "nonce": nonce.to_string(),
+            }
+        })
+    }
+
+    /// A `PAYMENT-SIGNATURE` header value paying a v2 `accepts` entry.
+    pub fn pay_v2(&self, accepted: &Value, tweak: &Tweak) -> String {
+        encode(&json!({
+            "x402Version": 2,
+            "resource": {"url": "https://api.example.com/paid"},
+            "accepted": accepted,
+            "payload": self.authorize(accepted, tweak),
+        }))
+    }
+
+    /// An `X-PAYMENT` header value paying a v1 `accepts` entry.
+    pub fn pay_v1(&self, requirements: &Value, tweak: &Tweak) -> String {
+        encode(&json!({
+            "x402Version": 1,
+            "scheme": "exact",
+            "network": requirements["network"],
+            "payload": self.authorize(requirements, tweak),
+        }))
+    }
+}
+
+pub fn encode(value: &Value) -> String {
+    STANDARD.encode(serde_json::to_vec(value).unwrap())
+}
+
+pub fn decode(header: &str) -> Value {
+    serde_json::from_slice(&STANDARD.decode(header).unwrap()).unwrap()
+}

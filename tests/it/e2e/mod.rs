@@ -1,0 +1,125 @@
+//! End-to-end: the real `tollgate` binary between a real HTTP client, a real upstream and a
+//! facilitator that checks signatures, all on loopback. See [`harness`].
+
+mod harness;
+mod lifecycle;
+mod payments;
+mod proxying;
+mod settlement;
+
+use std::path::PathBuf;
+
+use harness::{Facilitator, Sidecar, Upstream, Wallet, scratch_dir};
+use serde_json::Value;
+
+/// The policy most tests run: every kind of route, two networks, a facilitator.
+pub fn policy(facilitator: &str) -> String {
+    format!(
+        r#"service "e2e" {{
+  pay_to {pay_to}
+  accept x402 on base-sepolia, base
+  accept prepaid header "x-api-key"
+  settle via facilitator "{facilitator}" after response
+  default deny
+
+  route GET "/free/**" {{ free }}
+  route * "/echo/**" {{ free }}
+  route * "/paid/**" {{
+    price 0.01 USDC
+    description "A paid thing"
+    mime "application/json"
+  }}
+  route GET "/first/**" {{
+    price 0.02 USDC
+    settle before response
+    description "Settled before the upstream sees it"
+  }}
+  route GET "/hybrid" {{ price 0.01 USDC or 2 credits }}
+  route GET "/credits" {{ price 5 credits }}
+  route GET "/vip/**" {{
+    price 0.01 USDC
+    allow payers 0x000000000000000000000000000000000000bEEF
+  }}
+  route GET "/impatient/**" {{
+    price 0.01 USDC
+    timeout 1s
+  }}
+  route * "/internal/**" {{ deny }}
+}}
+"#,
+        pay_to = harness::PAY_TO
+    )
+}
+
+/// Upstream, facilitator and sidecar for one test.
+pub struct World {
+    pub upstream: Upstream,
+    pub facilitator: Facilitator,
+    pub sidecar: Sidecar,
+    pub dir: PathBuf,
+    pub http: reqwest::Client,
+    pub wallet: Wallet,
+}
+
+impl World {
+    pub async fn start(name: &str) -> World {
+        let upstream = Upstream::start().await;
+        let facilitator = Facilitator::start().await;
+        World::start_with(name, upstream, facilitator, None).await
+    }
+
+    pub async fn start_with(
+        name: &str,
+        upstream: Upstream,
+        facilitator: Facilitator,
+        upstream_url: Option<String>,
+    ) -> World {
+        let dir = scratch_dir(name);
+        std::fs::write(dir.join("policy.toll"), policy(&facilitator.url())).unwrap();
+        let url = upstream_url.unwrap_or_else(|| upstream.url());
+        let sidecar = Sidecar::start(&dir, &url).await;
+        World {
+            upstream,
+            facilitator,
+            sidecar,
+            dir,
+            http: harness::client(),
+            wallet: Wallet::new(0x42),
+        }
+    }
+
+    pub fn get(&self, path: &str) -> reqwest::RequestBuilder {
+        self.http.get(self.sidecar.url(path))
+    }
+
+    /// Asks for `path` without paying; returns the 402's v2 `accepts` and v1 body.
+    pub async fn challenge(&self, path: &str) -> (Value, Value) {
+        let response = self.get(path).send().await.unwrap();
+        assert_eq!(response.status(), 402, "{path}");
+        let v2 = harness::decode(response.headers()["payment-required"].to_str().unwrap());
+        let v1: Value = response.json().await.unwrap();
+        (v2, v1)
+    }
+
+    /// Pays for `path` with a v2 payment built by `tweak`, returns the response.
+    pub async fn pay_v2(&self, path: &str, tweak: &harness::Tweak) -> reqwest::Response {
+        let (v2, _) = self.challenge(path).await;
+        let header = self.wallet.pay_v2(&v2["accepts"][0], tweak);
+        self.get(path).header("payment-signature", header).send().await.unwrap()
+    }
+
+    pub async fn pay_v1(&self, path: &str, tweak: &harness::Tweak) -> reqwest::Response {
+        let (_, v1) = self.challenge(path).await;
+        let header = self.wallet.pay_v1(&v1["accepts"][0], tweak);
+        self.get(path).header("x-payment", header).send().await.unwrap()
+    }
+}
+
+/// Reads a JSON error body and checks its code.
+pub async fn expect_error(response: reqwest::Response, status: u16, code: &str) -> Value {
+    let got = response.status().as_u16();
+    let body: Value = response.json().await.unwrap();
+    assert_eq!((got, body["error"].as_str()), (status, Some(code)), "{body:#}");
+    assert!(body["message"].as_str().is_some_and(|m| !m.is_empty()), "{body:#}");
+    body
+}

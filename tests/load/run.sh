@@ -1,0 +1,108 @@
+#!/usr/bin/env bash
+# Loopback load test: req/s, p50 and p99 for
+#   direct upstream | nginx reverse proxy | tollgate free route | tollgate paid route (x402 v2,
+#   pre-signed unique payments, verified, nonce recorded durably, settled with a stub facilitator)
+# all against the same trivial upstream, in one run (everything shares the machine's cores, so
+# compare ratios within a run, never absolute figures across runs).
+#
+# Needs: wrk and nginx (Debian: apt-get install -y wrk nginx-light), a release build.
+# Usage: tests/load/run.sh [duration seconds, default 10] [connections, default 50]
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+DURATION=${1:-10}
+CONNS=${2:-50}
+MODERATE=4   # connections for the latency-at-moderate-load row
+WORK=$(mktemp -d)
+trap 'kill $(jobs -p) 2>/dev/null || true; nginx -c "$WORK/nginx.conf" -s stop 2>/dev/null || true; rm -rf "$WORK"' EXIT
+
+command -v wrk >/dev/null || { echo "wrk is missing: apt-get install -y wrk" >&2; exit 2; }
+command -v nginx >/dev/null || { echo "nginx is missing: apt-get install -y nginx-light" >&2; exit 2; }
+cargo build --release --quiet --bin tollgate --example load_upstream --example presign
+BIN=target/release
+
+UP=127.0.0.1:18080; NGINX=127.0.0.1:18081; GATE=127.0.0.1:18402; OPS=127.0.0.1:19402
+"$BIN/examples/load_upstream" "$UP" & sleep 0.3
+
+cat > "$WORK/nginx.conf" <<NGINX
+worker_processes 2;
+pid $WORK/nginx.pid;
+error_log $WORK/nginx-error.log;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  upstream app { server $UP; keepalive 64; }
+  server {
+    listen $NGINX;
+    location / { proxy_pass http://app; proxy_http_version 1.1; proxy_set_header Connection ""; }
+  }
+}
+NGINX
+nginx -c "$WORK/nginx.conf"
+
+mkdir -p "$WORK/policies"
+cat > "$WORK/policies/load.toll" <<POLICY
+service "load" {
+  pay_to 0x710D094d04ac8B4eE234D26c53ba15A1Dce203d1
+  accept x402 on base-sepolia
+  settle via facilitator "http://$UP" after response
+  timeout 600s
+  default deny
+  route GET "/free" { free }
+  route GET "/paid" { price 0.001 USDC }
+}
+POLICY
+cat > "$WORK/tollgate.yaml" <<YAML
+listen: $GATE
+upstream: http://$UP
+policies: [$WORK/policies/load.toll]
+store: $WORK/data
+ops: { listen: $OPS }
+log: { level: warn }
+YAML
+"$BIN/tollgate" run --config "$WORK/tollgate.yaml" 2>"$WORK/tollgate.log" &
+for _ in $(seq 100); do curl -sf "http://$OPS/readyz" >/dev/null && break; sleep 0.1; done
+
+# Enough unique payments for the paid runs at up to 20k req/s.
+PAYMENTS=$(( (DURATION + 2) * 20000 ))
+"$BIN/examples/presign" "http://$GATE/paid" "$PAYMENTS" "$WORK/payments.txt"
+
+cat > "$WORK/paid.lua" <<'LUA'
+local headers = {}
+local i = 0
+init = function(args)
+  for line in io.lines(args[1]) do headers[#headers + 1] = line end
+end
+request = function()
+  i = i + 1
+  return wrk.format("GET", "/paid", { ["PAYMENT-SIGNATURE"] = headers[i] })
+end
+LUA
+
+run() { # name url conns [lua args...]
+  local name=$1 url=$2 conns=$3; shift 3
+  local out
+  if [ $# -gt 0 ]; then
+    out=$(wrk -t1 -c"$conns" -d"${DURATION}s" --latency -s "$WORK/paid.lua" "$url" -- "$@")
+  else
+    out=$(wrk -t1 -c"$conns" -d"${DURATION}s" --latency "$url")
+  fi
+  local rps p50 p99 errors
+  rps=$(awk '/Requests\/sec/ {print $2}' <<<"$out")
+  p50=$(awk '$1=="50%" {print $2}' <<<"$out")
+  p99=$(awk '$1=="99%" {print $2}' <<<"$out")
+  errors=$(awk '/Non-2xx/ {print $5}' <<<"$out")
+  printf "| %-28s | %5s | %10s | %9s | %9s | %s\n" "$name" "$conns" "$rps" "$p50" "$p99" "${errors:-0} non-2xx"
+}
+
+echo "| target                       | conns |      req/s |       p50 |       p99 |"
+echo "|------------------------------|-------|------------|-----------|-----------|"
+run "direct upstream"             "http://$UP/free"    "$CONNS"
+run "nginx reverse proxy"         "http://$NGINX/free" "$CONNS"
+run "tollgate free route"         "http://$GATE/free"  "$CONNS"
+split -n l/2 "$WORK/payments.txt" "$WORK/pay."
+run "tollgate paid route (x402)"  "http://$GATE/paid"  "$CONNS" "$WORK/pay.aa"
+run "direct upstream"             "http://$UP/free"    "$MODERATE"
+run "tollgate free route"         "http://$GATE/free"  "$MODERATE"
+run "tollgate paid route (x402)"  "http://$GATE/paid"  "$MODERATE" "$WORK/pay.ab"
+echo
+echo "tollgate RSS after the run: $(ps -o rss= -p "$(pgrep -f "tollgate run --config $WORK")" | awk '{printf "%.1f MiB", $1/1024}')"
