@@ -15,17 +15,24 @@ const OK: &[u8] = br#"{"ok":true}"#;
 const SETTLED: &[u8] = br#"{"success":true,"transaction":"0x0000000000000000000000000000000000000000000000000000000000000001","network":"eip155:84532"}"#;
 
 async fn answer(req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
-    let body = if req.uri().path() == "/settle" { SETTLED } else { OK };
+    let body = if req.uri().path() == "/settle" {
+        SETTLED
+    } else {
+        OK
+    };
     let mut response = Response::new(Full::new(Bytes::from_static(body)));
-    response
-        .headers_mut()
-        .insert("content-type", hyper::header::HeaderValue::from_static("application/json"));
+    response.headers_mut().insert(
+        "content-type",
+        hyper::header::HeaderValue::from_static("application/json"),
+    );
     Ok(response)
 }
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> std::io::Result<()> {
-    let addr = std::env::args().nth(1).unwrap_or_else(|| "127.0.0.1:18080".into());
+    let addr = std::env::args()
+        .nth(1)
+        .unwrap_or_else(|| "127.0.0.1:18080".into());
     let listener = tokio::net::TcpListener::bind(&addr).await?;
     loop {
         let (stream, _) = listener.accept().await?;

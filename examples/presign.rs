@@ -40,8 +40,15 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .ok_or("no PAYMENT-REQUIRED header: is the route paid?")?
         .to_str()?;
     let required: Value = serde_json::from_slice(&STANDARD.decode(challenge)?)?;
-    let entry = required["accepts"].get(0).ok_or("no accepts entry")?.clone();
-    let chain_id: u64 = entry["network"].as_str().and_then(|n| n.strip_prefix("eip155:")).ok_or("network")?.parse()?;
+    let entry = required["accepts"]
+        .get(0)
+        .ok_or("no accepts entry")?
+        .clone();
+    let chain_id: u64 = entry["network"]
+        .as_str()
+        .and_then(|n| n.strip_prefix("eip155:"))
+        .ok_or("network")?
+        .parse()?;
     let domain = eip712_domain! {
         name: entry["extra"]["name"].as_str().ok_or("extra.name")?.to_string(),
         version: entry["extra"]["version"].as_str().ok_or("extra.version")?.to_string(),
@@ -51,8 +58,13 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let signer = PrivateKeySigner::from_bytes(&B256::repeat_byte(0x42))?;
     let pay_to: Address = entry["payTo"].as_str().ok_or("payTo")?.parse()?;
     let value = U256::from_str_radix(entry["amount"].as_str().ok_or("amount")?, 10)?;
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs();
-    let valid_before = now + entry["maxTimeoutSeconds"].as_u64().ok_or("maxTimeoutSeconds")?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs();
+    let valid_before = now
+        + entry["maxTimeoutSeconds"]
+            .as_u64()
+            .ok_or("maxTimeoutSeconds")?;
     let run = keccak256(now.to_be_bytes());
     let mut file = std::io::BufWriter::new(std::fs::File::create(out)?);
     for i in 0..count {

@@ -48,9 +48,8 @@ pub fn run(config: &Config) -> Result<(), String> {
         Backend::Facilitator { url } => Some(Facilitator::new(url, SETTLE_TIMEOUT)?),
         Backend::None | Backend::Rpc { .. } => None,
     };
-    let store = Store::open(&config.store).map_err(|e| {
-        format!("cannot open the store at {}: {e}", config.store.display())
-    })?;
+    let store = Store::open(&config.store)
+        .map_err(|e| format!("cannot open the store at {}: {e}", config.store.display()))?;
 
     let conf = ServerConf {
         threads: std::thread::available_parallelism().map_or(2, |n| n.get()),
@@ -73,16 +72,32 @@ pub fn run(config: &Config) -> Result<(), String> {
         ops = %config.ops.listen,
         "tollgate starting"
     );
-    let gate = Gate::new(policy, store.clone(), facilitator, upstream, config.public_url.clone());
+    let gate = Gate::new(
+        policy,
+        store.clone(),
+        facilitator,
+        upstream,
+        config.public_url.clone(),
+    );
     let mut proxy = pingora::proxy::http_proxy_service_with_name(&conf, gate, "tollgate proxy");
     proxy.add_tcp(&config.listen.to_string());
 
     let ready = Arc::new(AtomicBool::new(true));
-    let mut ops = Service::new("tollgate ops".to_string(), Ops { ready: ready.clone() });
+    let mut ops = Service::new(
+        "tollgate ops".to_string(),
+        Ops {
+            ready: ready.clone(),
+        },
+    );
     ops.add_tcp(&config.ops.listen.to_string());
     ops.threads = Some(1);
 
-    let mut gc = background_service("nonce gc", NonceGc { store: store.clone() });
+    let mut gc = background_service(
+        "nonce gc",
+        NonceGc {
+            store: store.clone(),
+        },
+    );
     gc.threads = Some(1);
 
     server.add_service(proxy);
@@ -92,14 +107,18 @@ pub fn run(config: &Config) -> Result<(), String> {
         shutdown_signal: Box::new(Signals { ready }),
     });
     tracing::info!("tollgate stopped; flushing the store");
-    store.flush().map_err(|e| format!("flushing the store failed: {e}"))
+    store
+        .flush()
+        .map_err(|e| format!("flushing the store failed: {e}"))
 }
 
 fn init_logging(config: &Config) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .or_else(|_| tracing_subscriber::EnvFilter::try_new(&config.log.level))
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     // A second initialisation (tests embedding the server twice) keeps the first subscriber.
     let _ = match config.log.format {
         LogFormat::Json => builder.json().try_init(),
@@ -118,7 +137,11 @@ fn load_policy(config: &Config) -> Result<Policy, String> {
         let found = if files.is_empty() {
             "none".to_string()
         } else {
-            files.iter().map(|f| f.display().to_string()).collect::<Vec<_>>().join(", ")
+            files
+                .iter()
+                .map(|f| f.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
         };
         return Err(format!(
             "a sidecar serves exactly one service, so `policies` must name one policy file; found {found}"
@@ -181,7 +204,10 @@ impl ServeHttp for Ops {
             "/healthz" => (200, r#"{"status":"ok"}"#),
             "/readyz" if self.ready.load(Ordering::Acquire) => (200, r#"{"status":"ready"}"#),
             "/readyz" => (503, r#"{"status":"shutting_down"}"#),
-            _ => (404, r#"{"error":"not_found","message":"the ops listener serves /healthz and /readyz"}"#),
+            _ => (
+                404,
+                r#"{"error":"not_found","message":"the ops listener serves /healthz and /readyz"}"#,
+            ),
         };
         http::Response::builder()
             .status(status)
@@ -209,7 +235,11 @@ impl BackgroundService for NonceGc {
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs());
             match self.store.forget_expired_nonces(now) {
-                Ok(removed) => tracing::debug!(removed, held = self.store.nonce_count(), "expired nonces collected"),
+                Ok(removed) => tracing::debug!(
+                    removed,
+                    held = self.store.nonce_count(),
+                    "expired nonces collected"
+                ),
                 Err(e) => tracing::warn!(error = %e, "collecting expired nonces failed"),
             }
         }

@@ -45,8 +45,15 @@ impl Gate {
         target: &str,
     ) -> Result<Admitted, Box<Refusal>> {
         let resource = self.resource_url(target);
-        let (Some(terms), Some(route)) = (self.route_terms(route), route.and_then(|id| self.policy.route(id))) else {
-            return Err(Box::new(Refusal::new(503, "internal_error", "the route has no x402 terms")));
+        let (Some(terms), Some(route)) = (
+            self.route_terms(route),
+            route.and_then(|id| self.policy.route(id)),
+        ) else {
+            return Err(Box::new(Refusal::new(
+                503,
+                "internal_error",
+                "the route has no x402 terms",
+            )));
         };
         let refuse = |rejection: Rejection| {
             Box::new(
@@ -62,12 +69,24 @@ impl Gate {
         };
         let decision = policy::decide(&self.policy, request, &buyer);
         if decision.outcome == Outcome::Deny {
-            let code = if decision.why == Why::PayerDenied { "payer_denied" } else { "payer_not_allowed" };
-            return Err(Box::new(Refusal::new(403, code, "this payer may not pay for this route")));
+            let code = if decision.why == Why::PayerDenied {
+                "payer_denied"
+            } else {
+                "payer_not_allowed"
+            };
+            return Err(Box::new(Refusal::new(
+                403,
+                code,
+                "this payer may not pay for this route",
+            )));
         }
 
         let Some(offer) = terms.offers.get(payment.offer) else {
-            return Err(Box::new(Refusal::new(503, "internal_error", "the paid offer is gone")));
+            return Err(Box::new(Refusal::new(
+                503,
+                "internal_error",
+                "the paid offer is gone",
+            )));
         };
         let key = NonceKey {
             chain_id: offer.chain_id,
@@ -80,7 +99,11 @@ impl Gate {
             Ok(Claim::Used) => return Err(refuse(Rejection::Replayed)),
             Err(e) => {
                 tracing::error!(error = %e, "nonce store failed; refusing the payment");
-                let mut refusal = Refusal::new(503, "store_unavailable", "tollgate cannot record payments right now; retry later");
+                let mut refusal = Refusal::new(
+                    503,
+                    "store_unavailable",
+                    "tollgate cannot record payments right now; retry later",
+                );
                 refusal.retry_after = Some(5);
                 return Err(Box::new(refusal));
             }
@@ -125,7 +148,10 @@ impl Gate {
             Version::V2 => offer.caip2.clone(),
         };
         let payer = paid.payment.payer.to_checksum(None);
-        match facilitator.settle(version.number(), &paid.payment.raw, &requirements).await {
+        match facilitator
+            .settle(version.number(), &paid.payment.raw, &requirements)
+            .await
+        {
             Ok(mut receipt) => {
                 receipt.payer.get_or_insert(payer);
                 if receipt.network.is_empty() {
@@ -135,7 +161,10 @@ impl Gate {
             }
             Err(SettleError::Unavailable(why)) => Err(unavailable(why)),
             Err(SettleError::Refused(receipt)) => {
-                let reason = receipt.error_reason.clone().unwrap_or_else(|| "unknown".into());
+                let reason = receipt
+                    .error_reason
+                    .clone()
+                    .unwrap_or_else(|| "unknown".into());
                 let receipt = SettleResponse {
                     success: false,
                     error_reason: Some(reason.clone()),

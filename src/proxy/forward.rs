@@ -19,7 +19,13 @@ use super::Ctx;
 use crate::policy::Policy;
 use crate::x402::wire::{PAYMENT_SIGNATURE, X_PAYMENT};
 
-const HOP_BY_HOP: [&str; 5] = ["keep-alive", "proxy-connection", "proxy-authorization", "te", "trailer"];
+const HOP_BY_HOP: [&str; 5] = [
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authorization",
+    "te",
+    "trailer",
+];
 
 pub fn prepare(upstream: &mut RequestHeader, policy: &Policy, ctx: &Ctx) -> pingora::Result<()> {
     let upgrade = upstream.headers.contains_key("upgrade");
@@ -33,7 +39,11 @@ pub fn prepare(upstream: &mut RequestHeader, policy: &Policy, ctx: &Ctx) -> ping
     if !upgrade {
         for value in upstream.headers.get_all("connection") {
             if let Ok(text) = value.to_str() {
-                remove.extend(text.split(',').map(|t| t.trim().to_ascii_lowercase()).filter(|t| !t.is_empty()));
+                remove.extend(
+                    text.split(',')
+                        .map(|t| t.trim().to_ascii_lowercase())
+                        .filter(|t| !t.is_empty()),
+                );
             }
         }
         remove.push("connection".to_string());

@@ -102,7 +102,13 @@ impl Gate {
     }
 
     /// The 402 for a paid route: the challenge and, for a credits-only route, the key header.
-    fn challenge(&self, route: Option<usize>, target: &str, why: Why, hint: Option<&'static str>) -> Refusal {
+    fn challenge(
+        &self,
+        route: Option<usize>,
+        target: &str,
+        why: Why,
+        hint: Option<&'static str>,
+    ) -> Refusal {
         let terms = self.route_terms(route);
         let (code, message) = match (why, &terms) {
             (Why::KeyShort, Some(_)) => (
@@ -122,7 +128,8 @@ impl Gate {
                 ("api_key_required", format!("this route is paid with prepaid credits: send an API key in `{header}`"))
             }
         };
-        let mut refusal = Refusal::new(402, code, message).with_challenge(terms, self.resource_url(target));
+        let mut refusal =
+            Refusal::new(402, code, message).with_challenge(terms, self.resource_url(target));
         refusal.hint = hint;
         refusal
     }
@@ -131,7 +138,12 @@ impl Gate {
         format!("{}{}", self.public_url, target)
     }
 
-    async fn refuse(&self, session: &mut Session, ctx: &mut Ctx, refusal: Refusal) -> pingora::Result<bool> {
+    async fn refuse(
+        &self,
+        session: &mut Session,
+        ctx: &mut Ctx,
+        refusal: Refusal,
+    ) -> pingora::Result<bool> {
         ctx.outcome = refusal.code;
         let (head, body) = refusal.render(&ctx.request_id)?;
         refusal::write(session, head, body).await?;
@@ -150,10 +162,10 @@ impl ProxyHttp for Gate {
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> pingora::Result<bool> {
         ctx.request_id = self.ids.take_or_make(session.req_header());
         let header = session.req_header();
-        let target = header
-            .uri
-            .path_and_query()
-            .map_or_else(|| header.uri.path().to_string(), |pq| pq.as_str().to_string());
+        let target = header.uri.path_and_query().map_or_else(
+            || header.uri.path().to_string(),
+            |pq| pq.as_str().to_string(),
+        );
         if header.uri.path() == DISCOVERY_PATH {
             return self.discovery(session, ctx).await;
         }
@@ -185,7 +197,8 @@ impl ProxyHttp for Gate {
                     Why::NoRoute(_) => ("no_route", "no route of this service matches the request"),
                     _ => ("route_denied", "this route is closed"),
                 };
-                self.refuse(session, ctx, Refusal::new(403, code, message)).await
+                self.refuse(session, ctx, Refusal::new(403, code, message))
+                    .await
             }
             Outcome::BadRequest(malformed) => {
                 let refusal = Refusal::new(400, "malformed_request", malformed.to_string());
@@ -227,7 +240,11 @@ impl ProxyHttp for Gate {
         }
     }
 
-    async fn upstream_peer(&self, _session: &mut Session, ctx: &mut Ctx) -> pingora::Result<Box<HttpPeer>> {
+    async fn upstream_peer(
+        &self,
+        _session: &mut Session,
+        ctx: &mut Ctx,
+    ) -> pingora::Result<Box<HttpPeer>> {
         let mut peer = self.upstream.clone();
         if let Some(route) = ctx.route.and_then(|id| self.policy.route(id)) {
             peer.options.read_timeout = Some(Duration::from_secs(route.timeout_secs));
@@ -260,7 +277,10 @@ impl ProxyHttp for Gate {
                 Ok(receipt) => paid.receipt = Some(receipt),
                 Err(refusal) => {
                     ctx.refusal = Some(*refusal);
-                    return Err(Error::explain(ErrorType::HTTPStatus(402), "settlement failed"));
+                    return Err(Error::explain(
+                        ErrorType::HTTPStatus(402),
+                        "settlement failed",
+                    ));
                 }
             }
         }
@@ -281,7 +301,10 @@ impl ProxyHttp for Gate {
         let written = match refusal.render(&ctx.request_id) {
             Ok((head, body)) => {
                 session.set_keepalive(None);
-                session.write_response_header(Box::new(head), false).await.is_ok()
+                session
+                    .write_response_header(Box::new(head), false)
+                    .await
+                    .is_ok()
                     && session.write_response_body(Some(body), true).await.is_ok()
             }
             Err(_) => false,
@@ -311,15 +334,35 @@ impl ProxyHttp for Gate {
 /// 502 when the upstream cannot be reached or breaks, 504 when it is too slow.
 fn upstream_failure(e: &Error) -> Refusal {
     match (e.esource(), e.etype()) {
-        (_, ErrorType::HTTPStatus(code)) => Refusal::new(*code, "internal_error", "tollgate could not complete the request"),
-        (ErrorSource::Upstream, ErrorType::ReadTimedout | ErrorType::ConnectTimedout | ErrorType::WriteTimedout) => {
-            Refusal::new(504, "upstream_timeout", "the upstream service did not answer in time")
+        (_, ErrorType::HTTPStatus(code)) => Refusal::new(
+            *code,
+            "internal_error",
+            "tollgate could not complete the request",
+        ),
+        (
+            ErrorSource::Upstream,
+            ErrorType::ReadTimedout | ErrorType::ConnectTimedout | ErrorType::WriteTimedout,
+        ) => Refusal::new(
+            504,
+            "upstream_timeout",
+            "the upstream service did not answer in time",
+        ),
+        (ErrorSource::Upstream, _)
+        | (_, ErrorType::ConnectRefused | ErrorType::ConnectError | ErrorType::ConnectTimedout) => {
+            Refusal::new(
+                502,
+                "upstream_unavailable",
+                "the upstream service is unreachable or closed the connection",
+            )
         }
-        (ErrorSource::Upstream, _) | (_, ErrorType::ConnectRefused | ErrorType::ConnectError | ErrorType::ConnectTimedout) => {
-            Refusal::new(502, "upstream_unavailable", "the upstream service is unreachable or closed the connection")
+        (ErrorSource::Downstream, _) => {
+            Refusal::new(400, "bad_request", "the request could not be read")
         }
-        (ErrorSource::Downstream, _) => Refusal::new(400, "bad_request", "the request could not be read"),
-        _ => Refusal::new(502, "upstream_unavailable", "the request could not be proxied to the upstream service"),
+        _ => Refusal::new(
+            502,
+            "upstream_unavailable",
+            "the request could not be proxied to the upstream service",
+        ),
     }
 }
 
@@ -349,7 +392,9 @@ struct RequestIds {
 
 impl RequestIds {
     fn new() -> RequestIds {
-        let start = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_micros());
+        let start = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_micros());
         RequestIds {
             prefix: format!("{:012x}", start & 0xffff_ffff_ffff),
             next: AtomicU64::new(1),
@@ -357,7 +402,10 @@ impl RequestIds {
     }
 
     fn take_or_make(&self, header: &RequestHeader) -> String {
-        if let Some(given) = header.headers.get("x-request-id").and_then(|v| v.to_str().ok())
+        if let Some(given) = header
+            .headers
+            .get("x-request-id")
+            .and_then(|v| v.to_str().ok())
             && !given.is_empty()
             && given.len() <= 128
             && given.bytes().all(|b| b.is_ascii_graphic())
@@ -370,5 +418,7 @@ impl RequestIds {
 }
 
 fn unix_now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }

@@ -134,7 +134,9 @@ pub async fn write(
         session.set_keepalive(None);
     }
     let head_only = session.req_header().method == http::Method::HEAD;
-    session.write_response_header(Box::new(head), head_only).await?;
+    session
+        .write_response_header(Box::new(head), head_only)
+        .await?;
     if !head_only {
         session.write_response_body(Some(body), true).await?;
     }

@@ -89,7 +89,11 @@ impl Store {
     /// Records an authorization as used, atomically: of any number of concurrent claims of one
     /// key, exactly one gets [`Claim::Fresh`], and only after the record is on disk.
     /// `valid_before` is kept so [`Store::forget_expired_nonces`] can collect it later.
-    pub async fn claim_nonce(&self, key: &NonceKey, valid_before: u64) -> Result<Claim, StoreError> {
+    pub async fn claim_nonce(
+        &self,
+        key: &NonceKey,
+        valid_before: u64,
+    ) -> Result<Claim, StoreError> {
         let swapped = self.nonces.compare_and_swap(
             key.bytes(),
             None::<&[u8]>,
@@ -144,7 +148,8 @@ mod tests {
     }
 
     fn temp_store(name: &str) -> (Store, std::path::PathBuf) {
-        let dir = std::env::temp_dir().join(format!("tollgate-store-{name}-{}", std::process::id()));
+        let dir =
+            std::env::temp_dir().join(format!("tollgate-store-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         (Store::open(&dir).unwrap(), dir)
     }

@@ -62,9 +62,9 @@ impl Rejection {
     /// 400 when the header cannot be read, 402 when it does not pay.
     pub fn status(&self) -> u16 {
         match self {
-            Rejection::Malformed(_) | Rejection::TooLarge { .. } | Rejection::UnsupportedVersion(_) => {
-                400
-            }
+            Rejection::Malformed(_)
+            | Rejection::TooLarge { .. }
+            | Rejection::UnsupportedVersion(_) => 400,
             _ => 402,
         }
     }

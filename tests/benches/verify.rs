@@ -20,7 +20,11 @@ fn terms() -> Terms {
 
 fn fixture(name: &str) -> Vec<u8> {
     let path = format!("{}/tests/fixtures/x402/{name}", env!("CARGO_MANIFEST_DIR"));
-    std::fs::read_to_string(path).unwrap_or_default().trim().as_bytes().to_vec()
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .trim()
+        .as_bytes()
+        .to_vec()
 }
 
 fn bench(c: &mut Criterion) {

@@ -55,15 +55,29 @@ fn the_golden_vector_verifies_inside_its_window() {
         b256!("0xf256992871671abcb27ff92885a7afa46218724e5fc0bac35d050115aa1d22e6")
     );
     let payer = verify::check(&signed, offer, 1_740_672_100).unwrap();
-    assert_eq!(payer, "0x857b06519E91e3A54538791bDbb0E22373e36b66".parse::<Address>().unwrap());
+    assert_eq!(
+        payer,
+        "0x857b06519E91e3A54538791bDbb0E22373e36b66"
+            .parse::<Address>()
+            .unwrap()
+    );
 
     // The window's edges: validAfter is inclusive, validBefore needs 6 s to spare.
     assert!(verify::check(&signed, offer, 1_740_672_089).is_ok());
-    assert!(matches!(verify::check(&signed, offer, 1_740_672_088), Err(Rejection::NotYetValid { .. })));
+    assert!(matches!(
+        verify::check(&signed, offer, 1_740_672_088),
+        Err(Rejection::NotYetValid { .. })
+    ));
     assert!(verify::check(&signed, offer, 1_740_672_148).is_ok());
-    assert!(matches!(verify::check(&signed, offer, 1_740_672_149), Err(Rejection::Expired { .. })));
+    assert!(matches!(
+        verify::check(&signed, offer, 1_740_672_149),
+        Err(Rejection::Expired { .. })
+    ));
     // Today it has long expired.
-    assert!(matches!(verify::check(&signed, offer, 1_795_000_000), Err(Rejection::Expired { .. })));
+    assert!(matches!(
+        verify::check(&signed, offer, 1_795_000_000),
+        Err(Rejection::Expired { .. })
+    ));
 }
 
 #[test]
@@ -72,7 +86,9 @@ fn the_golden_vector_fails_under_the_wrong_domain_name_or_chain() {
     let offer = &terms.route(0).unwrap().offers[0];
     let (auth, signature) = golden();
     let signed = verify::parse(&auth, signature).unwrap();
-    let usdc: Address = "0x036CbD53842c5426634e7929541eC2318f3dCF7e".parse().unwrap();
+    let usdc: Address = "0x036CbD53842c5426634e7929541eC2318f3dCF7e"
+        .parse()
+        .unwrap();
     for (name, chain_id) in [("USD Coin", 84532u64), ("USDC", 8453)] {
         let mut wrong = offer.clone();
         wrong.domain_separator = eip712_domain! {
@@ -82,7 +98,11 @@ fn the_golden_vector_fails_under_the_wrong_domain_name_or_chain() {
             verifying_contract: usdc,
         }
         .separator();
-        assert_eq!(verify::check(&signed, &wrong, 1_740_672_100), Err(Rejection::InvalidSignature), "{name} on {chain_id}");
+        assert_eq!(
+            verify::check(&signed, &wrong, 1_740_672_100),
+            Err(Rejection::InvalidSignature),
+            "{name} on {chain_id}"
+        );
     }
 }
 
@@ -100,11 +120,31 @@ fn capture_terms(description: &str) -> Terms {
 
 #[test]
 fn captured_official_client_payments_verify() {
-    let payer: Address = "0xcA7e383cc471e99f79Bc7cA90A111Fb92E93ac8b".parse().unwrap();
+    let payer: Address = "0xcA7e383cc471e99f79Bc7cA90A111Fb92E93ac8b"
+        .parse()
+        .unwrap();
     for (header, body, description, now, version) in [
-        ("x402-fetch-2.27.0-v2.PAYMENT-SIGNATURE.b64", "x402-fetch-2.27.0-v2.402-body.json", "local x402 v2 test resource", 1_795_215_800, Version::V2),
-        ("x402-fetch-2.27.0-v1.X-PAYMENT.b64", "x402-fetch-2.27.0-v1.402-body.json", "local x402 v1 test resource", 1_795_215_800, Version::V1),
-        ("x402-fetch-1.2.0-v1.X-PAYMENT.b64", "x402-fetch-1.2.0-v1.402-body.json", "local x402 v1 test resource", 1_795_215_800, Version::V1),
+        (
+            "x402-fetch-2.27.0-v2.PAYMENT-SIGNATURE.b64",
+            "x402-fetch-2.27.0-v2.402-body.json",
+            "local x402 v2 test resource",
+            1_795_215_800,
+            Version::V2,
+        ),
+        (
+            "x402-fetch-2.27.0-v1.X-PAYMENT.b64",
+            "x402-fetch-2.27.0-v1.402-body.json",
+            "local x402 v1 test resource",
+            1_795_215_800,
+            Version::V1,
+        ),
+        (
+            "x402-fetch-1.2.0-v1.X-PAYMENT.b64",
+            "x402-fetch-1.2.0-v1.402-body.json",
+            "local x402 v1 test resource",
+            1_795_215_800,
+            Version::V1,
+        ),
     ] {
         let terms = capture_terms(description);
         let route = terms.route(0).unwrap();
@@ -112,16 +152,30 @@ fn captured_official_client_payments_verify() {
         let offered: Value = serde_json::from_str(&fixture(body)).unwrap();
         let ours = serde_json::to_value(&route.accepts[0]).unwrap();
         let theirs = &offered["accepts"][0];
-        for field in ["scheme", "amount", "asset", "payTo", "maxTimeoutSeconds", "extra"] {
+        for field in [
+            "scheme",
+            "amount",
+            "asset",
+            "payTo",
+            "maxTimeoutSeconds",
+            "extra",
+        ] {
             if let Some(value) = theirs.get(field) {
                 assert_eq!(&ours[field], value, "{body}: {field}");
             }
         }
         let header = fixture(header);
-        let payment = verify::verify(header.trim().as_bytes(), route, now).unwrap_or_else(|e| panic!("{header}: {e}"));
-        assert_eq!((payment.payer, payment.version, payment.amount), (payer, version, 10_000));
+        let payment = verify::verify(header.trim().as_bytes(), route, now)
+            .unwrap_or_else(|e| panic!("{header}: {e}"));
+        assert_eq!(
+            (payment.payer, payment.version, payment.amount),
+            (payer, version, 10_000)
+        );
         // Outside the window the same header is refused.
-        assert!(matches!(verify::verify(header.trim().as_bytes(), route, 1_900_000_000), Err(Rejection::Expired { .. })));
+        assert!(matches!(
+            verify::verify(header.trim().as_bytes(), route, 1_900_000_000),
+            Err(Rejection::Expired { .. })
+        ));
     }
 }
 
@@ -133,7 +187,17 @@ fn a_v2_payment_must_echo_an_offered_entry_exactly() {
     // The description is not part of `accepts` in v2, so the entry still matches...
     assert!(verify::verify(header.trim().as_bytes(), route, 1_795_215_800).is_ok());
     // ...but a different price is a different entry.
-    let dearer = terms_for(&service("0x710D094d04ac8B4eE234D26c53ba15A1Dce203d1", "base-sepolia", "").replace("0.01 USDC", "0.02 USDC"));
+    let dearer = terms_for(
+        &service(
+            "0x710D094d04ac8B4eE234D26c53ba15A1Dce203d1",
+            "base-sepolia",
+            "",
+        )
+        .replace("0.01 USDC", "0.02 USDC"),
+    );
     let route = dearer.route(0).unwrap();
-    assert_eq!(verify::verify(header.trim().as_bytes(), route, 1_795_215_800).unwrap_err(), Rejection::AcceptedMismatch);
+    assert_eq!(
+        verify::verify(header.trim().as_bytes(), route, 1_795_215_800).unwrap_err(),
+        Rejection::AcceptedMismatch
+    );
 }

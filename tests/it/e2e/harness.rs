@@ -53,12 +53,19 @@ pub fn client() -> reqwest::Client {
 }
 
 pub fn now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs()
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
 }
 
 /// A port nothing listens on (bound, then released).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 pub fn scratch_dir(name: &str) -> PathBuf {
@@ -81,14 +88,20 @@ async fn serve(handler: Handler) -> SocketAddr {
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
         loop {
-            let Ok((stream, _)) = listener.accept().await else { return };
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
             let handler = handler.clone();
             tokio::spawn(async move {
                 let service = service_fn(move |req: Request<Incoming>| {
                     let handler = handler.clone();
                     async move {
                         let (parts, body) = req.into_parts();
-                        let body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+                        let body = body
+                            .collect()
+                            .await
+                            .map(|b| b.to_bytes())
+                            .unwrap_or_default();
                         let path = parts.uri.path().to_string();
                         if let Some(ms) = segment_after(&path, "slow") {
                             tokio::time::sleep(Duration::from_millis(ms)).await;
@@ -144,7 +157,12 @@ impl Upstream {
             let headers: serde_json::Map<String, Value> = req
                 .headers()
                 .iter()
-                .map(|(k, v)| (k.as_str().to_string(), json!(v.to_str().unwrap_or("<binary>"))))
+                .map(|(k, v)| {
+                    (
+                        k.as_str().to_string(),
+                        json!(v.to_str().unwrap_or("<binary>")),
+                    )
+                })
                 .collect();
             json_response(
                 status,
@@ -249,7 +267,11 @@ impl Facilitator {
             }
         }))
         .await;
-        Facilitator { addr, settled, mode }
+        Facilitator {
+            addr,
+            settled,
+            mode,
+        }
     }
 
     pub fn url(&self) -> String {
@@ -266,7 +288,10 @@ impl Facilitator {
 }
 
 fn network_of(body: &Value) -> String {
-    body["paymentRequirements"]["network"].as_str().unwrap_or("").to_string()
+    body["paymentRequirements"]["network"]
+        .as_str()
+        .unwrap_or("")
+        .to_string()
 }
 
 /// The facilitator's own verification, independent of tollgate's code.
@@ -277,23 +302,42 @@ fn check_settlement(body: &Value) -> Result<Settled, &'static str> {
     let chain_id: u64 = match req["network"].as_str().ok_or("invalid_network")? {
         "base-sepolia" => 84532,
         "base" => 8453,
-        other => other.strip_prefix("eip155:").and_then(|n| n.parse().ok()).ok_or("invalid_network")?,
+        other => other
+            .strip_prefix("eip155:")
+            .and_then(|n| n.parse().ok())
+            .ok_or("invalid_network")?,
     };
-    let amount = req["amount"].as_str().or(req["maxAmountRequired"].as_str()).ok_or("invalid_payment_requirements")?;
-    let addr = |v: &Value| v.as_str().and_then(|s| s.parse::<Address>().ok()).ok_or("invalid_payload");
-    let num = |v: &Value| v.as_str().and_then(|s| U256::from_str_radix(s, 10).ok()).ok_or("invalid_payload");
+    let amount = req["amount"]
+        .as_str()
+        .or(req["maxAmountRequired"].as_str())
+        .ok_or("invalid_payment_requirements")?;
+    let addr = |v: &Value| {
+        v.as_str()
+            .and_then(|s| s.parse::<Address>().ok())
+            .ok_or("invalid_payload")
+    };
+    let num = |v: &Value| {
+        v.as_str()
+            .and_then(|s| U256::from_str_radix(s, 10).ok())
+            .ok_or("invalid_payload")
+    };
     let message = TransferWithAuthorization {
         from: addr(&auth["from"])?,
         to: addr(&auth["to"])?,
         value: num(&auth["value"])?,
         validAfter: num(&auth["validAfter"])?,
         validBefore: num(&auth["validBefore"])?,
-        nonce: auth["nonce"].as_str().and_then(|s| s.parse::<B256>().ok()).ok_or("invalid_payload")?,
+        nonce: auth["nonce"]
+            .as_str()
+            .and_then(|s| s.parse::<B256>().ok())
+            .ok_or("invalid_payload")?,
     };
     if message.to != addr(&req["payTo"])? {
         return Err("invalid_exact_evm_payload_recipient_mismatch");
     }
-    if message.value != U256::from_str_radix(amount, 10).map_err(|_| "invalid_payment_requirements")? {
+    if message.value
+        != U256::from_str_radix(amount, 10).map_err(|_| "invalid_payment_requirements")?
+    {
         return Err("invalid_exact_evm_payload_authorization_value");
     }
     let domain = eip712_domain! {
@@ -312,7 +356,12 @@ fn check_settlement(body: &Value) -> Result<Settled, &'static str> {
     if signer != message.from {
         return Err("invalid_exact_evm_payload_signature");
     }
-    Ok(Settled { x402_version: version, payer: signer, nonce: message.nonce, value: message.value })
+    Ok(Settled {
+        x402_version: version,
+        payer: signer,
+        nonce: message.nonce,
+        value: message.value,
+    })
 }
 
 /// A running `tollgate run`.
@@ -333,7 +382,11 @@ impl Sidecar {
             free_port()
         );
         std::fs::write(dir.join("tollgate.yaml"), config).unwrap();
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("sidecar.log")).unwrap();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("sidecar.log"))
+            .unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_tollgate"))
             .args(["run", "--config", "tollgate.yaml"])
             .current_dir(dir)
@@ -343,7 +396,12 @@ impl Sidecar {
             .stderr(log)
             .spawn()
             .unwrap();
-        let mut sidecar = Sidecar { child, port, ops_port, dir: dir.to_path_buf() };
+        let mut sidecar = Sidecar {
+            child,
+            port,
+            ops_port,
+            dir: dir.to_path_buf(),
+        };
         sidecar.wait_ready().await;
         sidecar
     }
@@ -353,7 +411,10 @@ impl Sidecar {
         let client = client();
         while Instant::now() < deadline {
             if let Some(status) = self.child.try_wait().unwrap() {
-                panic!("tollgate exited with {status} before it was ready:\n{}", self.log());
+                panic!(
+                    "tollgate exited with {status} before it was ready:\n{}",
+                    self.log()
+                );
             }
             if let Ok(r) = client.get(self.ops_url("/readyz")).send().await
                 && r.status() == 200
@@ -385,7 +446,10 @@ impl Sidecar {
 
     /// Sends a signal by name (`TERM`, `INT`).
     pub fn signal(&self, name: &str) {
-        let status = Command::new("kill").args([&format!("-{name}"), &self.child.id().to_string()]).status().unwrap();
+        let status = Command::new("kill")
+            .args([&format!("-{name}"), &self.child.id().to_string()])
+            .status()
+            .unwrap();
         assert!(status.success());
     }
 
@@ -395,7 +459,11 @@ impl Sidecar {
             if let Some(status) = self.child.try_wait().unwrap() {
                 return status;
             }
-            assert!(Instant::now() < deadline, "tollgate did not exit within {within:?}:\n{}", self.log());
+            assert!(
+                Instant::now() < deadline,
+                "tollgate did not exit within {within:?}:\n{}",
+                self.log()
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -432,7 +500,9 @@ pub struct Tweak {
 
 impl Wallet {
     pub fn new(seed: u8) -> Wallet {
-        Wallet { signer: PrivateKeySigner::from_bytes(&B256::repeat_byte(seed)).unwrap() }
+        Wallet {
+            signer: PrivateKeySigner::from_bytes(&B256::repeat_byte(seed)).unwrap(),
+        }
     }
 
     pub fn address(&self) -> Address {
@@ -446,18 +516,37 @@ impl Wallet {
         let chain_id = match entry["network"].as_str().unwrap() {
             "base-sepolia" => 84532,
             "base" => 8453,
-            caip2 => caip2.strip_prefix("eip155:").unwrap().parse().unwrap(),
+            other => other
+                .strip_prefix("eip155:")
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(1),
         };
-        let amount = entry["amount"].as_str().or(entry["maxAmountRequired"].as_str()).unwrap();
+        let amount = entry["amount"]
+            .as_str()
+            .or(entry["maxAmountRequired"].as_str())
+            .unwrap();
         let nonce = tweak.nonce.unwrap_or_else(|| {
-            keccak256(format!("{}-{}-{:?}", std::process::id(), NONCES.fetch_add(1, Ordering::Relaxed), Instant::now()))
+            keccak256(format!(
+                "{}-{}-{:?}",
+                std::process::id(),
+                NONCES.fetch_add(1, Ordering::Relaxed),
+                Instant::now()
+            ))
         });
         let message = TransferWithAuthorization {
             from: self.address(),
-            to: tweak.to.unwrap_or_else(|| entry["payTo"].as_str().unwrap().parse().unwrap()),
-            value: tweak.value.unwrap_or_else(|| U256::from_str_radix(amount, 10).unwrap()),
+            to: tweak
+                .to
+                .unwrap_or_else(|| entry["payTo"].as_str().unwrap().parse().unwrap()),
+            value: tweak
+                .value
+                .unwrap_or_else(|| U256::from_str_radix(amount, 10).unwrap()),
             validAfter: U256::from(tweak.valid_after.unwrap_or(now - 600)),
-            validBefore: U256::from(tweak.valid_before.unwrap_or(now + entry["maxTimeoutSeconds"].as_u64().unwrap())),
+            validBefore: U256::from(
+                tweak
+                    .valid_before
+                    .unwrap_or(now + entry["maxTimeoutSeconds"].as_u64().unwrap()),
+            ),
             nonce,
         };
         let domain = eip712_domain! {
@@ -467,10 +556,18 @@ impl Wallet {
             verifying_contract: entry["asset"].as_str().unwrap().parse::<Address>().unwrap(),
         };
         let hash = message.eip712_signing_hash(&domain);
-        let signer = if tweak.impostor { &Wallet::new(0x99).signer } else { &self.signer };
+        let signer = if tweak.impostor {
+            &Wallet::new(0x99).signer
+        } else {
+            &self.signer
+        };
         let mut signature = signer.sign_hash_sync(&hash).unwrap().as_bytes();
         if tweak.high_s {
-            let n = U256::from_str_radix("fffffffffffffffffffffffffffffffebaaedce6af48a03bbfd25e8cd0364141", 16).unwrap();
+            let n = U256::from_str_radix(
+                "fffffffffffffffffffffffffffffffebaaedce6af48a03bbfd25e8cd0364141",
+                16,
+            )
+            .unwrap();
             let s = U256::from_be_slice(&signature[32..64]);
             signature[32..64].copy_from_slice(&(n - s).to_be_bytes::<32>());
             signature[64] = if signature[64] == 27 { 28 } else { 27 };
@@ -507,6 +604,18 @@ impl Wallet {
             "payload": self.authorize(requirements, tweak),
         }))
     }
+}
+
+/// Sends raw bytes on a fresh connection and returns everything the server answered.
+pub async fn raw_request(port: u16, request: &[u8]) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    stream.write_all(request).await.unwrap();
+    let mut answer = Vec::new();
+    stream.read_to_end(&mut answer).await.unwrap();
+    String::from_utf8_lossy(&answer).into_owned()
 }
 
 pub fn encode(value: &Value) -> String {

@@ -8,18 +8,35 @@ use super::{World, expect_error};
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_and_readiness_answer_on_the_ops_listener() {
     let w = World::start("health").await;
-    let health = harness::client().get(w.sidecar.ops_url("/healthz")).send().await.unwrap();
+    let health = harness::client()
+        .get(w.sidecar.ops_url("/healthz"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(health.status(), 200);
-    let ready = harness::client().get(w.sidecar.ops_url("/readyz")).send().await.unwrap();
+    let ready = harness::client()
+        .get(w.sidecar.ops_url("/readyz"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(ready.status(), 200);
-    let other = harness::client().get(w.sidecar.ops_url("/nope")).send().await.unwrap();
+    let other = harness::client()
+        .get(w.sidecar.ops_url("/nope"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(other.status(), 404);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upstream_timeout_is_a_504_and_nothing_is_settled() {
     let w = World::start("timeout").await;
-    let response = w.pay_v2("/impatient/slow/3000", &Tweak::default()).await;
+    // The route's 1 s timeout is also its `maxTimeoutSeconds`; the buyer signs for longer.
+    let tweak = Tweak {
+        valid_before: Some(harness::now() + 60),
+        ..Tweak::default()
+    };
+    let response = w.pay_v2("/impatient/slow/3000", &tweak).await;
     expect_error(response, 504, "upstream_timeout").await;
     assert!(w.facilitator.settled().is_empty());
 }
@@ -32,10 +49,19 @@ async fn sigterm_lets_in_flight_requests_finish() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     w.sidecar.signal("TERM");
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let ready = harness::client().get(w.sidecar.ops_url("/readyz")).send().await.map(|r| r.status().as_u16());
-    assert!(matches!(ready, Ok(503) | Err(_)), "not ready once shutdown began: {ready:?}");
+    let ready = harness::client()
+        .get(w.sidecar.ops_url("/readyz"))
+        .send()
+        .await
+        .map(|r| r.status().as_u16());
+    assert!(
+        matches!(ready, Ok(503) | Err(_)),
+        "not ready once shutdown began: {ready:?}"
+    );
     let response = in_flight.await.unwrap().unwrap();
     assert_eq!(response.status(), 200, "the in-flight request finished");
-    let status = tokio::task::spawn_blocking(move || w.sidecar.wait_exit(Duration::from_secs(20))).await.unwrap();
+    let status = tokio::task::spawn_blocking(move || w.sidecar.wait_exit(Duration::from_secs(20)))
+        .await
+        .unwrap();
     assert!(status.success(), "{status}");
 }

@@ -105,13 +105,21 @@ impl World {
     pub async fn pay_v2(&self, path: &str, tweak: &harness::Tweak) -> reqwest::Response {
         let (v2, _) = self.challenge(path).await;
         let header = self.wallet.pay_v2(&v2["accepts"][0], tweak);
-        self.get(path).header("payment-signature", header).send().await.unwrap()
+        self.get(path)
+            .header("payment-signature", header)
+            .send()
+            .await
+            .unwrap()
     }
 
     pub async fn pay_v1(&self, path: &str, tweak: &harness::Tweak) -> reqwest::Response {
         let (_, v1) = self.challenge(path).await;
         let header = self.wallet.pay_v1(&v1["accepts"][0], tweak);
-        self.get(path).header("x-payment", header).send().await.unwrap()
+        self.get(path)
+            .header("x-payment", header)
+            .send()
+            .await
+            .unwrap()
     }
 }
 
@@ -119,7 +127,14 @@ impl World {
 pub async fn expect_error(response: reqwest::Response, status: u16, code: &str) -> Value {
     let got = response.status().as_u16();
     let body: Value = response.json().await.unwrap();
-    assert_eq!((got, body["error"].as_str()), (status, Some(code)), "{body:#}");
-    assert!(body["message"].as_str().is_some_and(|m| !m.is_empty()), "{body:#}");
+    assert_eq!(
+        (got, body["error"].as_str()),
+        (status, Some(code)),
+        "{body:#}"
+    );
+    assert!(
+        body["message"].as_str().is_some_and(|m| !m.is_empty()),
+        "{body:#}"
+    );
     body
 }

@@ -21,7 +21,10 @@ async fn a_v2_payment_is_verified_forwarded_settled_and_receipted() {
     let seen: Value = response.json().await.unwrap();
     let headers = &seen["headers"];
     assert_eq!(headers["x-tollgate-rail"], "x402");
-    assert_eq!(headers["x-tollgate-payer"], w.wallet.address().to_checksum(None));
+    assert_eq!(
+        headers["x-tollgate-payer"],
+        w.wallet.address().to_checksum(None)
+    );
     assert_eq!(headers["x-tollgate-amount"], "10000");
     assert_eq!(headers["x-tollgate-asset"], harness::BASE_SEPOLIA_USDC);
     assert_eq!(headers["x-tollgate-network"], "base-sepolia");
@@ -49,7 +52,12 @@ async fn a_v1_payment_is_verified_forwarded_settled_and_receipted() {
     // The second network of the route, paid in v1 by name.
     let (_, v1) = w.challenge("/paid/other").await;
     let header = w.wallet.pay_v1(&v1["accepts"][1], &Tweak::default());
-    let response = w.get("/paid/other").header("x-payment", header).send().await.unwrap();
+    let response = w
+        .get("/paid/other")
+        .header("x-payment", header)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(response.status(), 200);
     let receipt = harness::decode(response.headers()["x-payment-response"].to_str().unwrap());
     assert_eq!(receipt["network"], "base");
@@ -60,10 +68,23 @@ async fn a_payment_is_used_once_sequentially() {
     let w = World::start("replay").await;
     let (v2, _) = w.challenge("/paid/a").await;
     let header = w.wallet.pay_v2(&v2["accepts"][0], &Tweak::default());
-    let first = w.get("/paid/a").header("payment-signature", &header).send().await.unwrap();
+    let first = w
+        .get("/paid/a")
+        .header("payment-signature", &header)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(first.status(), 200);
-    let again = w.get("/paid/a").header("payment-signature", &header).send().await.unwrap();
-    assert!(again.headers().get("payment-required").is_some(), "a replay gets the challenge again");
+    let again = w
+        .get("/paid/a")
+        .header("payment-signature", &header)
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        again.headers().get("payment-required").is_some(),
+        "a replay gets the challenge again"
+    );
     expect_error(again, 402, "payment_replayed").await;
     assert_eq!(w.upstream.seen(), 1);
     assert_eq!(w.facilitator.settled().len(), 1);
@@ -77,7 +98,9 @@ async fn of_100_concurrent_identical_payments_exactly_one_is_served() {
     let mut tasks = Vec::new();
     for _ in 0..100 {
         let request = w.get("/paid/a").header("payment-signature", &header);
-        tasks.push(tokio::spawn(async move { request.send().await.unwrap().status().as_u16() }));
+        tasks.push(tokio::spawn(async move {
+            request.send().await.unwrap().status().as_u16()
+        }));
     }
     let mut statuses = Vec::new();
     for task in tasks {
@@ -95,13 +118,23 @@ async fn a_used_payment_stays_used_after_kill_9_and_restart() {
     let mut w = World::start("replay-restart").await;
     let (v2, _) = w.challenge("/paid/a").await;
     let header = w.wallet.pay_v2(&v2["accepts"][0], &Tweak::default());
-    let first = w.get("/paid/a").header("payment-signature", &header).send().await.unwrap();
+    let first = w
+        .get("/paid/a")
+        .header("payment-signature", &header)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(first.status(), 200);
 
     w.sidecar.kill();
     let upstream = w.upstream.url();
     w.sidecar = harness::Sidecar::start(&w.dir, &upstream).await;
-    let again = w.get("/paid/a").header("payment-signature", &header).send().await.unwrap();
+    let again = w
+        .get("/paid/a")
+        .header("payment-signature", &header)
+        .send()
+        .await
+        .unwrap();
     expect_error(again, 402, "payment_replayed").await;
     assert_eq!(w.upstream.seen(), 1);
 }
@@ -112,23 +145,105 @@ async fn invalid_payments_are_refused_with_their_codes() {
     let w = World::start("invalid").await;
     let t = now();
     let cases: Vec<(&str, Tweak, &str)> = vec![
-        ("expired", Tweak { valid_before: Some(t + 3), ..Tweak::default() }, "authorization_expired"),
-        ("long expired", Tweak { valid_after: Some(t - 900), valid_before: Some(t - 300), ..Tweak::default() }, "authorization_expired"),
-        ("not yet valid", Tweak { valid_after: Some(t + 120), ..Tweak::default() }, "authorization_not_yet_valid"),
-        ("wrong pay_to", Tweak { to: Some(Address::repeat_byte(7)), ..Tweak::default() }, "recipient_mismatch"),
-        ("underpaid", Tweak { value: Some(U256::from(9_999)), ..Tweak::default() }, "amount_mismatch"),
-        ("overpaid", Tweak { value: Some(U256::from(10_001)), ..Tweak::default() }, "amount_mismatch"),
-        ("wrong domain name", Tweak { domain_name: Some("USD Coin".into()), ..Tweak::default() }, "invalid_signature"),
-        ("wrong chain", Tweak { chain_id: Some(8453), ..Tweak::default() }, "invalid_signature"),
-        ("impostor", Tweak { impostor: true, ..Tweak::default() }, "invalid_signature"),
-        ("high s", Tweak { high_s: true, ..Tweak::default() }, "non_canonical_signature"),
+        (
+            "expired",
+            Tweak {
+                valid_before: Some(t + 3),
+                ..Tweak::default()
+            },
+            "authorization_expired",
+        ),
+        (
+            "long expired",
+            Tweak {
+                valid_after: Some(t - 900),
+                valid_before: Some(t - 300),
+                ..Tweak::default()
+            },
+            "authorization_expired",
+        ),
+        (
+            "not yet valid",
+            Tweak {
+                valid_after: Some(t + 120),
+                ..Tweak::default()
+            },
+            "authorization_not_yet_valid",
+        ),
+        (
+            "wrong pay_to",
+            Tweak {
+                to: Some(Address::repeat_byte(7)),
+                ..Tweak::default()
+            },
+            "recipient_mismatch",
+        ),
+        (
+            "underpaid",
+            Tweak {
+                value: Some(U256::from(9_999)),
+                ..Tweak::default()
+            },
+            "amount_mismatch",
+        ),
+        (
+            "overpaid",
+            Tweak {
+                value: Some(U256::from(10_001)),
+                ..Tweak::default()
+            },
+            "amount_mismatch",
+        ),
+        (
+            "wrong domain name",
+            Tweak {
+                domain_name: Some("USD Coin".into()),
+                ..Tweak::default()
+            },
+            "invalid_signature",
+        ),
+        (
+            "wrong chain",
+            Tweak {
+                chain_id: Some(8453),
+                ..Tweak::default()
+            },
+            "invalid_signature",
+        ),
+        (
+            "impostor",
+            Tweak {
+                impostor: true,
+                ..Tweak::default()
+            },
+            "invalid_signature",
+        ),
+        (
+            "high s",
+            Tweak {
+                high_s: true,
+                ..Tweak::default()
+            },
+            "non_canonical_signature",
+        ),
     ];
     for (name, tweak, code) in &cases {
         for version in [1, 2] {
-            let response = if version == 1 { w.pay_v1("/paid/x", tweak).await } else { w.pay_v2("/paid/x", tweak).await };
-            assert!(response.headers().get("payment-required").is_some(), "{name} v{version}");
+            let response = if version == 1 {
+                w.pay_v1("/paid/x", tweak).await
+            } else {
+                w.pay_v2("/paid/x", tweak).await
+            };
+            assert!(
+                response.headers().get("payment-required").is_some(),
+                "{name} v{version}"
+            );
             let body = expect_error(response, 402, code).await;
-            assert_eq!(body["accepts"].as_array().map(Vec::len), Some(2), "{name}: the challenge comes again");
+            assert_eq!(
+                body["accepts"].as_array().map(Vec::len),
+                Some(2),
+                "{name}: the challenge comes again"
+            );
         }
     }
     assert_eq!(w.upstream.seen(), 0);
@@ -143,36 +258,83 @@ async fn payments_for_other_terms_are_refused() {
     // v2: `accepted` must be an offered entry, exactly.
     for (field, value) in [
         ("network", Value::from("eip155:1")),
-        ("asset", Value::from("0x1c7D4B196Cb0C7B01d743Fbc6116a902379C7238")),
+        (
+            "asset",
+            Value::from("0x1c7D4B196Cb0C7B01d743Fbc6116a902379C7238"),
+        ),
         ("amount", Value::from("1")),
-        ("payTo", Value::from("0x0000000000000000000000000000000000000001")),
+        (
+            "payTo",
+            Value::from("0x0000000000000000000000000000000000000001"),
+        ),
         ("maxTimeoutSeconds", Value::from(600)),
     ] {
         let mut accepted = v2["accepts"][0].clone();
         accepted[field] = value;
         let header = w.wallet.pay_v2(&accepted, &Tweak::default());
-        let response = w.get("/paid/x").header("payment-signature", header).send().await.unwrap();
+        let response = w
+            .get("/paid/x")
+            .header("payment-signature", header)
+            .send()
+            .await
+            .unwrap();
         expect_error(response, 402, "accepted_mismatch").await;
     }
     let mut other_scheme = v2["accepts"][0].clone();
     other_scheme["scheme"] = "upto".into();
     let header = w.wallet.pay_v2(&other_scheme, &Tweak::default());
-    expect_error(w.get("/paid/x").header("payment-signature", header).send().await.unwrap(), 402, "unsupported_scheme").await;
+    expect_error(
+        w.get("/paid/x")
+            .header("payment-signature", header)
+            .send()
+            .await
+            .unwrap(),
+        402,
+        "unsupported_scheme",
+    )
+    .await;
 
     // v1: the network must be offered; a signature for another asset does not verify.
     let mut polygon = v1["accepts"][0].clone();
     polygon["network"] = "polygon".into();
     let header = w.wallet.pay_v1(&polygon, &Tweak::default());
-    expect_error(w.get("/paid/x").header("x-payment", header).send().await.unwrap(), 402, "network_mismatch").await;
+    expect_error(
+        w.get("/paid/x")
+            .header("x-payment", header)
+            .send()
+            .await
+            .unwrap(),
+        402,
+        "network_mismatch",
+    )
+    .await;
     let mut other_asset = v1["accepts"][0].clone();
     other_asset["asset"] = "0x1c7D4B196Cb0C7B01d743Fbc6116a902379C7238".into();
     let header = w.wallet.pay_v1(&other_asset, &Tweak::default());
-    expect_error(w.get("/paid/x").header("x-payment", header).send().await.unwrap(), 402, "invalid_signature").await;
+    expect_error(
+        w.get("/paid/x")
+            .header("x-payment", header)
+            .send()
+            .await
+            .unwrap(),
+        402,
+        "invalid_signature",
+    )
+    .await;
 
     // A payment made for another route's price.
     let (first, _) = w.challenge("/first/x").await;
     let header = w.wallet.pay_v2(&first["accepts"][0], &Tweak::default());
-    expect_error(w.get("/paid/x").header("payment-signature", header).send().await.unwrap(), 402, "accepted_mismatch").await;
+    expect_error(
+        w.get("/paid/x")
+            .header("payment-signature", header)
+            .send()
+            .await
+            .unwrap(),
+        402,
+        "accepted_mismatch",
+    )
+    .await;
 
     assert_eq!(w.upstream.seen(), 0);
 }
@@ -182,24 +344,57 @@ async fn unreadable_payment_headers_are_400s() {
     let w = World::start("garbage").await;
     let garbage = [
         ("payment-signature", "not base64 at all!!".to_string()),
-        ("payment-signature", harness::encode(&serde_json::json!({"hello": "world"}))),
+        (
+            "payment-signature",
+            harness::encode(&serde_json::json!({"hello": "world"})),
+        ),
         ("x-payment", harness::encode(&serde_json::json!([1, 2, 3]))),
         ("payment-signature", base64_of("{\"x402Version\":2,")),
-        ("x-payment", harness::encode(&serde_json::json!({"x402Version": 1, "scheme": "exact", "network": "base-sepolia", "payload": {"signature": "0x00", "authorization": {"from": "0x12", "to": "0x34", "value": "1", "validAfter": "0", "validBefore": "1", "nonce": "0x00"}}}))),
+        (
+            "x-payment",
+            harness::encode(
+                &serde_json::json!({"x402Version": 1, "scheme": "exact", "network": "base-sepolia", "payload": {"signature": "0x00", "authorization": {"from": "0x12", "to": "0x34", "value": "1", "validAfter": "0", "validBefore": "1", "nonce": "0x00"}}}),
+            ),
+        ),
     ];
     for (name, value) in garbage {
         let response = w.get("/paid/x").header(name, value).send().await.unwrap();
         expect_error(response, 400, "payment_malformed").await;
     }
-    let version_3 = harness::encode(&serde_json::json!({"x402Version": 3, "payload": {"signature": "0x", "authorization": {"from": "", "to": "", "value": "", "validAfter": "", "validBefore": "", "nonce": ""}}}));
-    expect_error(w.get("/paid/x").header("payment-signature", version_3).send().await.unwrap(), 400, "unsupported_x402_version").await;
+    let version_3 = harness::encode(
+        &serde_json::json!({"x402Version": 3, "payload": {"signature": "0x", "authorization": {"from": "", "to": "", "value": "", "validAfter": "", "validBefore": "", "nonce": ""}}}),
+    );
+    expect_error(
+        w.get("/paid/x")
+            .header("payment-signature", version_3)
+            .send()
+            .await
+            .unwrap(),
+        400,
+        "unsupported_x402_version",
+    )
+    .await;
     let huge = "A".repeat(20_000);
-    expect_error(w.get("/paid/x").header("payment-signature", huge).send().await.unwrap(), 400, "payment_too_large").await;
+    expect_error(
+        w.get("/paid/x")
+            .header("payment-signature", huge)
+            .send()
+            .await
+            .unwrap(),
+        400,
+        "payment_too_large",
+    )
+    .await;
     // A smart-wallet-length signature is refused, not mis-verified.
     let (v2, _) = w.challenge("/paid/x").await;
     let mut payload = harness::decode(&w.wallet.pay_v2(&v2["accepts"][0], &Tweak::default()));
     payload["payload"]["signature"] = format!("0x{}", "ab".repeat(130)).into();
-    let response = w.get("/paid/x").header("payment-signature", harness::encode(&payload)).send().await.unwrap();
+    let response = w
+        .get("/paid/x")
+        .header("payment-signature", harness::encode(&payload))
+        .send()
+        .await
+        .unwrap();
     expect_error(response, 402, "unsupported_signature").await;
     assert_eq!(w.upstream.seen(), 0);
 }

@@ -35,7 +35,10 @@ async fn a_refused_settlement_replaces_the_response_with_a_402_and_a_failure_rec
     assert_eq!(receipt["transaction"], "");
     assert_eq!(receipt["network"], "eip155:84532");
     assert_eq!(receipt["payer"], w.wallet.address().to_checksum(None));
-    assert!(body.get("uri").is_none(), "the upstream's answer is not leaked: {body:#}");
+    assert!(
+        body.get("uri").is_none(),
+        "the upstream's answer is not leaked: {body:#}"
+    );
 
     let response = w.pay_v1("/paid/secret", &Tweak::default()).await;
     let receipt = harness::decode(response.headers()["x-payment-response"].to_str().unwrap());
@@ -59,7 +62,11 @@ async fn a_broken_or_unreachable_facilitator_fails_closed() {
     std::fs::write(dir.join("policy.toll"), super::policy(&down)).unwrap();
     let sidecar = harness::Sidecar::start(&dir, &upstream.url()).await;
     let (v2, _) = {
-        let r = harness::client().get(sidecar.url("/paid/x")).send().await.unwrap();
+        let r = harness::client()
+            .get(sidecar.url("/paid/x"))
+            .send()
+            .await
+            .unwrap();
         let h = harness::decode(r.headers()["payment-required"].to_str().unwrap());
         (h, ())
     };
@@ -91,5 +98,9 @@ async fn settle_before_response_pays_first_and_never_forwards_unpaid() {
     w.facilitator.set_mode(FacilitatorMode::Refuse);
     let response = w.pay_v2("/first/report", &Tweak::default()).await;
     expect_error(response, 402, "settlement_failed").await;
-    assert_eq!(w.upstream.seen(), 1, "the upstream never saw the unpaid request");
+    assert_eq!(
+        w.upstream.seen(),
+        1,
+        "the upstream never saw the unpaid request"
+    );
 }
