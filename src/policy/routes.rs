@@ -430,7 +430,6 @@ fn find_in<S: AsRef<str>>(node: &Node, method: &str, segments: &[S]) -> Option<R
 }
 
 #[cfg(test)]
-#[expect(clippy::unwrap_used, reason = "tests")]
 mod tests {
     use super::*;
 

@@ -13,7 +13,6 @@ fn tollgate(args: &[&str]) -> Output {
     tollgate_in(Path::new(env!("CARGO_MANIFEST_DIR")), args)
 }
 
-#[expect(clippy::expect_used, reason = "tests")]
 fn tollgate_in(dir: &Path, args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_tollgate"))
         .args(args)
@@ -33,7 +32,6 @@ fn stderr(o: &Output) -> String {
 }
 
 /// A fresh, empty folder under the system temp dir.
-#[expect(clippy::expect_used, reason = "tests")]
 fn scratch() -> PathBuf {
     static N: AtomicUsize = AtomicUsize::new(0);
     let dir = std::env::temp_dir().join(format!(
@@ -46,7 +44,6 @@ fn scratch() -> PathBuf {
     dir
 }
 
-#[expect(clippy::expect_used, reason = "tests")]
 fn write(path: &Path, text: &str) {
     std::fs::write(path, text).expect("write file");
 }

@@ -18,12 +18,10 @@ fn resolve(yaml: Option<&str>, vars: &[(&str, &str)]) -> Result<Resolved, Config
     Config::resolve(yaml.map(|text| (FILE, text)), env(vars))
 }
 
-#[expect(clippy::unwrap_used, reason = "tests")]
 fn ok(yaml: Option<&str>, vars: &[(&str, &str)]) -> Resolved {
     resolve(yaml, vars).unwrap()
 }
 
-#[expect(clippy::unwrap_used, reason = "tests")]
 fn errors(yaml: Option<&str>, vars: &[(&str, &str)]) -> String {
     resolve(yaml, vars).unwrap_err().to_string()
 }

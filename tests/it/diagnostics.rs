@@ -44,7 +44,6 @@ fn location(checked: &Checked, d: &Diagnostic) -> String {
 }
 
 #[test]
-#[expect(clippy::unwrap_used, reason = "tests")]
 fn rendered() {
     // Three-argument form: insta refuses `..` in the pattern itself.
     insta::glob!("../fixtures/policy/err", "*.toll", |path| {

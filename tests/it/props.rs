@@ -654,7 +654,6 @@ fn round_trip(text: &str) -> Result<(), TestCaseError> {
 /// The generator must almost never write a text that does not parse: at most 1% of its
 /// cases may be rejected (they are counted, not failed, so a rare slip does not break CI).
 #[test]
-#[expect(clippy::panic, reason = "tests")]
 fn fmt_round_trip() {
     static CASES: AtomicUsize = AtomicUsize::new(0);
     static REJECTED: AtomicUsize = AtomicUsize::new(0);
@@ -737,7 +736,6 @@ fn comment_placement(text: &str) -> Result<(), TestCaseError> {
 /// `fmt`'s contract: "a comment on its own line stays before the clause that follows it, a
 /// comment after a clause stays on that clause's line".
 #[test]
-#[expect(clippy::panic, reason = "tests")]
 fn fmt_keeps_comment_placement() {
     let lf = prop_oneof![Just(LineEnd::Lf), Just(LineEnd::Crlf), Just(LineEnd::Mixed)];
     let mut runner = TestRunner::new(config(1000));
@@ -748,7 +746,6 @@ fn fmt_keeps_comment_placement() {
 
 /// The same with old Mac line ends (a lone `\r`), which the grammar accepts as line ends.
 #[test]
-#[expect(clippy::panic, reason = "tests")]
 fn fmt_keeps_comment_placement_with_cr_line_ends() {
     let mut runner = TestRunner::new(config(300));
     let cr = Just(LineEnd::Cr);
