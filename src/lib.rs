@@ -10,9 +10,24 @@
 //! key, or verify the attached payment. A YAML file (`tollgate.yaml`, [`config`]) says where
 //! tollgate listens and what it protects.
 //!
-//! Today the crate holds the policy language, its command line (`tollgate check | fmt | explain
-//! | test`) and the sidecar configuration; the proxy, payment verification, the store and
-//! settlement plug into the compiled policy (see README "Roadmap").
+//! `tollgate run` puts that in front of a service: a Pingora proxy that answers 402 challenges,
+//! verifies x402 payments locally (EIP-712 + secp256k1, no network round trip), records each
+//! authorization durably before forwarding (replay protection), forwards to the upstream, and
+//! settles with an x402 facilitator. Prepaid accounts, limits, the admin API and metrics are
+//! next (README "Roadmap").
+//!
+//! # Request flow (one owner per step)
+//!
+//! ```text
+//! client ─▶ proxy (Pingora session, request id)
+//!            ├─ policy::decide ─────────────── pure: route, rail, outcome
+//!            ├─ x402::verify ───────────────── pure: decode, match offer, window, signature
+//!            ├─ store::Store::claim_nonce ──── durable: first use only, fsync'd
+//!            ├─ settle::Facilitator (before) ─ HTTP
+//!            ├─ proxy::forward ─────────────── headers the upstream sees
+//!            ▼
+//!         upstream ─▶ proxy::response_filter ─ settle (after, status < 400), receipt header
+//! ```
 //!
 //! # Code map
 //!
@@ -25,6 +40,16 @@
 //!   EIP-712 domains).
 //! - [`money`] — decimal text ↔ integer atomic units.
 //! - [`config`] — `tollgate.yaml` + `TOLLGATE_*` environment → resolved [`config::Config`].
+//! - [`x402`] — the protocol, pure: [`x402::wire`] (v1/v2 JSON shapes, base64 headers),
+//!   [`x402::terms`] (the deterministic `accepts` entries per route, the 402 challenge, the
+//!   discovery document), [`x402::verify`] (local EIP-3009 verification), [`x402::Rejection`]
+//!   (stable error codes).
+//! - [`proxy`] — the only module that touches Pingora sessions: the request phases, admission of
+//!   a payment, the forwarded request's headers, refusals.
+//! - [`store`] — the only module that touches sled: the durable nonce set.
+//! - [`settle`] — the facilitator client (`POST /settle`).
+//! - [`server`] — `tollgate run`: startup checks, the Pingora server (proxy, ops listener with
+//!   `/healthz` and `/readyz`, nonce garbage collection), signals and shutdown.
 //! - [`cli`] — the `tollgate` binary's subcommands; `main.rs` only calls [`cli::main`].
 //!
 //! # Invariants
@@ -39,6 +64,16 @@
 //! - **A compiled policy is immutable**; changing a policy means compiling a new one.
 //! - **Secrets are references** (`env:NAME` or a file path), never values, in policies and in
 //!   the config; a key pasted into a policy is an error.
+//! - **Paid content is never served unpaid.** A paid route forwards only after the payment
+//!   verified locally and its nonce was claimed durably; every error on that path refuses the
+//!   call (400/402/403/503). With `after response`, settlement happens before any byte of the
+//!   upstream's answer reaches the client, and a failed settlement replaces that answer with a
+//!   402; the upstream failing (status ≥ 400, unreachable, timeout) is never settled.
+//! - **An authorization is used once**, also across concurrent requests and restarts: the
+//!   (chain, asset, from, nonce) key is inserted with compare-and-swap and flushed before the
+//!   upstream sees the request.
+//! - **Only `proxy` touches Pingora sessions; only `store` touches sled.** Verification and
+//!   decisions take the clock as a parameter.
 //!
 //! # Cross-cutting concerns
 //!
@@ -46,7 +81,9 @@
 //!   span, a label and a hint, all collected (never just the first), rendered rustc-style with
 //!   `file:line:col` and a caret. Config mistakes name their field (`admin.listen: …`).
 //! - *Testing*: `tests/it` is one integration binary (config, decision table, CLI, golden
-//!   diagnostics, property tests); `tests/benches/decide.rs` is the criterion benchmark.
+//!   diagnostics, property tests, x402 known answers, and `e2e`: the real binary against a real
+//!   upstream and a signature-checking facilitator on loopback); `tests/benches/` holds the
+//!   criterion benchmarks; `tests/load/run.sh` is the loopback load test (wrk, nginx).
 
 pub mod cli;
 pub mod config;

@@ -181,13 +181,18 @@ impl ProxyHttp for Gate {
             .prepaid
             .as_ref()
             .is_some_and(|p| header.headers.contains_key(p.header.as_str()));
-        let request = Request {
+        let mut request = Request {
             method: header.method.as_str(),
             target: &target,
             api_key,
             payment,
         };
-        let decision = policy::decide(&self.policy, &request, &Buyer::default());
+        let mut decision = policy::decide(&self.policy, &request, &Buyer::default());
+        if matches!(decision.outcome, Outcome::Prepaid { .. }) && payment.is_some() {
+            // No prepaid accounts in this version: an attached payment pays instead of the key.
+            request.api_key = false;
+            decision = policy::decide(&self.policy, &request, &Buyer::default());
+        }
         ctx.route = decision.route.map(|r| r.id);
         ctx.outcome = decision.outcome.name();
         match decision.outcome {

@@ -1,6 +1,6 @@
 //! Paying with x402, v1 and v2, and every way a payment is refused.
 
-use alloy::primitives::{Address, B256, U256};
+use alloy::primitives::{Address, U256};
 use serde_json::Value;
 
 use super::harness::{self, Tweak, now};
@@ -410,5 +410,33 @@ async fn payer_lists_apply_once_the_payer_is_known() {
     let response = w.pay_v2("/vip/x", &Tweak::default()).await;
     expect_error(response, 403, "payer_not_allowed").await;
     assert_eq!(w.upstream.seen(), 0);
-    let _ = B256::ZERO;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_a_hybrid_route_an_attached_payment_pays_while_prepaid_is_unavailable() {
+    let w = World::start("hybrid").await;
+    let (v2, _) = w.challenge("/hybrid").await;
+    let header = w.wallet.pay_v2(&v2["accepts"][0], &Tweak::default());
+    let response = w
+        .get("/hybrid")
+        .header("x-api-key", "tg_key")
+        .header("payment-signature", header)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let seen: Value = response.json().await.unwrap();
+    assert_eq!(seen["headers"]["x-tollgate-rail"], "x402");
+    assert!(
+        seen["headers"].get("x-api-key").is_none(),
+        "the key never reaches the upstream"
+    );
+    let response = w
+        .get("/hybrid")
+        .header("x-api-key", "tg_key")
+        .send()
+        .await
+        .unwrap();
+    expect_error(response, 503, "prepaid_unavailable").await;
+    assert_eq!(w.upstream.seen(), 1);
 }
