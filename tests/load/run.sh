@@ -13,7 +13,13 @@ DURATION=${1:-10}
 CONNS=${2:-50}
 MODERATE=4   # connections for the latency-at-moderate-load row
 WORK=$(mktemp -d)
-trap 'kill $(jobs -p) 2>/dev/null || true; nginx -c "$WORK/nginx.conf" -s stop 2>/dev/null || true; rm -rf "$WORK"' EXIT
+cleanup() {
+  kill $(jobs -p) 2>/dev/null || true
+  wait 2>/dev/null || true
+  nginx -c "$WORK/nginx.conf" -s stop 2>/dev/null || true
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
 
 command -v wrk >/dev/null || { echo "wrk is missing: apt-get install -y wrk" >&2; exit 2; }
 command -v nginx >/dev/null || { echo "nginx is missing: apt-get install -y nginx-light" >&2; exit 2; }
@@ -21,7 +27,7 @@ cargo build --release --quiet --bin tollgate --example load_upstream --example p
 BIN=target/release
 
 UP=127.0.0.1:18080; NGINX=127.0.0.1:18081; GATE=127.0.0.1:18402; OPS=127.0.0.1:19402
-"$BIN/examples/load_upstream" "$UP" & sleep 0.3
+"$BIN/examples/load_upstream" "$UP" >/dev/null 2>&1 & sleep 0.3
 
 cat > "$WORK/nginx.conf" <<NGINX
 worker_processes 2;
@@ -59,7 +65,7 @@ store: $WORK/data
 ops: { listen: $OPS }
 log: { level: warn }
 YAML
-"$BIN/tollgate" run --config "$WORK/tollgate.yaml" 2>"$WORK/tollgate.log" &
+"$BIN/tollgate" run --config "$WORK/tollgate.yaml" >/dev/null 2>"$WORK/tollgate.log" &
 for _ in $(seq 100); do curl -sf "http://$OPS/readyz" >/dev/null && break; sleep 0.1; done
 
 # Enough unique payments for the paid runs at up to 20k req/s.

@@ -44,6 +44,8 @@ async fn an_upstream_timeout_is_a_504_and_nothing_is_settled() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_lets_in_flight_requests_finish() {
     let mut w = World::start("sigterm").await;
+    // A paid request first, so shutdown also has a store with writes to flush.
+    assert_eq!(w.pay_v2("/paid/x", &Tweak::default()).await.status(), 200);
     let slow = w.get("/free/slow/1500").send();
     let in_flight = tokio::spawn(slow);
     tokio::time::sleep(Duration::from_millis(300)).await;
