@@ -2,6 +2,7 @@
 //! facilitator that checks signatures, all on loopback. See [`harness`].
 
 mod harness;
+mod interop;
 mod lifecycle;
 mod payments;
 mod proxying;
