@@ -31,6 +31,8 @@ use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
 use serde_json::{Value, json};
 
+// The buyer's and the facilitator's own EIP-3009 type, deliberately not tollgate's: a mistake in
+// tollgate's definition must make these tests fail, not agree with it.
 alloy::sol! {
     struct TransferWithAuthorization {
         address from;

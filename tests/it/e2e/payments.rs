@@ -250,92 +250,59 @@ async fn invalid_payments_are_refused_with_their_codes() {
     assert!(w.facilitator.settled().is_empty());
 }
 
+/// Pays `/paid/x` with an authorization signed for `entry` (v1 or v2 shape); expects `code`.
+async fn refused_for(w: &World, version: u8, entry: &Value, code: &str) {
+    let (name, header) = if version == 1 {
+        ("x-payment", w.wallet.pay_v1(entry, &Tweak::default()))
+    } else {
+        (
+            "payment-signature",
+            w.wallet.pay_v2(entry, &Tweak::default()),
+        )
+    };
+    let response = w.get("/paid/x").header(name, header).send().await.unwrap();
+    expect_error(response, 402, code).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn payments_for_other_terms_are_refused() {
     let w = World::start("mismatch").await;
     let (v2, v1) = w.challenge("/paid/x").await;
-
-    // v2: `accepted` must be an offered entry, exactly.
-    for (field, value) in [
-        ("network", Value::from("eip155:1")),
+    let other_usdc = Value::from("0x1c7D4B196Cb0C7B01d743Fbc6116a902379C7238");
+    let cases = [
+        // v2: `accepted` must be an offered entry, exactly.
+        (2, "network", Value::from("eip155:1"), "accepted_mismatch"),
+        (2, "asset", other_usdc.clone(), "accepted_mismatch"),
+        (2, "amount", Value::from("1"), "accepted_mismatch"),
         (
-            "asset",
-            Value::from("0x1c7D4B196Cb0C7B01d743Fbc6116a902379C7238"),
-        ),
-        ("amount", Value::from("1")),
-        (
+            2,
             "payTo",
             Value::from("0x0000000000000000000000000000000000000001"),
+            "accepted_mismatch",
         ),
-        ("maxTimeoutSeconds", Value::from(600)),
-    ] {
-        let mut accepted = v2["accepts"][0].clone();
-        accepted[field] = value;
-        let header = w.wallet.pay_v2(&accepted, &Tweak::default());
-        let response = w
-            .get("/paid/x")
-            .header("payment-signature", header)
-            .send()
-            .await
-            .unwrap();
-        expect_error(response, 402, "accepted_mismatch").await;
+        (
+            2,
+            "maxTimeoutSeconds",
+            Value::from(600),
+            "accepted_mismatch",
+        ),
+        (2, "scheme", Value::from("upto"), "unsupported_scheme"),
+        // v1: the network must be offered; a signature for another asset does not verify.
+        (1, "network", Value::from("polygon"), "network_mismatch"),
+        (1, "asset", other_usdc, "invalid_signature"),
+    ];
+    for (version, field, value, code) in cases {
+        let mut entry = if version == 1 {
+            v1["accepts"][0].clone()
+        } else {
+            v2["accepts"][0].clone()
+        };
+        entry[field] = value;
+        refused_for(&w, version, &entry, code).await;
     }
-    let mut other_scheme = v2["accepts"][0].clone();
-    other_scheme["scheme"] = "upto".into();
-    let header = w.wallet.pay_v2(&other_scheme, &Tweak::default());
-    expect_error(
-        w.get("/paid/x")
-            .header("payment-signature", header)
-            .send()
-            .await
-            .unwrap(),
-        402,
-        "unsupported_scheme",
-    )
-    .await;
-
-    // v1: the network must be offered; a signature for another asset does not verify.
-    let mut polygon = v1["accepts"][0].clone();
-    polygon["network"] = "polygon".into();
-    let header = w.wallet.pay_v1(&polygon, &Tweak::default());
-    expect_error(
-        w.get("/paid/x")
-            .header("x-payment", header)
-            .send()
-            .await
-            .unwrap(),
-        402,
-        "network_mismatch",
-    )
-    .await;
-    let mut other_asset = v1["accepts"][0].clone();
-    other_asset["asset"] = "0x1c7D4B196Cb0C7B01d743Fbc6116a902379C7238".into();
-    let header = w.wallet.pay_v1(&other_asset, &Tweak::default());
-    expect_error(
-        w.get("/paid/x")
-            .header("x-payment", header)
-            .send()
-            .await
-            .unwrap(),
-        402,
-        "invalid_signature",
-    )
-    .await;
-
     // A payment made for another route's price.
     let (first, _) = w.challenge("/first/x").await;
-    let header = w.wallet.pay_v2(&first["accepts"][0], &Tweak::default());
-    expect_error(
-        w.get("/paid/x")
-            .header("payment-signature", header)
-            .send()
-            .await
-            .unwrap(),
-        402,
-        "accepted_mismatch",
-    )
-    .await;
-
+    refused_for(&w, 2, &first["accepts"][0], "accepted_mismatch").await;
     assert_eq!(w.upstream.seen(), 0);
 }
 
