@@ -542,6 +542,9 @@ impl Cx<'_> {
             );
         }
 
+        if let (Some((span, secs)), true) = (timeout, accept_x402.is_some()) {
+            self.short_timeout(span, secs);
+        }
         let inherited = Inherited {
             networks: &networks,
             x402_declared: accept_x402.is_some(),
@@ -772,6 +775,20 @@ impl Cx<'_> {
                 }
                 Timing::Deferred(bundle)
             }
+        }
+    }
+
+    /// x402 clients sign authorizations valid for `timeout` seconds, and tollgate refuses one
+    /// with less than 6 s to live: a timeout near that refuses most payments as expired.
+    fn short_timeout(&mut self, span: Span, secs: u64) {
+        let margin = crate::x402::verify::VALID_BEFORE_MARGIN_SECS;
+        if secs < 10 {
+            self.warning(
+                "short_timeout",
+                span,
+                format!("x402 buyers sign authorizations valid for {secs}s, and a payment that arrives with less than {margin}s left is refused as expired"),
+            )
+            .help = Some("official clients set validBefore = now + timeout: use at least 10s".into());
         }
     }
 
@@ -1353,6 +1370,11 @@ impl Cx<'_> {
         }
         if let (Some((s, _)), false, false) = (refund, has_credits, is_free) {
             self.push(Diagnostic::warning("no_effect", s, "`refund on 5xx` has no effect without a price in credits").help("x402 payments are never settled when the upstream fails, so there is nothing to refund"));
+        }
+        if let (Some((s, secs)), Action::Charge(price)) = (timeout, &action)
+            && !price.offers.is_empty()
+        {
+            self.short_timeout(s, secs);
         }
 
         let limits = self.limits(&limit_clauses, up.networks, Some(up.limits));
