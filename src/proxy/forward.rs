@@ -28,34 +28,34 @@ const HOP_BY_HOP: [&str; 5] = [
 ];
 
 pub fn prepare(upstream: &mut RequestHeader, policy: &Policy, ctx: &Ctx) -> pingora::Result<()> {
-    let upgrade = upstream.headers.contains_key("upgrade");
-    let mut remove: Vec<String> = upstream
+    // Names that depend on the request (owned); the fixed ones are removed directly below.
+    let mut named: Vec<String> = upstream
         .headers
         .keys()
         .map(|name| name.as_str())
         .filter(|name| name.starts_with("x-tollgate-"))
         .map(str::to_string)
         .collect();
-    if !upgrade {
+    if !upstream.headers.contains_key("upgrade") {
         for value in upstream.headers.get_all("connection") {
             if let Ok(text) = value.to_str() {
-                remove.extend(
+                named.extend(
                     text.split(',')
                         .map(|t| t.trim().to_ascii_lowercase())
                         .filter(|t| !t.is_empty()),
                 );
             }
         }
-        remove.push("connection".to_string());
+        upstream.remove_header("connection");
     }
-    remove.extend(HOP_BY_HOP.iter().map(|h| h.to_string()));
-    remove.push(X_PAYMENT.to_string());
-    remove.push(PAYMENT_SIGNATURE.to_string());
-    if let Some(prepaid) = &policy.prepaid {
-        remove.push(prepaid.header.clone());
-    }
-    for name in &remove {
+    for name in &named {
         upstream.remove_header(name.as_str());
+    }
+    for name in HOP_BY_HOP.into_iter().chain([X_PAYMENT, PAYMENT_SIGNATURE]) {
+        upstream.remove_header(name);
+    }
+    if let Some(prepaid) = &policy.prepaid {
+        upstream.remove_header(prepaid.header.as_str());
     }
 
     upstream.insert_header("x-request-id", ctx.request_id.as_str())?;

@@ -26,7 +26,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
-use bytes::Bytes;
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::upstreams::peer::HttpPeer;
@@ -46,9 +45,8 @@ pub const DISCOVERY_PATH: &str = "/.well-known/x402";
 /// Everything a request needs, built once at startup.
 pub struct Gate {
     policy: Policy,
-    /// x402 terms per route, shared with refusals (`Arc` so a 402 does not copy them).
-    terms: Vec<Option<Arc<RouteTerms>>>,
-    discovery: Bytes,
+    /// x402 terms per route and the discovery document.
+    terms: Terms,
     store: Store,
     facilitator: Option<Facilitator>,
     upstream: HttpPeer,
@@ -80,14 +78,9 @@ impl Gate {
         public_url: String,
     ) -> Gate {
         let terms = Terms::new(&policy);
-        let discovery = Bytes::from(terms.discovery().to_vec());
-        let terms = (0..policy.routes.len())
-            .map(|id| terms.route(id).cloned().map(Arc::new))
-            .collect();
         Gate {
             policy,
             terms,
-            discovery,
             store,
             facilitator,
             upstream,
@@ -98,7 +91,7 @@ impl Gate {
     }
 
     fn route_terms(&self, route: Option<usize>) -> Option<Arc<RouteTerms>> {
-        route.and_then(|id| self.terms.get(id).cloned().flatten())
+        route.and_then(|id| self.terms.route(id).cloned())
     }
 
     /// The 402 for a paid route: the challenge and, for a credits-only route, the key header.
@@ -381,9 +374,10 @@ impl Gate {
         }
         let mut head = ResponseHeader::build(200, Some(4))?;
         head.insert_header("content-type", "application/json")?;
-        head.insert_header("content-length", self.discovery.len().to_string())?;
+        let document = self.terms.discovery();
+        head.insert_header("content-length", document.len().to_string())?;
         head.insert_header("x-request-id", ctx.request_id.as_str())?;
-        refusal::write(session, head, self.discovery.clone()).await?;
+        refusal::write(session, head, document).await?;
         Ok(true)
     }
 }

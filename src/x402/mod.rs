@@ -18,4 +18,3 @@ mod rejection;
 
 pub use rejection::Rejection;
 pub use terms::{RouteTerms, Terms};
-pub use verify::{Payment, Version};

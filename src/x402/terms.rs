@@ -4,8 +4,11 @@
 //! entry in `accepted` and servers compare it for equality (x402-notes §1.2). Each offer also
 //! carries its EIP-712 domain separator, precomputed, so verification hashes only the message.
 
+use std::sync::Arc;
+
 use alloy::primitives::{Address, B256, U256};
 use alloy::sol_types::Eip712Domain;
+use bytes::Bytes;
 use serde::Serialize;
 use serde_json::Value;
 
@@ -19,10 +22,11 @@ use crate::policy::{Policy, Route};
 /// The x402 terms of every route of one policy.
 #[derive(Debug, Clone)]
 pub struct Terms {
-    /// Indexed by [`RouteId`]; `None` for routes without an x402 price.
-    routes: Vec<Option<RouteTerms>>,
+    /// Indexed by [`RouteId`]; `None` for routes without an x402 price. Shared (`Arc`) so a 402
+    /// or an admitted payment holds its route's terms without copying them.
+    routes: Vec<Option<Arc<RouteTerms>>>,
     /// `GET /.well-known/x402`, rendered once.
-    discovery: Vec<u8>,
+    discovery: Bytes,
 }
 
 /// The x402 terms of one paid route.
@@ -57,22 +61,22 @@ pub struct Offer {
 
 impl Terms {
     pub fn new(policy: &Policy) -> Terms {
-        let routes: Vec<Option<RouteTerms>> = policy
+        let routes: Vec<Option<Arc<RouteTerms>>> = policy
             .routes
             .iter()
-            .map(|route| RouteTerms::new(policy, route))
+            .map(|route| RouteTerms::new(policy, route).map(Arc::new))
             .collect();
-        let discovery = discovery(policy, &routes);
+        let discovery = Bytes::from(discovery(policy, &routes));
         Terms { routes, discovery }
     }
 
-    pub fn route(&self, id: RouteId) -> Option<&RouteTerms> {
+    pub fn route(&self, id: RouteId) -> Option<&Arc<RouteTerms>> {
         self.routes.get(id).and_then(Option::as_ref)
     }
 
     /// The `/.well-known/x402` document.
-    pub fn discovery(&self) -> &[u8] {
-        &self.discovery
+    pub fn discovery(&self) -> Bytes {
+        self.discovery.clone()
     }
 }
 
@@ -126,18 +130,15 @@ impl RouteTerms {
         })
     }
 
-    /// The offer whose v2 entry equals `accepted` (JSON value equality: key order and
-    /// whitespace do not matter, every field and value does).
-    pub fn offer_accepted(&self, accepted: &Value) -> Option<&Offer> {
-        self.accepts_json
-            .iter()
-            .position(|entry| entry == accepted)
-            .and_then(|i| self.offers.get(i))
+    /// The index of the offer whose v2 entry equals `accepted` (JSON value equality: key order
+    /// and whitespace do not matter, every field and value does).
+    pub fn accepted_offer(&self, accepted: &Value) -> Option<usize> {
+        self.accepts_json.iter().position(|entry| entry == accepted)
     }
 
-    /// The offer on a v1 network name.
-    pub fn offer_on(&self, network: &str) -> Option<&Offer> {
-        self.offers.iter().find(|o| o.network == network)
+    /// The index of the offer on a v1 network name.
+    pub fn offer_on(&self, network: &str) -> Option<usize> {
+        self.offers.iter().position(|o| o.network == network)
     }
 
     /// A 402 challenge: the base64 `PAYMENT-REQUIRED` header (v2) and the JSON body (v1).
@@ -247,7 +248,7 @@ struct DiscoveredRoute<'a> {
     credits: Option<String>,
 }
 
-fn discovery(policy: &Policy, terms: &[Option<RouteTerms>]) -> Vec<u8> {
+fn discovery(policy: &Policy, terms: &[Option<Arc<RouteTerms>>]) -> Vec<u8> {
     let routes = policy
         .routes
         .iter()

@@ -115,9 +115,7 @@ pub fn verify(header: &[u8], terms: &RouteTerms, now: u64) -> Result<Payment, Re
                 .as_deref()
                 .ok_or_else(|| Rejection::Malformed("missing field `network`".into()))?;
             terms
-                .offers
-                .iter()
-                .position(|o| o.network == network)
+                .offer_on(network)
                 .ok_or_else(|| Rejection::NetworkMismatch(network.to_string()))?
         }
         Version::V2 => {
@@ -129,13 +127,8 @@ pub fn verify(header: &[u8], terms: &RouteTerms, now: u64) -> Result<Payment, Re
                 Some("exact") | None => {}
                 Some(other) => return Err(Rejection::UnsupportedScheme(other.to_string())),
             }
-            let offer = terms
-                .offer_accepted(accepted)
-                .ok_or(Rejection::AcceptedMismatch)?;
             terms
-                .offers
-                .iter()
-                .position(|o| std::ptr::eq(o, offer))
+                .accepted_offer(accepted)
                 .ok_or(Rejection::AcceptedMismatch)?
         }
     };

@@ -102,15 +102,25 @@ impl World {
         (v2, v1)
     }
 
-    /// Pays for `path` with a v2 payment built by `tweak`, returns the response.
-    pub async fn pay_v2(&self, path: &str, tweak: &harness::Tweak) -> reqwest::Response {
+    /// A `PAYMENT-SIGNATURE` value for `path`'s first offer, signed as `tweak` says.
+    pub async fn signed_v2(&self, path: &str, tweak: &harness::Tweak) -> String {
         let (v2, _) = self.challenge(path).await;
-        let header = self.wallet.pay_v2(&v2["accepts"][0], tweak);
+        self.wallet.pay_v2(&v2["accepts"][0], tweak)
+    }
+
+    /// GETs `path` with a `PAYMENT-SIGNATURE` header.
+    pub async fn send_v2(&self, path: &str, header: &str) -> reqwest::Response {
         self.get(path)
             .header("payment-signature", header)
             .send()
             .await
             .unwrap()
+    }
+
+    /// Pays for `path` with a v2 payment built by `tweak`, returns the response.
+    pub async fn pay_v2(&self, path: &str, tweak: &harness::Tweak) -> reqwest::Response {
+        let header = self.signed_v2(path, tweak).await;
+        self.send_v2(path, &header).await
     }
 
     pub async fn pay_v1(&self, path: &str, tweak: &harness::Tweak) -> reqwest::Response {

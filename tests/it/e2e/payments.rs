@@ -66,21 +66,10 @@ async fn a_v1_payment_is_verified_forwarded_settled_and_receipted() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_payment_is_used_once_sequentially() {
     let w = World::start("replay").await;
-    let (v2, _) = w.challenge("/paid/a").await;
-    let header = w.wallet.pay_v2(&v2["accepts"][0], &Tweak::default());
-    let first = w
-        .get("/paid/a")
-        .header("payment-signature", &header)
-        .send()
-        .await
-        .unwrap();
+    let header = w.signed_v2("/paid/a", &Tweak::default()).await;
+    let first = w.send_v2("/paid/a", &header).await;
     assert_eq!(first.status(), 200);
-    let again = w
-        .get("/paid/a")
-        .header("payment-signature", &header)
-        .send()
-        .await
-        .unwrap();
+    let again = w.send_v2("/paid/a", &header).await;
     assert!(
         again.headers().get("payment-required").is_some(),
         "a replay gets the challenge again"
@@ -93,8 +82,7 @@ async fn a_payment_is_used_once_sequentially() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn of_100_concurrent_identical_payments_exactly_one_is_served() {
     let w = World::start("replay-concurrent").await;
-    let (v2, _) = w.challenge("/paid/a").await;
-    let header = w.wallet.pay_v2(&v2["accepts"][0], &Tweak::default());
+    let header = w.signed_v2("/paid/a", &Tweak::default()).await;
     let mut tasks = Vec::new();
     for _ in 0..100 {
         let request = w.get("/paid/a").header("payment-signature", &header);
@@ -116,25 +104,14 @@ async fn of_100_concurrent_identical_payments_exactly_one_is_served() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_used_payment_stays_used_after_kill_9_and_restart() {
     let mut w = World::start("replay-restart").await;
-    let (v2, _) = w.challenge("/paid/a").await;
-    let header = w.wallet.pay_v2(&v2["accepts"][0], &Tweak::default());
-    let first = w
-        .get("/paid/a")
-        .header("payment-signature", &header)
-        .send()
-        .await
-        .unwrap();
+    let header = w.signed_v2("/paid/a", &Tweak::default()).await;
+    let first = w.send_v2("/paid/a", &header).await;
     assert_eq!(first.status(), 200);
 
     w.sidecar.kill();
     let upstream = w.upstream.url();
     w.sidecar = harness::Sidecar::start(&w.dir, &upstream).await;
-    let again = w
-        .get("/paid/a")
-        .header("payment-signature", &header)
-        .send()
-        .await
-        .unwrap();
+    let again = w.send_v2("/paid/a", &header).await;
     expect_error(again, 402, "payment_replayed").await;
     assert_eq!(w.upstream.seen(), 1);
 }
@@ -382,8 +359,7 @@ async fn payer_lists_apply_once_the_payer_is_known() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn on_a_hybrid_route_an_attached_payment_pays_while_prepaid_is_unavailable() {
     let w = World::start("hybrid").await;
-    let (v2, _) = w.challenge("/hybrid").await;
-    let header = w.wallet.pay_v2(&v2["accepts"][0], &Tweak::default());
+    let header = w.signed_v2("/hybrid", &Tweak::default()).await;
     let response = w
         .get("/hybrid")
         .header("x-api-key", "tg_key")
