@@ -85,6 +85,7 @@
 //!   upstream and a signature-checking facilitator on loopback); `tests/benches/` holds the
 //!   criterion benchmarks; `tests/load/run.sh` is the loopback load test (wrk, nginx).
 
+pub mod admin;
 pub mod cli;
 pub mod config;
 pub mod money;
@@ -95,3 +96,10 @@ pub mod server;
 pub mod settle;
 pub mod store;
 pub mod x402;
+
+/// Seconds since the Unix epoch: the clock the I/O layers pass to pure code.
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}

@@ -95,6 +95,46 @@ pub fn format_atomic(atomic: u128, decimals: u8) -> String {
     format!("{whole}.{}", digits.trim_end_matches('0'))
 }
 
+/// Serde for atomic amounts as decimal strings (`"1000"`), as x402 writes them: JSON numbers
+/// above 2^53 lose precision in JavaScript. Reading also takes a JSON integer.
+pub mod as_string {
+    use serde::de::{Error, Visitor};
+    use serde::{Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(atomic: &u128, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(atomic)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<u128, D::Error> {
+        deserializer.deserialize_any(Atomic)
+    }
+
+    struct Atomic;
+
+    impl Visitor<'_> for Atomic {
+        type Value = u128;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a whole number of atomic units, such as \"1000\"")
+        }
+
+        fn visit_u64<E: Error>(self, n: u64) -> Result<u128, E> {
+            Ok(n.into())
+        }
+
+        fn visit_u128<E: Error>(self, n: u128) -> Result<u128, E> {
+            Ok(n)
+        }
+
+        fn visit_str<E: Error>(self, s: &str) -> Result<u128, E> {
+            if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
+                return Err(E::invalid_value(serde::de::Unexpected::Str(s), &self));
+            }
+            s.parse().map_err(|_| E::custom("the amount is too large"))
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

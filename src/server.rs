@@ -6,7 +6,8 @@
 //! - the proxy ([`proxy::Gate`]) on `listen`;
 //! - the ops listener on `ops.listen`: `/healthz` (the process is up) and `/readyz` (a policy
 //!   is loaded and the store is open; false as soon as shutdown begins);
-//! - a background task that forgets expired nonces.
+//! - the admin API ([`admin::service`]) on `admin.listen`, behind its bearer token;
+//! - a background task that forgets expired nonces and idempotency keys.
 //!
 //! Shutdown: SIGTERM stops accepting, lets in-flight requests finish ([`GRACE_PERIOD_SECS`]),
 //! then flushes the store; SIGINT is a fast shutdown (the store is still flushed).
@@ -25,6 +26,7 @@ use pingora::services::background::{BackgroundService, background_service};
 use pingora::services::listening::Service;
 use pingora::upstreams::peer::HttpPeer;
 
+use crate::admin::{self, service::Admin};
 use crate::config::{Config, LogFormat, Scheme};
 use crate::policy::{self, Backend, Policy, Timing};
 use crate::proxy::Gate;
@@ -50,6 +52,7 @@ pub fn run(config: &Config) -> Result<(), String> {
     };
     let store = Store::open(&config.store)
         .map_err(|e| format!("cannot open the store at {}: {e}", config.store.display()))?;
+    let token = admin::token::load_or_generate(config)?;
 
     let conf = ServerConf {
         threads: std::thread::available_parallelism().map_or(2, |n| n.get()),
@@ -70,6 +73,7 @@ pub fn run(config: &Config) -> Result<(), String> {
         listen = %config.listen,
         upstream = %config.upstream.url,
         ops = %config.ops.listen,
+        admin = %config.admin.listen,
         "tollgate starting"
     );
     let gate = Gate::new(
@@ -92,9 +96,20 @@ pub fn run(config: &Config) -> Result<(), String> {
     ops.add_tcp(&config.ops.listen.to_string());
     ops.threads = Some(1);
 
+    let mut admin = Service::new(
+        "tollgate admin".to_string(),
+        Admin {
+            store: store.clone(),
+            token,
+            clock: crate::unix_now,
+        },
+    );
+    admin.add_tcp(&config.admin.listen.to_string());
+    admin.threads = Some(1);
+
     let mut gc = background_service(
-        "nonce gc",
-        NonceGc {
+        "housekeeping",
+        Housekeeping {
             store: store.clone(),
         },
     );
@@ -102,6 +117,7 @@ pub fn run(config: &Config) -> Result<(), String> {
 
     server.add_service(proxy);
     server.add_service(ops);
+    server.add_service(admin);
     server.add_service(gc);
     server.run(RunArgs {
         shutdown_signal: Box::new(Signals { ready }),
@@ -219,22 +235,23 @@ impl ServeHttp for Ops {
     }
 }
 
-/// Forgets nonces whose authorizations expired long ago.
-struct NonceGc {
+/// Forgets nonces whose authorizations expired long ago, and expired idempotency keys.
+struct Housekeeping {
     store: Store,
 }
 
 #[async_trait]
-impl BackgroundService for NonceGc {
+impl BackgroundService for Housekeeping {
     async fn start(&self, mut shutdown: ShutdownWatch) {
         loop {
             tokio::select! {
                 _ = shutdown.changed() => return,
                 () = tokio::time::sleep(NONCE_GC_EVERY) => {}
             }
-            let now = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_secs());
+            let now = crate::unix_now();
+            if let Err(e) = self.store.forget_expired_idempotency(now) {
+                tracing::warn!(error = %e, "collecting expired idempotency keys failed");
+            }
             match self.store.forget_expired_nonces(now) {
                 Ok(removed) => tracing::debug!(
                     removed,

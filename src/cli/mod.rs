@@ -4,6 +4,7 @@
 //! 1 when a check or a test failed, 2 when the command itself could not run (bad arguments,
 //! unreadable files).
 
+mod admin;
 mod check;
 mod explain;
 mod fmt;
@@ -43,6 +44,12 @@ enum Command {
     Explain(explain::Args),
     /// Run the test cases written in policy files (`test "…" { … }`).
     Test(test::Args),
+    /// Prepaid accounts: create, list, show.
+    Accounts(admin::AccountsArgs),
+    /// API keys: issue, list, revoke.
+    Keys(admin::KeysArgs),
+    /// Credits: top up, balance, usage, audit.
+    Credits(admin::CreditsArgs),
 }
 
 /// Runs the command line; returns the process exit code.
@@ -54,6 +61,9 @@ pub fn main() -> ExitCode {
         Command::Fmt(args) => fmt::run(args),
         Command::Explain(args) => explain::run(args),
         Command::Test(args) => test::run(args),
+        Command::Accounts(args) => admin::accounts(args),
+        Command::Keys(args) => admin::keys(args),
+        Command::Credits(args) => admin::credits(args),
     };
     match result {
         Ok(code) => code,

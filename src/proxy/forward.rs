@@ -8,10 +8,12 @@
 //!
 //! Added (README "Headers the upstream receives"):
 //! - `x-request-id` — the client's, or one tollgate made.
-//! - `x-tollgate-rail` — `free`, `pass` or `x402`.
+//! - `x-tollgate-rail` — `free`, `pass`, `x402` or `prepaid`.
 //! - `x-tollgate-route` — the matched route, `GET /v1/forecast/{city}`.
 //! - for x402: `x-tollgate-payer` (EIP-55), `x-tollgate-amount` (atomic units),
 //!   `x-tollgate-asset` (token address), `x-tollgate-network` (policy network name).
+//! - for prepaid: `x-tollgate-account` (account id), `x-tollgate-key-id` (the key's visible
+//!   id, never the key), `x-tollgate-credits` (credits charged; 0 for an idempotent repeat).
 
 use pingora::http::RequestHeader;
 
@@ -59,10 +61,11 @@ pub fn prepare(upstream: &mut RequestHeader, policy: &Policy, ctx: &Ctx) -> ping
     }
 
     upstream.insert_header("x-request-id", ctx.request_id.as_str())?;
-    let rail = match (&ctx.paid, ctx.route) {
-        (Some(_), _) => "x402",
-        (None, Some(_)) => "free",
-        (None, None) => "pass",
+    let rail = match (&ctx.paid, &ctx.prepaid, ctx.route) {
+        (Some(_), _, _) => "x402",
+        (None, Some(_), _) => "prepaid",
+        (None, None, Some(_)) => "free",
+        (None, None, None) => "pass",
     };
     upstream.insert_header("x-tollgate-rail", rail)?;
     if let Some(route) = ctx.route.and_then(|id| policy.route(id)) {
@@ -75,6 +78,11 @@ pub fn prepare(upstream: &mut RequestHeader, policy: &Policy, ctx: &Ctx) -> ping
         upstream.insert_header("x-tollgate-amount", paid.payment.amount.to_string())?;
         upstream.insert_header("x-tollgate-asset", offer.asset.to_checksum(None))?;
         upstream.insert_header("x-tollgate-network", offer.network.as_str())?;
+    }
+    if let Some(debited) = &ctx.prepaid {
+        upstream.insert_header("x-tollgate-account", debited.account.to_string())?;
+        upstream.insert_header("x-tollgate-key-id", debited.key.as_str())?;
+        upstream.insert_header("x-tollgate-credits", debited.charged.to_string())?;
     }
     Ok(())
 }

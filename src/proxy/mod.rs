@@ -19,6 +19,7 @@
 
 mod admit;
 mod forward;
+mod prepaid;
 pub mod refusal;
 
 use std::sync::Arc;
@@ -37,6 +38,8 @@ use crate::store::Store;
 use crate::x402::wire::{PAYMENT_SIGNATURE, X_PAYMENT};
 use crate::x402::{RouteTerms, Terms};
 pub use admit::Admitted;
+pub use prepaid::Debited;
+use prepaid::Prepaid;
 use refusal::Refusal;
 
 /// Where tollgate answers machine-readable prices.
@@ -64,6 +67,8 @@ pub struct Ctx {
     route: Option<usize>,
     /// A verified payment whose request was forwarded.
     paid: Option<Admitted>,
+    /// Credits debited for a request that was forwarded.
+    prepaid: Option<Debited>,
     /// A refusal raised after the upstream answered (failed settlement).
     refusal: Option<Refusal>,
     upstream_status: u16,
@@ -85,7 +90,7 @@ impl Gate {
             facilitator,
             upstream,
             public_url,
-            clock: unix_now,
+            clock: crate::unix_now,
             ids: RequestIds::new(),
         }
     }
@@ -181,10 +186,50 @@ impl ProxyHttp for Gate {
             payment,
         };
         let mut decision = policy::decide(&self.policy, &request, &Buyer::default());
-        if matches!(decision.outcome, Outcome::Prepaid { .. }) && payment.is_some() {
-            // No prepaid accounts in this version: an attached payment pays instead of the key.
-            request.api_key = false;
-            decision = policy::decide(&self.policy, &request, &Buyer::default());
+        if let (Outcome::Prepaid { credits }, Some(route)) = (&decision.outcome, decision.route) {
+            let secret = self.policy.prepaid.as_ref().and_then(|p| {
+                header.headers.get(p.header.as_str()).map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+            }).unwrap_or_default();
+            let idempotency = header
+                .headers
+                .get(prepaid::IDEMPOTENCY_KEY)
+                .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
+            let fingerprint = format!("{} {target}", header.method);
+            let charged = self
+                .debit(
+                    &secret,
+                    *credits,
+                    route.id,
+                    &ctx.request_id,
+                    idempotency.as_deref().map(|k| (k, fingerprint.as_str())),
+                )
+                .await;
+            match charged {
+                Ok(Prepaid::Debited(debited)) => {
+                    ctx.route = Some(route.id);
+                    ctx.outcome = "prepaid";
+                    ctx.prepaid = Some(debited);
+                    return Ok(false);
+                }
+                Ok(Prepaid::Short { balance }) => {
+                    let buyer = Buyer {
+                        payer: None,
+                        prepaid_balance: Some(balance),
+                    };
+                    decision = policy::decide(&self.policy, &request, &buyer);
+                }
+                Ok(Prepaid::BadKey(problem)) if payment.is_none() => {
+                    let header_name = self.policy.prepaid.as_ref().map_or("x-api-key", |p| p.header.as_str());
+                    let refusal = prepaid::bad_key(problem, header_name);
+                    return self.refuse(session, ctx, refusal).await;
+                }
+                Ok(Prepaid::BadKey(_)) => {
+                    // A key that cannot pay, and a payment that can: the payment pays.
+                    request.api_key = false;
+                    decision = policy::decide(&self.policy, &request, &Buyer::default());
+                }
+                Err(refusal) => return self.refuse(session, ctx, *refusal).await,
+            }
         }
         ctx.route = decision.route.map(|r| r.id);
         ctx.outcome = decision.outcome.name();
@@ -208,11 +253,8 @@ impl ProxyHttp for Gate {
                 self.refuse(session, ctx, refusal).await
             }
             Outcome::Prepaid { .. } => {
-                let refusal = Refusal::new(
-                    503,
-                    "prepaid_unavailable",
-                    "prepaid credits are not available on this sidecar yet; pay with x402",
-                );
+                // Deciding again with the balance known never debits; fail closed if it did.
+                let refusal = Refusal::new(503, "internal_error", "the prepaid rail answered twice");
                 self.refuse(session, ctx, refusal).await
             }
             Outcome::X402 => {
@@ -267,6 +309,13 @@ impl ProxyHttp for Gate {
     ) -> pingora::Result<()> {
         ctx.upstream_status = response.status.as_u16();
         response.insert_header("x-request-id", ctx.request_id.as_str())?;
+        if let Some(debited) = ctx.prepaid.as_mut() {
+            if debited.refund_on_5xx && ctx.upstream_status >= 500 {
+                self.refund(debited, &ctx.request_id).await;
+            }
+            response.insert_header("x-tollgate-credits-charged", debited.charged.to_string())?;
+            response.insert_header("x-tollgate-credits-balance", debited.balance.to_string())?;
+        }
         let Some(paid) = ctx.paid.as_mut() else {
             return Ok(());
         };
@@ -294,6 +343,10 @@ impl ProxyHttp for Gate {
 
     async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut Ctx) -> FailToProxy {
         let refusal = ctx.refusal.take().unwrap_or_else(|| upstream_failure(e));
+        if let Some(debited) = ctx.prepaid.as_mut() {
+            // The upstream gave no answer: the request was not served, so it costs nothing.
+            self.refund(debited, &ctx.request_id).await;
+        }
         let status = refusal.status;
         ctx.outcome = refusal.code;
         let written = match refusal.render(&ctx.request_id) {
@@ -323,6 +376,7 @@ impl ProxyHttp for Gate {
             status,
             upstream_status = ctx.upstream_status,
             payer = ctx.paid.as_ref().map(|p| p.payment.payer.to_string()),
+            account = ctx.prepaid.as_ref().map(|d| d.account),
             error = error.map(|e| e.etype().as_str()),
             "request"
         );
@@ -414,10 +468,4 @@ impl RequestIds {
         let n = self.next.fetch_add(1, Ordering::Relaxed);
         format!("{}-{n:08x}", self.prefix)
     }
-}
-
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
 }

@@ -1,14 +1,16 @@
 //! The embedded durable store: the only module that touches sled.
 //!
-//! Today it holds the replay-protection nonce set; prepaid accounts and the settlement ledger
-//! join it in later issues. Every write that admits a request is flushed (fsync) before the
-//! caller goes on, so a crash right after admission cannot forget it.
+//! It holds the replay-protection nonce set (here) and prepaid accounts, API keys and the
+//! credit ledger ([`accounts`]). Every write that admits a request or moves credits is flushed
+//! (fsync) before the caller goes on, so a crash right after it cannot forget it.
 //!
 //! Group commit: one flusher thread owns every flush. A writer queues a waiter after its write
 //! and awaits it; the flusher takes all queued waiters, flushes once, and answers them all, so
 //! a burst of N concurrent writes costs about one fsync, not N. (It also keeps tollgate off
 //! sled 0.34's `flush_async`, which deadlocks when called concurrently — sled issue #1308,
 //! fixed only on its unreleased main branch.)
+
+pub mod accounts;
 
 use std::fmt;
 use std::path::Path;
@@ -29,6 +31,15 @@ pub struct Store {
 struct Inner {
     db: sled::Db,
     nonces: sled::Tree,
+    accounts: sled::Tree,
+    balances: sled::Tree,
+    keys: sled::Tree,
+    key_hashes: sled::Tree,
+    ledger: sled::Tree,
+    account_ledger: sled::Tree,
+    topup_refs: sled::Tree,
+    idempotency: sled::Tree,
+    refunds: sled::Tree,
     /// `None` only while dropping.
     flushes: Option<mpsc::Sender<Waiter>>,
     flusher: Option<std::thread::JoinHandle<()>>,
@@ -86,7 +97,7 @@ pub enum Claim {
 
 /// A store failure: the caller fails closed (503).
 #[derive(Debug)]
-pub struct StoreError(String);
+pub struct StoreError(pub(crate) String);
 
 impl fmt::Display for StoreError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -95,6 +106,15 @@ impl fmt::Display for StoreError {
 }
 
 impl std::error::Error for StoreError {}
+
+const IN_USE: &str = "it is in use by another process (a running sidecar holds its lock)";
+
+impl StoreError {
+    /// The store is locked by another process, most likely a running sidecar.
+    pub fn in_use(&self) -> bool {
+        self.0 == IN_USE
+    }
+}
 
 impl From<sled::Error> for StoreError {
     fn from(e: sled::Error) -> Self {
@@ -109,8 +129,13 @@ pub const NONCE_RETENTION_SECS: u64 = 3_600;
 impl Store {
     /// Opens (or creates) the store directory.
     pub fn open(path: &Path) -> Result<Store, StoreError> {
-        let db = sled::Config::new().path(path).open()?;
-        let nonces = db.open_tree("nonces")?;
+        let db = sled::Config::new().path(path).open().map_err(|e| match e {
+            sled::Error::Io(io) if io.to_string().contains("could not acquire lock") => {
+                StoreError(IN_USE.into())
+            }
+            e => e.into(),
+        })?;
+        let tree = |name: &str| db.open_tree(name);
         let (flushes, queue) = mpsc::channel();
         let flushed = db.clone();
         let flusher = std::thread::Builder::new()
@@ -119,8 +144,17 @@ impl Store {
             .map_err(|e| StoreError(format!("cannot start the flusher thread: {e}")))?;
         Ok(Store {
             inner: Arc::new(Inner {
+                nonces: tree("nonces")?,
+                accounts: tree("accounts")?,
+                balances: tree("balances")?,
+                keys: tree("keys")?,
+                key_hashes: tree("key_hashes")?,
+                ledger: tree("ledger")?,
+                account_ledger: tree("account_ledger")?,
+                topup_refs: tree("topup_refs")?,
+                idempotency: tree("idempotency")?,
+                refunds: tree("refunds")?,
                 db,
-                nonces,
                 flushes: Some(flushes),
                 flusher: Some(flusher),
             }),

@@ -371,17 +371,23 @@ pub struct Sidecar {
     pub child: Child,
     pub port: u16,
     pub ops_port: u16,
+    pub admin_port: u16,
     pub dir: PathBuf,
 }
 
 impl Sidecar {
     /// Starts the sidecar in `dir` (which holds `policy.toll`), proxying to `upstream`.
     pub async fn start(dir: &Path, upstream: &str) -> Sidecar {
+        Sidecar::start_logging(dir, upstream, "info").await
+    }
+
+    /// [`Sidecar::start`] with a log level (`debug` logs one line per request).
+    pub async fn start_logging(dir: &Path, upstream: &str, level: &str) -> Sidecar {
         let port = free_port();
         let ops_port = free_port();
+        let admin_port = free_port();
         let config = format!(
-            "listen: 127.0.0.1:{port}\nupstream: {upstream}\npublic_url: https://api.example.com\npolicies: [policy.toll]\nstore: data\nops:\n  listen: 127.0.0.1:{ops_port}\nadmin:\n  listen: 127.0.0.1:{}\nlog:\n  level: info\n",
-            free_port()
+            "listen: 127.0.0.1:{port}\nupstream: {upstream}\npublic_url: https://api.example.com\npolicies: [policy.toll]\nstore: data\nops:\n  listen: 127.0.0.1:{ops_port}\nadmin:\n  listen: 127.0.0.1:{admin_port}\nlog:\n  level: {level}\n",
         );
         std::fs::write(dir.join("tollgate.yaml"), config).unwrap();
         let log = std::fs::OpenOptions::new()
@@ -402,6 +408,7 @@ impl Sidecar {
             child,
             port,
             ops_port,
+            admin_port,
             dir: dir.to_path_buf(),
         };
         sidecar.wait_ready().await;
@@ -430,6 +437,15 @@ impl Sidecar {
 
     pub fn url(&self, path: &str) -> String {
         format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.admin_port)
+    }
+
+    /// The admin token the sidecar generated in its store directory.
+    pub fn admin_token(&self) -> String {
+        std::fs::read_to_string(self.dir.join("data/admin.token")).unwrap()
     }
 
     pub fn ops_url(&self, path: &str) -> String {

@@ -5,6 +5,7 @@ mod harness;
 mod interop;
 mod lifecycle;
 mod payments;
+mod prepaid;
 mod proxying;
 mod settlement;
 
@@ -45,6 +46,11 @@ pub fn policy(facilitator: &str) -> String {
     price 0.01 USDC
     timeout 1s
   }}
+  route * "/refundable/**" {{
+    price 3 credits
+    refund on 5xx
+  }}
+  route GET "/metered/**" {{ price 1 credit }}
   route * "/internal/**" {{ deny }}
 }}
 "#,
@@ -131,6 +137,58 @@ impl World {
             .send()
             .await
             .unwrap()
+    }
+}
+
+impl World {
+    /// Calls the admin API with the sidecar's token.
+    pub async fn admin(&self, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+        let method = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
+        let mut request = self
+            .http
+            .request(method, self.sidecar.admin_url(path))
+            .bearer_auth(self.sidecar.admin_token());
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        let response = request.send().await.unwrap();
+        (response.status().as_u16(), response.json().await.unwrap())
+    }
+
+    /// Opens an account holding `credits` and issues a key for it: (account id, key).
+    pub async fn funded_key(&self, credits: u64) -> (u64, String) {
+        let (status, created) = self
+            .admin("POST", "/v1/accounts", Some(serde_json::json!({"name": "acme"})))
+            .await;
+        assert_eq!(status, 201, "{created:#}");
+        let account = created["account"]["id"].as_u64().unwrap();
+        let (status, issued) = self
+            .admin("POST", &format!("/v1/accounts/{account}/keys"), Some(serde_json::json!({})))
+            .await;
+        assert_eq!(status, 201, "{issued:#}");
+        if credits > 0 {
+            let (status, body) = self
+                .admin(
+                    "POST",
+                    &format!("/v1/accounts/{account}/topups"),
+                    Some(serde_json::json!({"credits": credits, "reference": format!("seed-{account}")})),
+                )
+                .await;
+            assert_eq!(status, 201, "{body:#}");
+        }
+        (account, issued["key"].as_str().unwrap().to_string())
+    }
+
+    /// The account's balance in credits.
+    pub async fn balance(&self, account: u64) -> u128 {
+        let (status, body) = self.admin("GET", &format!("/v1/accounts/{account}"), None).await;
+        assert_eq!(status, 200, "{body:#}");
+        body["balance"].as_str().unwrap().parse().unwrap()
+    }
+
+    /// GETs `path` with an API key.
+    pub async fn with_key(&self, path: &str, key: &str) -> reqwest::Response {
+        self.get(path).header("x-api-key", key).send().await.unwrap()
     }
 }
 

@@ -357,7 +357,7 @@ async fn payer_lists_apply_once_the_payer_is_known() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn on_a_hybrid_route_an_attached_payment_pays_while_prepaid_is_unavailable() {
+async fn on_a_hybrid_route_an_attached_payment_pays_for_a_key_that_cannot() {
     let w = World::start("hybrid").await;
     let header = w.signed_v2("/hybrid", &Tweak::default()).await;
     let response = w
@@ -380,6 +380,6 @@ async fn on_a_hybrid_route_an_attached_payment_pays_while_prepaid_is_unavailable
         .send()
         .await
         .unwrap();
-    expect_error(response, 503, "prepaid_unavailable").await;
+    expect_error(response, 401, "api_key_invalid").await;
     assert_eq!(w.upstream.seen(), 1);
 }

@@ -1,0 +1,170 @@
+//! Admission on the prepaid rail: the steps between "the route takes this key" and "forward".
+//!
+//! resolve the key (unknown, revoked, expired → 401) → debit the account atomically and
+//! durably, honouring `Idempotency-Key` → forward. A balance that does not cover the price is
+//! not an error here: the caller decides again with the balance known, which offers x402 (or
+//! uses the attached payment) where the route has an x402 price.
+//!
+//! After the upstream answers, [`Gate::refund`] gives the credits back when the upstream
+//! could not be reached (always) or answered 5xx (with `refund on 5xx`).
+
+use super::Gate;
+use super::refusal::Refusal;
+use crate::store::accounts::{Charge, Debit, KeyLookup, KeyProblem};
+
+/// Header a client sets so that a retried request is charged once.
+pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
+
+/// Credits taken from an account for a request that was forwarded.
+#[derive(Debug, Clone)]
+pub struct Debited {
+    /// The ledger entry of the debit (the earlier one, for an idempotent repeat).
+    pub seq: u64,
+    pub account: u64,
+    /// The key id (never the key).
+    pub key: String,
+    /// Credits charged by this request: 0 for an idempotent repeat.
+    pub charged: u128,
+    /// The account's balance after this request.
+    pub balance: u128,
+    pub refund_on_5xx: bool,
+}
+
+/// What the prepaid rail says about one request.
+pub enum Prepaid {
+    Debited(Debited),
+    /// The balance does not cover the price; decide again with it.
+    Short { balance: u128 },
+    /// The key cannot pay (unknown, revoked, expired).
+    BadKey(KeyProblem),
+}
+
+impl Gate {
+    /// Charges `credits` to the account behind `secret` for this request.
+    pub(super) async fn debit(
+        &self,
+        secret: &str,
+        credits: u128,
+        route: usize,
+        request_id: &str,
+        idempotency: Option<(&str, &str)>,
+    ) -> Result<Prepaid, Box<Refusal>> {
+        let now = (self.clock)();
+        let key = match self.store.resolve_key(secret, now) {
+            Ok(key) => key,
+            Err(KeyLookup::Problem(problem)) => return Ok(Prepaid::BadKey(problem)),
+            Err(KeyLookup::Store(e)) => return Err(store_failed(&e)),
+        };
+        let Some(route) = self.policy.route(route) else {
+            return Err(Box::new(Refusal::new(503, "internal_error", "the route is gone")));
+        };
+        if let Some((key, _)) = idempotency
+            && (key.is_empty() || key.len() > crate::store::accounts::MAX_REFERENCE_LEN)
+        {
+            return Err(Box::new(Refusal::new(
+                400,
+                "malformed_request",
+                "Idempotency-Key must be 1 to 200 bytes",
+            )));
+        }
+        let charge = Charge {
+            key: &key,
+            credits,
+            request_id,
+            route: &route.display(),
+            idempotency,
+        };
+        let debit = self
+            .store
+            .debit(&charge, now)
+            .await
+            .map_err(|e| store_failed(&e))?;
+        let debited = |fact: crate::store::accounts::Fact, charged| {
+            Prepaid::Debited(Debited {
+                seq: fact.seq,
+                account: fact.account,
+                key: key.id.clone(),
+                charged,
+                balance: fact.balance,
+                refund_on_5xx: route.refund_on_5xx,
+            })
+        };
+        Ok(match debit {
+            Debit::Charged(fact) => {
+                let charged = fact.credits;
+                debited(fact, charged)
+            }
+            Debit::Repeated(fact) => {
+                let balance = self
+                    .store
+                    .account(fact.account)
+                    .map_err(|e| store_failed(&e))?
+                    .map_or(0, |(_, b)| b);
+                let mut repeat = debited(fact, 0);
+                if let Prepaid::Debited(d) = &mut repeat {
+                    d.balance = balance;
+                }
+                repeat
+            }
+            Debit::Short { balance } => Prepaid::Short { balance },
+            Debit::KeyReused => {
+                return Err(Box::new(Refusal::new(
+                    422,
+                    "idempotency_key_reused",
+                    "this Idempotency-Key was used for a different request; use a new key per request",
+                )));
+            }
+        })
+    }
+
+    /// Gives back the credits of a forwarded request whose upstream failed. A failure to
+    /// refund is logged; the debit stays in the ledger for the operator to correct.
+    pub(super) async fn refund(&self, debited: &mut Debited, request_id: &str) {
+        if debited.charged == 0 {
+            return;
+        }
+        match self.store.refund(debited.seq, (self.clock)()).await {
+            Ok(Some(fact)) => {
+                debited.charged = 0;
+                debited.balance = fact.balance;
+            }
+            Ok(None) => {}
+            Err(e) => tracing::error!(
+                error = %e,
+                request_id,
+                debit = debited.seq,
+                "refunding a failed request's credits failed"
+            ),
+        }
+    }
+}
+
+/// The refusal for a key that cannot pay.
+pub fn bad_key(problem: KeyProblem, header: &str) -> Refusal {
+    let (code, message) = match problem {
+        KeyProblem::Unknown => (
+            "api_key_invalid",
+            format!("the API key in `{header}` is not one this service issued"),
+        ),
+        KeyProblem::Revoked => (
+            "api_key_revoked",
+            format!("the API key in `{header}` was revoked"),
+        ),
+        KeyProblem::Expired => (
+            "api_key_expired",
+            format!("the API key in `{header}` has expired"),
+        ),
+    };
+    Refusal::new(401, code, message)
+}
+
+fn store_failed(e: &crate::store::StoreError) -> Box<Refusal> {
+    tracing::error!(error = %e, "credit store failed; refusing the request");
+    let mut refusal = Refusal::new(
+        503,
+        "store_unavailable",
+        "tollgate cannot record payments right now; retry later",
+    );
+    refusal.retry_after = Some(5);
+    Box::new(refusal)
+}

@@ -1,0 +1,638 @@
+//! Prepaid accounts: balances in credits, API keys, and the ledger of every credit movement.
+//!
+//! Trees (all keys big-endian so sled's order is numeric order):
+//! - `accounts`: account id → [`Account`] (JSON).
+//! - `balances`: account id → balance in credits (u128).
+//! - `keys`: key id → [`KeyRecord`] (JSON); `key_hashes`: SHA-256 of the key → key id. The key
+//!   itself is never stored: it is shown once, when issued.
+//! - `ledger`: sequence number → [`Fact`] (JSON), append-only; `account_ledger`: account id ++
+//!   sequence → () to page one account's history.
+//! - `topup_refs`: account id ++ external reference → sequence of the top-up it made.
+//! - `idempotency`: account id ++ `Idempotency-Key` → [`IdempotentDebit`] (JSON).
+//! - `refunds`: debit sequence → refund sequence (a debit is refunded at most once).
+//!
+//! Every movement is one sled transaction over the balance, the ledger and its indexes, so for
+//! every account `top-ups − debits + refunds == balance` holds after any crash ([`Store::audit`]
+//! checks it). Every mutation is flushed before it returns, like a nonce claim.
+
+use std::convert::Infallible;
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use sled::Transactional;
+use sled::transaction::{ConflictableTransactionError, TransactionError, TransactionalTree};
+
+use super::{Store, StoreError};
+
+pub type AccountId = u64;
+
+/// How long an `Idempotency-Key` is remembered after the debit it made.
+pub const IDEMPOTENCY_RETENTION_SECS: u64 = 86_400;
+
+/// Longest external reference or idempotency key accepted.
+pub const MAX_REFERENCE_LEN: usize = 200;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Account {
+    pub id: AccountId,
+    pub name: String,
+    pub created_at: u64,
+}
+
+/// An API key as stored: everything but the key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyRecord {
+    /// The key's visible identifier, also its first characters: `tg_3f9a1c2b7d0e`.
+    pub id: String,
+    pub account: AccountId,
+    pub label: String,
+    pub created_at: u64,
+    pub expires_at: Option<u64>,
+    pub revoked_at: Option<u64>,
+}
+
+impl KeyRecord {
+    /// Why the key cannot pay at `now`, if it cannot.
+    pub fn problem(&self, now: u64) -> Option<KeyProblem> {
+        if self.revoked_at.is_some() {
+            Some(KeyProblem::Revoked)
+        } else if self.expires_at.is_some_and(|at| at <= now) {
+            Some(KeyProblem::Expired)
+        } else {
+            None
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyProblem {
+    Unknown,
+    Revoked,
+    Expired,
+}
+
+/// One credit movement. Facts are never edited: a refund is a new fact pointing at its debit.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Fact {
+    pub seq: u64,
+    pub at: u64,
+    pub account: AccountId,
+    pub kind: FactKind,
+    #[serde(with = "crate::money::as_string")]
+    pub credits: u128,
+    /// The account's balance right after this fact.
+    #[serde(with = "crate::money::as_string")]
+    pub balance: u128,
+    /// Top-ups: the external reference (payment id, invoice number, x402 transaction).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reference: Option<String>,
+    /// Debits: the request that spent the credits.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_id: Option<String>,
+    /// Debits: `GET /v1/forecast/{city}`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub route: Option<String>,
+    /// Debits: the key id that paid.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idempotency_key: Option<String>,
+    /// Refunds: the debit refunded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refund_of: Option<u64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FactKind {
+    Topup,
+    Debit,
+    Refund,
+}
+
+/// What a debit is asked to do.
+#[derive(Debug, Clone)]
+pub struct Charge<'a> {
+    pub key: &'a KeyRecord,
+    pub credits: u128,
+    pub request_id: &'a str,
+    pub route: &'a str,
+    /// The client's `Idempotency-Key` and what identifies its request (method and target):
+    /// the same key on another request is refused rather than silently not charged.
+    pub idempotency: Option<(&'a str, &'a str)>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Debit {
+    /// Charged now.
+    Charged(Fact),
+    /// The balance does not cover the charge; nothing changed.
+    Short { balance: u128 },
+    /// An earlier request with the same `Idempotency-Key` paid; this one is not charged.
+    Repeated(Fact),
+    /// The `Idempotency-Key` was used for a different request.
+    KeyReused,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct IdempotentDebit {
+    debit: u64,
+    request: String,
+    expires_at: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TopUp {
+    /// Credited now.
+    Credited(Fact),
+    /// This reference already credited the account (same amount): nothing changed.
+    Repeated(Fact),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TopUpRefused {
+    NoAccount,
+    /// The reference was used for a different amount.
+    ReferenceReused(Fact),
+    /// The balance would exceed u128.
+    Overflow,
+}
+
+/// An account whose balance disagrees with its ledger.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Discrepancy {
+    pub account: AccountId,
+    #[serde(with = "crate::money::as_string")]
+    pub balance: u128,
+    /// top-ups − debits + refunds; negative sums are shown as 0 with `negative: true`.
+    #[serde(with = "crate::money::as_string")]
+    pub ledger: u128,
+    pub negative: bool,
+}
+
+/// The totals [`Store::audit`] checked.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Audit {
+    pub accounts: u64,
+    pub facts: u64,
+    pub discrepancies: Vec<Discrepancy>,
+}
+
+/// A fresh API key: `tg_` and 64 hex digits (256 random bits).
+fn new_secret() -> Result<String, StoreError> {
+    let mut bytes = [0u8; 32];
+    getrandom::fill(&mut bytes)
+        .map_err(|e| StoreError(format!("no randomness for a new key: {e}")))?;
+    Ok(format!("tg_{}", alloy::hex::encode(bytes)))
+}
+
+/// The key id: its first 15 characters (`tg_` and 12 hex digits), enough to recognise it in
+/// a list and useless to an attacker (48 of 256 bits).
+fn key_id(secret: &str) -> String {
+    secret.chars().take(15).collect()
+}
+
+fn key_hash(secret: &str) -> [u8; 32] {
+    Sha256::digest(secret.as_bytes()).into()
+}
+
+fn pair(account: AccountId, rest: &[u8]) -> Vec<u8> {
+    let mut key = account.to_be_bytes().to_vec();
+    key.extend_from_slice(rest);
+    key
+}
+
+fn u128_of(bytes: Option<sled::IVec>) -> u128 {
+    bytes
+        .and_then(|b| <[u8; 16]>::try_from(b.as_ref()).ok())
+        .map_or(0, u128::from_be_bytes)
+}
+
+fn u64_of(bytes: &[u8]) -> Option<u64> {
+    <[u8; 8]>::try_from(bytes).ok().map(u64::from_be_bytes)
+}
+
+fn json<T: Serialize>(value: &T) -> Result<Vec<u8>, StoreError> {
+    serde_json::to_vec(value).map_err(|e| StoreError(format!("cannot encode a record: {e}")))
+}
+
+fn parse<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> Result<T, StoreError> {
+    serde_json::from_slice(bytes).map_err(|e| StoreError(format!("corrupt record: {e}")))
+}
+
+/// What a transaction closure returns: a value, or an abort carrying a business answer `A`.
+type Tx<T, A> = Result<T, ConflictableTransactionError<Abort<A>>>;
+
+/// Why a transaction stopped without writing: a business answer, or a broken record.
+enum Abort<A> {
+    Answer(A),
+    Store(StoreError),
+}
+
+/// Inside a transaction: a JSON record, or an abort carrying the decoding error.
+fn parse_tx<T: for<'de> Deserialize<'de>, A>(bytes: &[u8]) -> Tx<T, A> {
+    parse(bytes).map_err(|e| ConflictableTransactionError::Abort(Abort::Store(e)))
+}
+
+fn json_tx<T: Serialize, A>(value: &T) -> Tx<Vec<u8>, A> {
+    json(value).map_err(|e| ConflictableTransactionError::Abort(Abort::Store(e)))
+}
+
+fn answer<T, A>(a: A) -> Tx<T, A> {
+    Err(ConflictableTransactionError::Abort(Abort::Answer(a)))
+}
+
+/// Splits a transaction's result into business answer and store failure.
+fn settle_tx<T, A>(result: Result<T, TransactionError<Abort<A>>>) -> Result<Result<T, A>, StoreError> {
+    match result {
+        Ok(value) => Ok(Ok(value)),
+        Err(TransactionError::Abort(Abort::Answer(a))) => Ok(Err(a)),
+        Err(TransactionError::Abort(Abort::Store(e))) => Err(e),
+        Err(TransactionError::Storage(e)) => Err(e.into()),
+    }
+}
+
+/// Appends a fact to the ledger and the account's index; returns it with its sequence.
+fn append<A>(ledger: &TransactionalTree, index: &TransactionalTree, mut fact: Fact) -> Tx<Fact, A> {
+    fact.seq = ledger.generate_id()?;
+    ledger.insert(&fact.seq.to_be_bytes(), json_tx(&fact)?)?;
+    index.insert(pair(fact.account, &fact.seq.to_be_bytes()), &[])?;
+    Ok(fact)
+}
+
+impl Fact {
+    fn new(account: AccountId, kind: FactKind, credits: u128, balance: u128, at: u64) -> Fact {
+        Fact {
+            seq: 0,
+            at,
+            account,
+            kind,
+            credits,
+            balance,
+            reference: None,
+            request_id: None,
+            route: None,
+            key: None,
+            idempotency_key: None,
+            refund_of: None,
+        }
+    }
+}
+
+impl Store {
+    /// Opens a new account with a zero balance.
+    pub async fn create_account(&self, name: &str, now: u64) -> Result<Account, StoreError> {
+        let id = self.inner.db.generate_id()? + 1;
+        let account = Account {
+            id,
+            name: name.to_string(),
+            created_at: now,
+        };
+        self.inner.accounts.insert(id.to_be_bytes(), json(&account)?)?;
+        self.durable().await?;
+        Ok(account)
+    }
+
+    /// An account and its balance.
+    pub fn account(&self, id: AccountId) -> Result<Option<(Account, u128)>, StoreError> {
+        let Some(bytes) = self.inner.accounts.get(id.to_be_bytes())? else {
+            return Ok(None);
+        };
+        let balance = u128_of(self.inner.balances.get(id.to_be_bytes())?);
+        Ok(Some((parse(&bytes)?, balance)))
+    }
+
+    /// Accounts with an id above `after`, at most `limit`, with their balances.
+    pub fn accounts(
+        &self,
+        after: AccountId,
+        limit: usize,
+    ) -> Result<Vec<(Account, u128)>, StoreError> {
+        let start = after.saturating_add(1).to_be_bytes();
+        let mut page = Vec::new();
+        for entry in self.inner.accounts.range(start..).take(limit) {
+            let (id, bytes) = entry?;
+            let balance = u128_of(self.inner.balances.get(&id)?);
+            page.push((parse(&bytes)?, balance));
+        }
+        Ok(page)
+    }
+
+    /// Issues an API key for an account; returns the key (the only time it exists outside the
+    /// caller) and its record. `None` when the account does not exist.
+    pub async fn issue_key(
+        &self,
+        account: AccountId,
+        label: &str,
+        expires_at: Option<u64>,
+        now: u64,
+    ) -> Result<Option<(String, KeyRecord)>, StoreError> {
+        if !self.inner.accounts.contains_key(account.to_be_bytes())? {
+            return Ok(None);
+        }
+        loop {
+            let secret = new_secret()?;
+            let record = KeyRecord {
+                id: key_id(&secret),
+                account,
+                label: label.to_string(),
+                created_at: now,
+                expires_at,
+                revoked_at: None,
+            };
+            let hash = key_hash(&secret);
+            let keys = &self.inner.keys;
+            let hashes = &self.inner.key_hashes;
+            let inserted = (keys, hashes).transaction(|(keys, hashes)| {
+                if keys.get(record.id.as_bytes())?.is_some() {
+                    return answer(());
+                }
+                keys.insert(record.id.as_bytes(), json_tx(&record)?)?;
+                hashes.insert(&hash, record.id.as_bytes())?;
+                Ok(())
+            });
+            // A clash of 48-bit ids is astronomically rare; draw again.
+            if settle_tx(inserted)?.is_err() {
+                continue;
+            }
+            self.durable().await?;
+            return Ok(Some((secret, record)));
+        }
+    }
+
+    /// The key's record, if the key is one tollgate issued and it can pay at `now`.
+    pub fn resolve_key(&self, secret: &str, now: u64) -> Result<KeyRecord, KeyLookup> {
+        let id = self
+            .inner
+            .key_hashes
+            .get(key_hash(secret))
+            .map_err(|e| KeyLookup::Store(e.into()))?
+            .ok_or(KeyLookup::Problem(KeyProblem::Unknown))?;
+        let bytes = self
+            .inner
+            .keys
+            .get(&id)
+            .map_err(|e| KeyLookup::Store(e.into()))?
+            .ok_or(KeyLookup::Problem(KeyProblem::Unknown))?;
+        let record: KeyRecord = parse(&bytes).map_err(KeyLookup::Store)?;
+        match record.problem(now) {
+            Some(problem) => Err(KeyLookup::Problem(problem)),
+            None => Ok(record),
+        }
+    }
+
+    /// The keys of one account, oldest first.
+    pub fn keys(&self, account: AccountId) -> Result<Vec<KeyRecord>, StoreError> {
+        let mut keys = Vec::new();
+        for entry in self.inner.keys.iter() {
+            let record: KeyRecord = parse(&entry?.1)?;
+            if record.account == account {
+                keys.push(record);
+            }
+        }
+        keys.sort_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
+        Ok(keys)
+    }
+
+    /// Revokes a key by its id; `None` when there is no such key. Revoking twice keeps the
+    /// first revocation time.
+    pub async fn revoke_key(&self, id: &str, now: u64) -> Result<Option<KeyRecord>, StoreError> {
+        let mut revoked = None;
+        self.inner.keys.fetch_and_update(id.as_bytes(), |old| {
+            let mut record: KeyRecord = old.and_then(|b| serde_json::from_slice(b).ok())?;
+            record.revoked_at.get_or_insert(now);
+            let bytes = serde_json::to_vec(&record).ok();
+            revoked = Some(record);
+            bytes
+        })?;
+        self.durable().await?;
+        Ok(revoked)
+    }
+
+    /// Credits an account, once per external reference: the same reference with the same
+    /// amount answers the first top-up again; with another amount it is refused.
+    pub async fn top_up(
+        &self,
+        account: AccountId,
+        credits: u128,
+        reference: &str,
+        now: u64,
+    ) -> Result<Result<TopUp, TopUpRefused>, StoreError> {
+        let i = &self.inner;
+        let result = (&i.accounts, &i.balances, &i.ledger, &i.account_ledger, &i.topup_refs)
+            .transaction(|(accounts, balances, ledger, index, refs)| {
+                let id = account.to_be_bytes();
+                if accounts.get(id)?.is_none() {
+                    return answer(TopUpRefused::NoAccount);
+                }
+                let reference_key = pair(account, reference.as_bytes());
+                if let Some(seq) = refs.get(&reference_key)? {
+                    let earlier = ledger.get(seq)?;
+                    let earlier: Fact = match earlier {
+                        Some(bytes) => parse_tx(&bytes)?,
+                        None => return answer(TopUpRefused::NoAccount),
+                    };
+                    if earlier.credits == credits {
+                        return Ok(TopUp::Repeated(earlier));
+                    }
+                    return answer(TopUpRefused::ReferenceReused(earlier));
+                }
+                let Some(balance) = u128_of(balances.get(id)?).checked_add(credits) else {
+                    return answer(TopUpRefused::Overflow);
+                };
+                balances.insert(&id, &balance.to_be_bytes())?;
+                let mut fact = Fact::new(account, FactKind::Topup, credits, balance, now);
+                fact.reference = Some(reference.to_string());
+                let fact = append(ledger, index, fact)?;
+                refs.insert(reference_key, &fact.seq.to_be_bytes())?;
+                Ok(TopUp::Credited(fact))
+            });
+        let result = settle_tx(result)?;
+        if matches!(result, Ok(TopUp::Credited(_))) {
+            self.durable().await?;
+        }
+        Ok(result)
+    }
+
+    /// Debits a key's account, atomically: the balance never goes below zero, and concurrent
+    /// debits of one account never spend the same credits twice (sled transactions are
+    /// serialisable). Durable before it returns [`Debit::Charged`].
+    pub async fn debit(&self, charge: &Charge<'_>, now: u64) -> Result<Debit, StoreError> {
+        let i = &self.inner;
+        let account = charge.key.account;
+        let result = (&i.balances, &i.ledger, &i.account_ledger, &i.idempotency).transaction(
+            |(balances, ledger, index, idempotency)| {
+                let id = account.to_be_bytes();
+                let idem_key = charge
+                    .idempotency
+                    .map(|(key, _)| pair(account, key.as_bytes()));
+                if let (Some(idem_key), Some((_, request))) = (&idem_key, charge.idempotency)
+                    && let Some(bytes) = idempotency.get(idem_key)?
+                {
+                    let earlier: IdempotentDebit = parse_tx(&bytes)?;
+                    if earlier.expires_at > now {
+                        if earlier.request != request {
+                            return Ok(Debit::KeyReused);
+                        }
+                        if let Some(bytes) = ledger.get(earlier.debit.to_be_bytes())? {
+                            return Ok(Debit::Repeated(parse_tx(&bytes)?));
+                        }
+                    }
+                }
+                let balance = u128_of(balances.get(id)?);
+                let Some(left) = balance.checked_sub(charge.credits) else {
+                    return Ok(Debit::Short { balance });
+                };
+                balances.insert(&id, &left.to_be_bytes())?;
+                let mut fact = Fact::new(account, FactKind::Debit, charge.credits, left, now);
+                fact.request_id = Some(charge.request_id.to_string());
+                fact.route = Some(charge.route.to_string());
+                fact.key = Some(charge.key.id.clone());
+                fact.idempotency_key = charge.idempotency.map(|(key, _)| key.to_string());
+                let fact = append(ledger, index, fact)?;
+                if let (Some(idem_key), Some((_, request))) = (idem_key, charge.idempotency) {
+                    let record = IdempotentDebit {
+                        debit: fact.seq,
+                        request: request.to_string(),
+                        expires_at: now.saturating_add(IDEMPOTENCY_RETENTION_SECS),
+                    };
+                    idempotency.insert(idem_key, json_tx(&record)?)?;
+                }
+                Ok(Debit::Charged(fact))
+            },
+        );
+        let debit = settle_tx::<_, Infallible>(result)?.unwrap_or_else(|never| match never {});
+        if matches!(debit, Debit::Charged(_)) {
+            self.durable().await?;
+        }
+        Ok(debit)
+    }
+
+    /// Gives a debit's credits back (the upstream failed). Idempotent: a debit is refunded at
+    /// most once; `None` when it was already refunded or is not a debit. A refunded debit's
+    /// `Idempotency-Key` is forgotten, so a retry is charged again (it is served again too).
+    pub async fn refund(&self, debit: u64, now: u64) -> Result<Option<Fact>, StoreError> {
+        let i = &self.inner;
+        let result = (
+            &i.balances,
+            &i.ledger,
+            &i.account_ledger,
+            &i.refunds,
+            &i.idempotency,
+        )
+            .transaction(|(balances, ledger, index, refunds, idempotency)| {
+                if refunds.get(debit.to_be_bytes())?.is_some() {
+                    return Ok(None);
+                }
+                let Some(bytes) = ledger.get(debit.to_be_bytes())? else {
+                    return Ok(None);
+                };
+                let original: Fact = parse_tx(&bytes)?;
+                if original.kind != FactKind::Debit {
+                    return Ok(None);
+                }
+                let id = original.account.to_be_bytes();
+                let balance = u128_of(balances.get(id)?).saturating_add(original.credits);
+                balances.insert(&id, &balance.to_be_bytes())?;
+                let mut fact = Fact::new(
+                    original.account,
+                    FactKind::Refund,
+                    original.credits,
+                    balance,
+                    now,
+                );
+                fact.refund_of = Some(debit);
+                fact.request_id = original.request_id.clone();
+                fact.route = original.route.clone();
+                fact.key = original.key.clone();
+                let fact = append(ledger, index, fact)?;
+                refunds.insert(&debit.to_be_bytes(), &fact.seq.to_be_bytes())?;
+                if let Some(key) = &original.idempotency_key {
+                    idempotency.remove(pair(original.account, key.as_bytes()))?;
+                }
+                Ok(Some(fact))
+            });
+        let refund = settle_tx::<_, Infallible>(result)?.unwrap_or_else(|never| match never {});
+        if refund.is_some() {
+            self.durable().await?;
+        }
+        Ok(refund)
+    }
+
+    /// One account's facts with a sequence above `after`, oldest first, at most `limit`.
+    pub fn usage(
+        &self,
+        account: AccountId,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<Fact>, StoreError> {
+        let from = pair(account, &after.saturating_add(1).to_be_bytes());
+        let to = pair(account.saturating_add(1), &[]);
+        let mut facts = Vec::new();
+        for entry in self.inner.account_ledger.range(from..to).take(limit) {
+            let (key, _) = entry?;
+            let Some(seq) = key.get(8..).and_then(u64_of) else {
+                continue;
+            };
+            if let Some(bytes) = self.inner.ledger.get(seq.to_be_bytes())? {
+                facts.push(parse(&bytes)?);
+            }
+        }
+        Ok(facts)
+    }
+
+    /// Checks, for every account, that top-ups − debits + refunds equals the balance.
+    pub fn audit(&self) -> Result<Audit, StoreError> {
+        let mut sums: std::collections::BTreeMap<AccountId, i128> = Default::default();
+        let mut audit = Audit::default();
+        for entry in self.inner.ledger.iter() {
+            let fact: Fact = parse(&entry?.1)?;
+            let credits = i128::try_from(fact.credits).unwrap_or(i128::MAX);
+            let sum = sums.entry(fact.account).or_default();
+            *sum = match fact.kind {
+                FactKind::Topup | FactKind::Refund => sum.saturating_add(credits),
+                FactKind::Debit => sum.saturating_sub(credits),
+            };
+            audit.facts += 1;
+        }
+        for entry in self.inner.accounts.iter() {
+            let (id, _) = entry?;
+            let Some(account) = u64_of(&id) else {
+                continue;
+            };
+            audit.accounts += 1;
+            let balance = u128_of(self.inner.balances.get(&id)?);
+            let ledger = sums.get(&account).copied().unwrap_or(0);
+            if i128::try_from(balance).ok() != Some(ledger) {
+                audit.discrepancies.push(Discrepancy {
+                    account,
+                    balance,
+                    ledger: u128::try_from(ledger).unwrap_or(0),
+                    negative: ledger < 0,
+                });
+            }
+        }
+        Ok(audit)
+    }
+
+    /// Deletes `Idempotency-Key` records past their retention; returns how many.
+    pub fn forget_expired_idempotency(&self, now: u64) -> Result<usize, StoreError> {
+        let mut removed = 0;
+        for entry in self.inner.idempotency.iter() {
+            let (key, bytes) = entry?;
+            let record: IdempotentDebit = parse(&bytes)?;
+            if record.expires_at <= now {
+                self.inner.idempotency.remove(key)?;
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
+}
+
+/// Why [`Store::resolve_key`] found no usable key.
+#[derive(Debug)]
+pub enum KeyLookup {
+    Problem(KeyProblem),
+    Store(StoreError),
+}
