@@ -88,6 +88,7 @@
 pub mod admin;
 pub mod cli;
 pub mod config;
+pub mod limits;
 pub mod money;
 pub mod networks;
 pub mod policy;

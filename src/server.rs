@@ -28,6 +28,7 @@ use pingora::upstreams::peer::HttpPeer;
 
 use crate::admin::{self, service::Admin};
 use crate::config::{Config, LogFormat, Scheme};
+use crate::limits::Limiter;
 use crate::policy::{self, Backend, Policy, Timing};
 use crate::proxy::Gate;
 use crate::settle::{Facilitator, SETTLE_TIMEOUT};
@@ -76,12 +77,14 @@ pub fn run(config: &Config) -> Result<(), String> {
         admin = %config.admin.listen,
         "tollgate starting"
     );
+    let limiter = Arc::new(Limiter::default());
     let gate = Gate::new(
         policy,
         store.clone(),
         facilitator,
         upstream,
         config.public_url.clone(),
+        limiter.clone(),
     );
     let mut proxy = pingora::proxy::http_proxy_service_with_name(&conf, gate, "tollgate proxy");
     proxy.add_tcp(&config.listen.to_string());
@@ -111,6 +114,7 @@ pub fn run(config: &Config) -> Result<(), String> {
         "housekeeping",
         Housekeeping {
             store: store.clone(),
+            limiter,
         },
     );
     gc.threads = Some(1);
@@ -235,9 +239,11 @@ impl ServeHttp for Ops {
     }
 }
 
-/// Forgets nonces whose authorizations expired long ago, and expired idempotency keys.
+/// Forgets nonces whose authorizations expired long ago, expired idempotency keys, and the
+/// counters of limit windows that ended.
 struct Housekeeping {
     store: Store,
+    limiter: Arc<Limiter>,
 }
 
 #[async_trait]
@@ -252,6 +258,10 @@ impl BackgroundService for Housekeeping {
             if let Err(e) = self.store.forget_expired_idempotency(now) {
                 tracing::warn!(error = %e, "collecting expired idempotency keys failed");
             }
+            if let Err(e) = self.store.forget_expired_spend(now) {
+                tracing::warn!(error = %e, "collecting ended spend windows failed");
+            }
+            self.limiter.forget_expired(now);
             match self.store.forget_expired_nonces(now) {
                 Ok(removed) => tracing::debug!(
                     removed,

@@ -195,10 +195,14 @@ impl Op {
     /// query, JSON body.
     pub fn to_http(&self) -> (&'static str, String, Option<Value>) {
         match self {
-            Op::CreateAccount { name } => ("POST", "/v1/accounts".into(), Some(json!({ "name": name }))),
-            Op::ListAccounts { after, limit } => {
-                ("GET", format!("/v1/accounts?after={after}&limit={limit}"), None)
+            Op::CreateAccount { name } => {
+                ("POST", "/v1/accounts".into(), Some(json!({ "name": name })))
             }
+            Op::ListAccounts { after, limit } => (
+                "GET",
+                format!("/v1/accounts?after={after}&limit={limit}"),
+                None,
+            ),
             Op::ShowAccount { account } => ("GET", format!("/v1/accounts/{account}"), None),
             Op::IssueKey {
                 account,
@@ -264,7 +268,12 @@ fn paging(query: &str) -> Result<(u64, usize), Reply> {
         };
         match name {
             "after" => after = value.parse().map_err(|_| bad())?,
-            "limit" => limit = value.parse::<usize>().map_err(|_| bad())?.clamp(1, MAX_PAGE),
+            "limit" => {
+                limit = value
+                    .parse::<usize>()
+                    .map_err(|_| bad())?
+                    .clamp(1, MAX_PAGE)
+            }
             _ => {
                 return Err(Reply::error(
                     400,
@@ -303,7 +312,10 @@ async fn run(store: &Store, op: Op, now: u64) -> Result<Reply, StoreError> {
                 .into_iter()
                 .map(|(account, balance)| json!({ "account": account, "balance": balance.to_string() }))
                 .collect();
-            Reply::ok(200, json!({ "accounts": accounts, "next_after": next.flatten() }))
+            Reply::ok(
+                200,
+                json!({ "accounts": accounts, "next_after": next.flatten() }),
+            )
         }
         Op::ShowAccount { account } => match store.account(account)? {
             Some((account, balance)) => Reply::ok(
@@ -405,8 +417,15 @@ async fn run(store: &Store, op: Op, now: u64) -> Result<Reply, StoreError> {
         }
         Op::Audit => {
             let audit = store.audit()?;
-            let status = if audit.discrepancies.is_empty() { 200 } else { 500 };
-            Reply::ok(status, json!({ "consistent": audit.discrepancies.is_empty(), "audit": audit }))
+            let status = if audit.discrepancies.is_empty() {
+                200
+            } else {
+                500
+            };
+            Reply::ok(
+                status,
+                json!({ "consistent": audit.discrepancies.is_empty(), "audit": audit }),
+            )
         }
     })
 }
@@ -421,7 +440,9 @@ fn too_long(field: &str) -> Reply {
 
 /// A duration in words an operator types: `90s`, `30m`, `12h`, `30d`.
 pub fn parse_duration_secs(text: &str) -> Result<u64, String> {
-    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
     let (number, unit) = text.split_at(split);
     let n: u64 = number
         .parse()
@@ -444,8 +465,13 @@ mod tests {
     #[test]
     fn every_op_survives_the_http_round_trip() {
         let ops = [
-            Op::CreateAccount { name: "acme".into() },
-            Op::ListAccounts { after: 3, limit: 10 },
+            Op::CreateAccount {
+                name: "acme".into(),
+            },
+            Op::ListAccounts {
+                after: 3,
+                limit: 10,
+            },
             Op::ShowAccount { account: 7 },
             Op::IssueKey {
                 account: 7,
@@ -490,10 +516,18 @@ mod tests {
         assert_eq!(code("GET", "/v1/accounts", "limit=x", ""), Some(400));
         assert_eq!(code("POST", "/v1/accounts/1/topups", "", "{}"), Some(400));
         assert_eq!(
-            code("POST", "/v1/accounts/1/topups", "", r#"{"credits":"1.5","reference":"r"}"#),
+            code(
+                "POST",
+                "/v1/accounts/1/topups",
+                "",
+                r#"{"credits":"1.5","reference":"r"}"#
+            ),
             Some(400)
         );
-        assert_eq!(code("POST", "/v1/accounts", "", r#"{"nme":"x"}"#), Some(400));
+        assert_eq!(
+            code("POST", "/v1/accounts", "", r#"{"nme":"x"}"#),
+            Some(400)
+        );
     }
 
     #[test]

@@ -52,7 +52,11 @@ impl Admin {
                 }
                 Ok(None) => break,
                 Err(_) => {
-                    return Reply::error(400, "invalid_request", "the request body could not be read");
+                    return Reply::error(
+                        400,
+                        "invalid_request",
+                        "the request body could not be read",
+                    );
                 }
             }
         }

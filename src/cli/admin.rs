@@ -219,14 +219,16 @@ async fn through_api(config: &Config, op: &Op) -> Result<Reply, Failed> {
         .timeout(std::time::Duration::from_secs(30))
         .build()
         .map_err(|e| format!("cannot build an HTTP client: {e}"))?;
-    let method = reqwest::Method::from_bytes(method.as_bytes())
-        .map_err(|e| format!("bad method: {e}"))?;
+    let method =
+        reqwest::Method::from_bytes(method.as_bytes()).map_err(|e| format!("bad method: {e}"))?;
     let mut request = client.request(method, &url).bearer_auth(token);
     if let Some(body) = body {
         request = request.json(&body);
     }
     let response = request.send().await.map_err(|e| {
-        format!("a sidecar holds the store, but its admin API at http://{address} did not answer: {e}")
+        format!(
+            "a sidecar holds the store, but its admin API at http://{address} did not answer: {e}"
+        )
     })?;
     let status = response.status().as_u16();
     let body = response
@@ -246,7 +248,11 @@ fn print(reply: &Reply) -> Result<ExitCode, Failed> {
             ExitCode::from(1)
         });
     }
-    let code = reply.body.get("error").and_then(|v| v.as_str()).unwrap_or("error");
+    let code = reply
+        .body
+        .get("error")
+        .and_then(|v| v.as_str())
+        .unwrap_or("error");
     let message = reply
         .body
         .get("message")

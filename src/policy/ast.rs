@@ -162,6 +162,8 @@ pub enum RouteClause {
     Price(Vec<Money>),
     Prefer(Text),
     RefundOn(Text),
+    /// `sells 1000 credits`.
+    Sells(Money),
     Description(Text),
     Mime(Text),
     Timeout(Text),

@@ -599,6 +599,7 @@ impl Cx<'_> {
         let takes_credits = decl.clauses.iter().any(|c| match &c.node {
             ast::ServiceClause::Route(r) => r.clauses.iter().any(|rc| match &rc.node {
                 ast::RouteClause::Price(terms) => terms.iter().any(|t| is_credits(&t.unit.node)),
+                ast::RouteClause::Sells(_) => true,
                 _ => false,
             }),
             _ => false,
@@ -966,6 +967,12 @@ impl Cx<'_> {
         inherit: Option<&Limits>,
     ) -> Limits {
         let mut own = Limits::default();
+        // Service limits count a buyer across every route; a route's own limits count it there.
+        let scope = if inherit.is_some() {
+            LimitScope::Route
+        } else {
+            LimitScope::Service
+        };
         let mut requests_at: Option<(Span, ())> = None;
         let mut spend_at: HashMap<Unit, Span> = HashMap::new();
         let mut unsettled_at: HashMap<Unit, Span> = HashMap::new();
@@ -1007,7 +1014,11 @@ impl Cx<'_> {
                                 }
                             };
                             self.once(&mut requests_at, *span, (), "limit buyer … requests");
-                            own.requests = Some(RequestLimit { count, window_secs });
+                            own.requests = Some(RequestLimit {
+                                count,
+                                window_secs,
+                                scope,
+                            });
                         }
                         ast::Quantity::Spend(money) => {
                             let Some(max) = self.quantity(money, networks, true) else {
@@ -1029,7 +1040,11 @@ impl Cx<'_> {
                                 );
                                 continue;
                             }
-                            own.spend.push(SpendLimit { max, window_secs });
+                            own.spend.push(SpendLimit {
+                                max,
+                                window_secs,
+                                scope,
+                            });
                         }
                     }
                 }
@@ -1178,6 +1193,7 @@ impl Cx<'_> {
         let mut prices: Option<(Span, &Vec<ast::Money>)> = None;
         let mut prefer: Option<(Span, Rail)> = None;
         let mut refund: Option<(Span, ())> = None;
+        let mut sells: Option<(Span, u128)> = None;
         let mut description = None;
         let mut mime = None;
         let mut timeout = None;
@@ -1259,6 +1275,29 @@ impl Cx<'_> {
                     }
                     self.once(&mut refund, cs, (), "refund on 5xx");
                     price_related.push((cs, "refund on 5xx"));
+                }
+                ast::RouteClause::Sells(money) => {
+                    if !is_credits(&money.unit.node) {
+                        self.push(
+                            Diagnostic::error(
+                                "bad_sells",
+                                money.unit.span,
+                                format!("a route sells prepaid credits, not `{}`", money.unit.node),
+                            )
+                            .help("write e.g. `sells 1000 credits`; the route's x402 price is what they cost"),
+                        );
+                    } else if let Some(q) = self.quantity(money, up.networks, true) {
+                        if q.atomic == 0 {
+                            self.error(
+                                "bad_sells",
+                                money.amount.span,
+                                "a route must sell at least 1 credit",
+                            );
+                        } else {
+                            self.once(&mut sells, cs, q.atomic, "sells");
+                        }
+                    }
+                    price_related.push((cs, "sells"));
                 }
                 ast::RouteClause::Description(d) => {
                     self.once(&mut description, cs, d.node.clone(), "description")
@@ -1371,6 +1410,30 @@ impl Cx<'_> {
         if let (Some((s, _)), false, false) = (refund, has_credits, is_free) {
             self.push(Diagnostic::warning("no_effect", s, "`refund on 5xx` has no effect without a price in credits").help("x402 payments are never settled when the upstream fails, so there is nothing to refund"));
         }
+        if let (Some((s, _)), Action::Charge(price)) = (sells, &action) {
+            if price.offers.is_empty() || price.credits.is_some() {
+                self.push(
+                    Diagnostic::error(
+                        "bad_sells",
+                        s,
+                        "a route that sells credits must be paid with x402 only",
+                    )
+                    .help(
+                        "give it a price in an asset, e.g. `price 1 USDC`, and no price in credits",
+                    ),
+                );
+            }
+            if !up.prepaid {
+                self.push(
+                    Diagnostic::error(
+                        "prepaid_not_accepted",
+                        s,
+                        "this route sells credits, but the service does not accept prepaid keys",
+                    )
+                    .help("add `accept prepaid header \"x-api-key\"` to the service"),
+                );
+            }
+        }
         if let (Some((s, secs)), Action::Charge(price)) = (timeout, &action)
             && !price.offers.is_empty()
         {
@@ -1390,6 +1453,7 @@ impl Cx<'_> {
             timeout_secs: timeout.map_or(up.timeout_secs, |(_, t)| t),
             prefer: prefer.map_or(Rail::Prepaid, |(_, r)| r),
             refund_on_5xx: refund.is_some(),
+            sells: sells.map(|(_, n)| n),
             settle: settle_timing.map_or_else(|| up.settle.clone(), |(_, t)| t),
             limits,
             payers,

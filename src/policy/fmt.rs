@@ -291,6 +291,7 @@ fn route_clause_text(clause: &RouteClause) -> String {
                 .join(" or ")
         ),
         RouteClause::Prefer(r) => format!("prefer {}", r.node),
+        RouteClause::Sells(m) => format!("sells {}", money_text(m)),
         RouteClause::RefundOn(c) => format!("refund on {}", c.node),
         RouteClause::Description(d) => format!("description {}", quote(&d.node)),
         RouteClause::Mime(m) => format!("mime {}", quote(&m.node)),

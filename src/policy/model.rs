@@ -110,6 +110,9 @@ pub struct Route {
     /// Which rail wins when a request carries both an API key and an x402 payment.
     pub prefer: Rail,
     pub refund_on_5xx: bool,
+    /// `sells N credits`: a paid call credits the caller's prepaid account (tollgate answers
+    /// it; the upstream never sees it).
+    pub sells: Option<u128>,
     pub settle: Timing,
     /// Service limits with this route's overrides applied.
     pub limits: Limits,
@@ -204,12 +207,22 @@ pub struct Limits {
 pub struct RequestLimit {
     pub count: u64,
     pub window_secs: u64,
+    pub scope: LimitScope,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SpendLimit {
     pub max: Quantity,
     pub window_secs: u64,
+    pub scope: LimitScope,
+}
+
+/// What a limit counts: a buyer's calls to every route that inherits the service's limit, or
+/// to the one route that set its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum LimitScope {
+    Service,
+    Route,
 }
 
 /// Allow and deny lists of payer addresses.

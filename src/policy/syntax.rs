@@ -96,6 +96,7 @@ impl Context {
                 "price",
                 "prefer",
                 "refund",
+                "sells",
                 "description",
                 "mime",
                 "timeout",
@@ -372,6 +373,7 @@ impl Lower {
                 Rule::refund_clause => {
                     RouteClause::RefundOn(text(&Kids::of(p).want(Rule::status_class)?))
                 }
+                Rule::sells_clause => RouteClause::Sells(money(Kids::of(p).want(Rule::money)?)?),
                 Rule::description_clause => {
                     RouteClause::Description(string(Kids::of(p).want(Rule::string)?)?)
                 }

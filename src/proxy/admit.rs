@@ -1,14 +1,15 @@
 //! Admission of an x402 payment: the steps between "a payment is attached" and "forward".
 //!
 //! verify locally ([`x402::verify`]) → payer allow/deny lists ([`policy::decide`] again, now
-//! with the payer) → claim the nonce in the store, durably, before anything is forwarded →
-//! for `before response`, settle now. Every failure is a [`Refusal`]; nothing here forwards a
+//! with the payer) → buyer limits ([`crate::limits`]) → claim the nonce in the store, durably,
+//! before anything is forwarded → for `before response`, settle now. Every failure is a [`Refusal`]; nothing here forwards a
 //! request that was not paid for.
 
 use std::sync::Arc;
 
 use super::Gate;
 use super::refusal::Refusal;
+use crate::limits::{BuyerId, Holds, Refused, Spent};
 use crate::policy::{self, Buyer, Outcome, Request, Timing, Why};
 use crate::settle::SettleError;
 use crate::store::{Claim, NonceKey};
@@ -43,7 +44,7 @@ impl Gate {
         route: Option<usize>,
         header: &[u8],
         target: &str,
-    ) -> Result<Admitted, Box<Refusal>> {
+    ) -> Result<(Admitted, Holds), Box<Refusal>> {
         let resource = self.resource_url(target);
         let (Some(terms), Some(route)) = (
             self.route_terms(route),
@@ -88,16 +89,37 @@ impl Gate {
                 "the paid offer is gone",
             )));
         };
+        let buyer = BuyerId::Payer(payment.payer);
+        let spent = Spent::Asset {
+            symbol: &offer.asset_symbol,
+            atomic: payment.amount,
+        };
+        let holds = self
+            .limiter
+            .admit(
+                &self.store,
+                &route.limits,
+                route.id,
+                &buyer,
+                spent,
+                (self.clock)(),
+            )
+            .map_err(over_limit)?;
         let key = NonceKey {
             chain_id: offer.chain_id,
             asset: offer.asset,
             from: payment.payer,
             nonce: payment.nonce,
         };
-        match self.store.claim_nonce(&key, payment.valid_before).await {
+        let claim = self.store.claim_nonce(&key, payment.valid_before).await;
+        match claim {
             Ok(Claim::Fresh) => {}
-            Ok(Claim::Used) => return Err(refuse(Rejection::Replayed)),
+            Ok(Claim::Used) => {
+                self.limiter.finish(&self.store, holds, false);
+                return Err(refuse(Rejection::Replayed));
+            }
             Err(e) => {
+                self.limiter.finish(&self.store, holds, false);
                 tracing::error!(error = %e, "nonce store failed; refusing the payment");
                 let mut refusal = Refusal::new(
                     503,
@@ -109,7 +131,8 @@ impl Gate {
             }
         }
 
-        let settle_after = matches!(route.settle, Timing::AfterResponse);
+        // A route selling credits settles first: credits are spendable the moment they exist.
+        let settle_after = matches!(route.settle, Timing::AfterResponse) && route.sells.is_none();
         let mut admitted = Admitted {
             payment,
             terms,
@@ -118,9 +141,15 @@ impl Gate {
             receipt: None,
         };
         if !settle_after {
-            admitted.receipt = Some(self.settle(&admitted).await?);
+            match self.settle(&admitted).await {
+                Ok(receipt) => admitted.receipt = Some(receipt),
+                Err(refusal) => {
+                    self.limiter.finish(&self.store, holds, false);
+                    return Err(refusal);
+                }
+            }
         }
-        Ok(admitted)
+        Ok((admitted, holds))
     }
 
     /// Settles an admitted payment with the facilitator; returns the base64 receipt.
@@ -181,6 +210,27 @@ impl Gate {
                 refusal.receipt = Some((version.receipt_header(), encode_header(&receipt)));
                 Err(Box::new(refusal))
             }
+        }
+    }
+}
+
+/// The refusal for a buyer over a limit (429), or a store failure (503).
+pub(super) fn over_limit(refused: Refused) -> Box<Refusal> {
+    match refused {
+        Refused::Exceeded(e) => {
+            let mut refusal = Refusal::new(429, e.code, e.message);
+            refusal.retry_after = Some(e.retry_after);
+            Box::new(refusal)
+        }
+        Refused::Store(e) => {
+            tracing::error!(error = %e, "limit store failed; refusing the request");
+            let mut refusal = Refusal::new(
+                503,
+                "store_unavailable",
+                "tollgate cannot record payments right now; retry later",
+            );
+            refusal.retry_after = Some(5);
+            Box::new(refusal)
         }
     }
 }

@@ -5,8 +5,9 @@
 //! 1. `request_filter` — assign the request id, answer `/.well-known/x402`, gather the facts
 //!    and ask [`policy::decide`]. Free and pass-through requests go on; denials, malformed
 //!    paths and challenges are answered here ([`refusal`]); an attached x402 payment goes to
-//!    [`admit`], which verifies it, applies payer lists, claims its nonce durably and (for
-//!    `before response`) settles it.
+//!    [`admit`], which verifies it, applies payer lists and buyer limits, claims its nonce
+//!    durably and (for `before response`) settles it; an API key goes to [`prepaid`], which
+//!    resolves it, applies limits and debits the account durably.
 //! 2. `upstream_peer` / `upstream_request_filter` — forward to the one configured upstream,
 //!    without hop-by-hop, payment or key headers, with `x-request-id` and `x-tollgate-*`
 //!    headers saying what was paid ([`forward`]).
@@ -15,12 +16,13 @@
 //!    the response into a 402 (via `fail_to_proxy`).
 //! 4. `fail_to_proxy` — upstream unreachable (502), upstream timeout (504), or a refusal
 //!    raised in `response_filter`; all JSON.
-//! 5. `logging` — one debug line per request.
+//! 5. `logging` — gives back what limits held for the request; one debug line per request.
 
 mod admit;
 mod forward;
 mod prepaid;
 pub mod refusal;
+mod sell;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -32,6 +34,7 @@ use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::upstreams::peer::HttpPeer;
 use pingora::{Error, ErrorSource, ErrorType};
 
+use crate::limits::{Holds, Limiter};
 use crate::policy::{self, Buyer, Outcome, PaymentHeader, Policy, Request, Why};
 use crate::settle::Facilitator;
 use crate::store::Store;
@@ -57,6 +60,7 @@ pub struct Gate {
     public_url: String,
     clock: fn() -> u64,
     ids: RequestIds,
+    limiter: Arc<Limiter>,
 }
 
 /// Per-request state, owned by Pingora between phases.
@@ -69,6 +73,8 @@ pub struct Ctx {
     paid: Option<Admitted>,
     /// Credits debited for a request that was forwarded.
     prepaid: Option<Debited>,
+    /// What the buyer's limits hold for this request, given back when it ends.
+    holds: Option<Holds>,
     /// A refusal raised after the upstream answered (failed settlement).
     refusal: Option<Refusal>,
     upstream_status: u16,
@@ -81,6 +87,7 @@ impl Gate {
         facilitator: Option<Facilitator>,
         upstream: HttpPeer,
         public_url: String,
+        limiter: Arc<Limiter>,
     ) -> Gate {
         let terms = Terms::new(&policy);
         Gate {
@@ -92,6 +99,7 @@ impl Gate {
             public_url,
             clock: crate::unix_now,
             ids: RequestIds::new(),
+            limiter,
         }
     }
 
@@ -187,13 +195,13 @@ impl ProxyHttp for Gate {
         };
         let mut decision = policy::decide(&self.policy, &request, &Buyer::default());
         if let (Outcome::Prepaid { credits }, Some(route)) = (&decision.outcome, decision.route) {
-            let secret = self.policy.prepaid.as_ref().and_then(|p| {
-                header.headers.get(p.header.as_str()).map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
-            }).unwrap_or_default();
-            let idempotency = header
-                .headers
-                .get(prepaid::IDEMPOTENCY_KEY)
-                .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
+            let secret = self
+                .policy
+                .prepaid
+                .as_ref()
+                .and_then(|p| header_text(header, &p.header))
+                .unwrap_or_default();
+            let idempotency = header_text(header, prepaid::IDEMPOTENCY_KEY);
             let fingerprint = format!("{} {target}", header.method);
             let charged = self
                 .debit(
@@ -205,10 +213,11 @@ impl ProxyHttp for Gate {
                 )
                 .await;
             match charged {
-                Ok(Prepaid::Debited(debited)) => {
+                Ok(Prepaid::Debited(debited, holds)) => {
                     ctx.route = Some(route.id);
                     ctx.outcome = "prepaid";
                     ctx.prepaid = Some(debited);
+                    ctx.holds = Some(holds);
                     return Ok(false);
                 }
                 Ok(Prepaid::Short { balance }) => {
@@ -219,7 +228,11 @@ impl ProxyHttp for Gate {
                     decision = policy::decide(&self.policy, &request, &buyer);
                 }
                 Ok(Prepaid::BadKey(problem)) if payment.is_none() => {
-                    let header_name = self.policy.prepaid.as_ref().map_or("x-api-key", |p| p.header.as_str());
+                    let header_name = self
+                        .policy
+                        .prepaid
+                        .as_ref()
+                        .map_or("x-api-key", |p| p.header.as_str());
                     let refusal = prepaid::bad_key(problem, header_name);
                     return self.refuse(session, ctx, refusal).await;
                 }
@@ -254,7 +267,8 @@ impl ProxyHttp for Gate {
             }
             Outcome::Prepaid { .. } => {
                 // Deciding again with the balance known never debits; fail closed if it did.
-                let refusal = Refusal::new(503, "internal_error", "the prepaid rail answered twice");
+                let refusal =
+                    Refusal::new(503, "internal_error", "the prepaid rail answered twice");
                 self.refuse(session, ctx, refusal).await
             }
             Outcome::X402 => {
@@ -268,13 +282,33 @@ impl ProxyHttp for Gate {
                     .get(header_name)
                     .map(|v| v.as_bytes().to_vec())
                     .unwrap_or_default();
-                let admitted = self.admit(&request, ctx.route, &value, &target).await;
-                match admitted {
-                    Ok(admitted) => {
-                        ctx.paid = Some(admitted);
-                        Ok(false)
+                let sells = decision.route.and_then(|r| r.sells);
+                let mut buyer_key = None;
+                if sells.is_some() {
+                    let secret = self
+                        .policy
+                        .prepaid
+                        .as_ref()
+                        .and_then(|p| header_text(session.req_header(), &p.header));
+                    match self.buyer_account(secret.as_deref()) {
+                        Ok(key) => buyer_key = key,
+                        Err(refusal) => return self.refuse(session, ctx, *refusal).await,
                     }
-                    Err(refusal) => self.refuse(session, ctx, *refusal).await,
+                }
+                let (admitted, holds) = match self.admit(&request, ctx.route, &value, &target).await
+                {
+                    Ok(admitted) => admitted,
+                    Err(refusal) => return self.refuse(session, ctx, *refusal).await,
+                };
+                ctx.holds = Some(holds);
+                let sale = match sells {
+                    Some(credits) => Some(self.sell(&admitted, credits, buyer_key).await),
+                    None => None,
+                };
+                ctx.paid = Some(admitted);
+                match sale {
+                    Some(sale) => self.answer_sale(session, ctx, sale).await,
+                    None => Ok(false),
                 }
             }
         }
@@ -367,6 +401,14 @@ impl ProxyHttp for Gate {
     }
 
     async fn logging(&self, session: &mut Session, error: Option<&Error>, ctx: &mut Ctx) {
+        if let Some(holds) = ctx.holds.take() {
+            let charged = match (&ctx.paid, &ctx.prepaid) {
+                (Some(paid), _) => paid.receipt.is_some(),
+                (None, Some(debited)) => debited.charged > 0,
+                (None, None) => false,
+            };
+            self.limiter.finish(&self.store, holds, charged);
+        }
         let status = session.response_written().map_or(0, |r| r.status.as_u16());
         tracing::debug!(
             request_id = %ctx.request_id,
@@ -381,6 +423,14 @@ impl ProxyHttp for Gate {
             "request"
         );
     }
+}
+
+/// A request header's value as text (lossy: a key with invalid bytes simply matches nothing).
+fn header_text(header: &RequestHeader, name: &str) -> Option<String> {
+    header
+        .headers
+        .get(name)
+        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
 }
 
 /// 502 when the upstream cannot be reached or breaks, 504 when it is too slow.
@@ -419,6 +469,44 @@ fn upstream_failure(e: &Error) -> Refusal {
 }
 
 impl Gate {
+    /// Answers a credit purchase (tollgate's own response; the upstream never sees it). The
+    /// payment was settled, so its receipt goes with every answer, success or not.
+    async fn answer_sale(
+        &self,
+        session: &mut Session,
+        ctx: &mut Ctx,
+        sale: Result<sell::Sale, Box<Refusal>>,
+    ) -> pingora::Result<bool> {
+        let receipt = ctx.paid.as_ref().and_then(|p| {
+            p.receipt
+                .clone()
+                .map(|r| (p.payment.version.receipt_header(), r))
+        });
+        let sale = match sale {
+            Ok(sale) => sale,
+            Err(mut refusal) => {
+                refusal.receipt = receipt;
+                return self.refuse(session, ctx, *refusal).await;
+            }
+        };
+        ctx.outcome = "credits_sold";
+        let body = serde_json::to_vec_pretty(&sale.body).unwrap_or_default();
+        let mut head = ResponseHeader::build(sale.status, Some(6))?;
+        head.insert_header("content-type", "application/json")?;
+        head.insert_header("content-length", body.len().to_string())?;
+        head.insert_header("cache-control", "no-store")?;
+        head.insert_header("x-request-id", ctx.request_id.as_str())?;
+        if let Some((name, value)) = receipt {
+            head.insert_header(name, value)?;
+            head.insert_header(
+                "access-control-expose-headers",
+                "PAYMENT-RESPONSE, X-PAYMENT-RESPONSE",
+            )?;
+        }
+        refusal::write(session, head, bytes::Bytes::from(body)).await?;
+        Ok(true)
+    }
+
     async fn discovery(&self, session: &mut Session, ctx: &mut Ctx) -> pingora::Result<bool> {
         ctx.outcome = "discovery";
         let method = &session.req_header().method;

@@ -1,7 +1,7 @@
 //! Admission on the prepaid rail: the steps between "the route takes this key" and "forward".
 //!
-//! resolve the key (unknown, revoked, expired → 401) → debit the account atomically and
-//! durably, honouring `Idempotency-Key` → forward. A balance that does not cover the price is
+//! resolve the key (unknown, revoked, expired → 401) → buyer limits (429) → debit the account
+//! atomically and durably, honouring `Idempotency-Key` → forward. A balance that does not cover the price is
 //! not an error here: the caller decides again with the balance known, which offers x402 (or
 //! uses the attached payment) where the route has an x402 price.
 //!
@@ -10,6 +10,7 @@
 
 use super::Gate;
 use super::refusal::Refusal;
+use crate::limits::{BuyerId, Holds, Spent};
 use crate::store::accounts::{Charge, Debit, KeyLookup, KeyProblem};
 
 /// Header a client sets so that a retried request is charged once.
@@ -32,9 +33,11 @@ pub struct Debited {
 
 /// What the prepaid rail says about one request.
 pub enum Prepaid {
-    Debited(Debited),
+    Debited(Debited, Holds),
     /// The balance does not cover the price; decide again with it.
-    Short { balance: u128 },
+    Short {
+        balance: u128,
+    },
     /// The key cannot pay (unknown, revoked, expired).
     BadKey(KeyProblem),
 }
@@ -56,7 +59,11 @@ impl Gate {
             Err(KeyLookup::Store(e)) => return Err(store_failed(&e)),
         };
         let Some(route) = self.policy.route(route) else {
-            return Err(Box::new(Refusal::new(503, "internal_error", "the route is gone")));
+            return Err(Box::new(Refusal::new(
+                503,
+                "internal_error",
+                "the route is gone",
+            )));
         };
         if let Some((key, _)) = idempotency
             && (key.is_empty() || key.len() > crate::store::accounts::MAX_REFERENCE_LEN)
@@ -67,6 +74,17 @@ impl Gate {
                 "Idempotency-Key must be 1 to 200 bytes",
             )));
         }
+        let mut holds = self
+            .limiter
+            .admit(
+                &self.store,
+                &route.limits,
+                route.id,
+                &BuyerId::Account(key.account),
+                Spent::Credits(credits),
+                now,
+            )
+            .map_err(super::admit::over_limit)?;
         let charge = Charge {
             key: &key,
             credits,
@@ -74,25 +92,29 @@ impl Gate {
             route: &route.display(),
             idempotency,
         };
-        let debit = self
-            .store
-            .debit(&charge, now)
-            .await
-            .map_err(|e| store_failed(&e))?;
-        let debited = |fact: crate::store::accounts::Fact, charged| {
-            Prepaid::Debited(Debited {
-                seq: fact.seq,
-                account: fact.account,
-                key: key.id.clone(),
-                charged,
-                balance: fact.balance,
-                refund_on_5xx: route.refund_on_5xx,
-            })
+        let debit = self.store.debit(&charge, now).await;
+        if !matches!(debit, Ok(Debit::Charged(_))) {
+            self.limiter.finish(&self.store, holds, false);
+            holds = Holds::default();
+        }
+        let debit = debit.map_err(|e| store_failed(&e))?;
+        let debited = |fact: crate::store::accounts::Fact, charged, holds| {
+            Prepaid::Debited(
+                Debited {
+                    seq: fact.seq,
+                    account: fact.account,
+                    key: key.id.clone(),
+                    charged,
+                    balance: fact.balance,
+                    refund_on_5xx: route.refund_on_5xx,
+                },
+                holds,
+            )
         };
         Ok(match debit {
             Debit::Charged(fact) => {
                 let charged = fact.credits;
-                debited(fact, charged)
+                debited(fact, charged, holds)
             }
             Debit::Repeated(fact) => {
                 let balance = self
@@ -100,8 +122,8 @@ impl Gate {
                     .account(fact.account)
                     .map_err(|e| store_failed(&e))?
                     .map_or(0, |(_, b)| b);
-                let mut repeat = debited(fact, 0);
-                if let Prepaid::Debited(d) = &mut repeat {
+                let mut repeat = debited(fact, 0, holds);
+                if let Prepaid::Debited(d, _) = &mut repeat {
                     d.balance = balance;
                 }
                 repeat

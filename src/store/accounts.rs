@@ -1,6 +1,7 @@
 //! Prepaid accounts: balances in credits, API keys, and the ledger of every credit movement.
 //!
 //! Trees (all keys big-endian so sled's order is numeric order):
+//! - `meta`: counters for account ids and ledger sequence numbers (1, 2, 3, … without gaps).
 //! - `accounts`: account id → [`Account`] (JSON).
 //! - `balances`: account id → balance in credits (u128).
 //! - `keys`: key id → [`KeyRecord`] (JSON); `key_hashes`: SHA-256 of the key → key id. The key
@@ -44,6 +45,8 @@ pub struct Account {
 pub struct KeyRecord {
     /// The key's visible identifier, also its first characters: `tg_3f9a1c2b7d0e`.
     pub id: String,
+    /// Issue order across all keys: listings show keys oldest first.
+    pub serial: u64,
     pub account: AccountId,
     pub label: String,
     pub created_at: u64,
@@ -153,7 +156,7 @@ pub enum TopUp {
 pub enum TopUpRefused {
     NoAccount,
     /// The reference was used for a different amount.
-    ReferenceReused(Fact),
+    ReferenceReused(Box<Fact>),
     /// The balance would exceed u128.
     Overflow,
 }
@@ -243,7 +246,9 @@ fn answer<T, A>(a: A) -> Tx<T, A> {
 }
 
 /// Splits a transaction's result into business answer and store failure.
-fn settle_tx<T, A>(result: Result<T, TransactionError<Abort<A>>>) -> Result<Result<T, A>, StoreError> {
+fn settle_tx<T, A>(
+    result: Result<T, TransactionError<Abort<A>>>,
+) -> Result<Result<T, A>, StoreError> {
     match result {
         Ok(value) => Ok(Ok(value)),
         Err(TransactionError::Abort(Abort::Answer(a))) => Ok(Err(a)),
@@ -252,9 +257,23 @@ fn settle_tx<T, A>(result: Result<T, TransactionError<Abort<A>>>) -> Result<Resu
     }
 }
 
+/// The next number of a counter kept in the `meta` tree: 1, 2, 3, … with no gap, also across
+/// crashes (the counter commits with the record that uses it).
+fn next<A>(meta: &TransactionalTree, counter: &str) -> Tx<u64, A> {
+    let last = meta.get(counter)?.and_then(|b| u64_of(&b)).unwrap_or(0);
+    let next = last + 1;
+    meta.insert(counter, &next.to_be_bytes())?;
+    Ok(next)
+}
+
 /// Appends a fact to the ledger and the account's index; returns it with its sequence.
-fn append<A>(ledger: &TransactionalTree, index: &TransactionalTree, mut fact: Fact) -> Tx<Fact, A> {
-    fact.seq = ledger.generate_id()?;
+fn append<A>(
+    meta: &TransactionalTree,
+    ledger: &TransactionalTree,
+    index: &TransactionalTree,
+    mut fact: Fact,
+) -> Tx<Fact, A> {
+    fact.seq = next(meta, "ledger")?;
     ledger.insert(&fact.seq.to_be_bytes(), json_tx(&fact)?)?;
     index.insert(pair(fact.account, &fact.seq.to_be_bytes()), &[])?;
     Ok(fact)
@@ -282,13 +301,17 @@ impl Fact {
 impl Store {
     /// Opens a new account with a zero balance.
     pub async fn create_account(&self, name: &str, now: u64) -> Result<Account, StoreError> {
-        let id = self.inner.db.generate_id()? + 1;
-        let account = Account {
-            id,
-            name: name.to_string(),
-            created_at: now,
-        };
-        self.inner.accounts.insert(id.to_be_bytes(), json(&account)?)?;
+        let i = &self.inner;
+        let result = (&i.meta, &i.accounts).transaction(|(meta, accounts)| {
+            let account = Account {
+                id: next(meta, "account")?,
+                name: name.to_string(),
+                created_at: now,
+            };
+            accounts.insert(&account.id.to_be_bytes(), json_tx(&account)?)?;
+            Ok(account)
+        });
+        let account = settle_tx::<_, Infallible>(result)?.unwrap_or_else(|never| match never {});
         self.durable().await?;
         Ok(account)
     }
@@ -334,6 +357,7 @@ impl Store {
             let secret = new_secret()?;
             let record = KeyRecord {
                 id: key_id(&secret),
+                serial: self.inner.db.generate_id()?,
                 account,
                 label: label.to_string(),
                 created_at: now,
@@ -390,7 +414,7 @@ impl Store {
                 keys.push(record);
             }
         }
-        keys.sort_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
+        keys.sort_by_key(|k| k.serial);
         Ok(keys)
     }
 
@@ -419,8 +443,15 @@ impl Store {
         now: u64,
     ) -> Result<Result<TopUp, TopUpRefused>, StoreError> {
         let i = &self.inner;
-        let result = (&i.accounts, &i.balances, &i.ledger, &i.account_ledger, &i.topup_refs)
-            .transaction(|(accounts, balances, ledger, index, refs)| {
+        let result = (
+            &i.meta,
+            &i.accounts,
+            &i.balances,
+            &i.ledger,
+            &i.account_ledger,
+            &i.topup_refs,
+        )
+            .transaction(|(meta, accounts, balances, ledger, index, refs)| {
                 let id = account.to_be_bytes();
                 if accounts.get(id)?.is_none() {
                     return answer(TopUpRefused::NoAccount);
@@ -435,7 +466,7 @@ impl Store {
                     if earlier.credits == credits {
                         return Ok(TopUp::Repeated(earlier));
                     }
-                    return answer(TopUpRefused::ReferenceReused(earlier));
+                    return answer(TopUpRefused::ReferenceReused(Box::new(earlier)));
                 }
                 let Some(balance) = u128_of(balances.get(id)?).checked_add(credits) else {
                     return answer(TopUpRefused::Overflow);
@@ -443,7 +474,7 @@ impl Store {
                 balances.insert(&id, &balance.to_be_bytes())?;
                 let mut fact = Fact::new(account, FactKind::Topup, credits, balance, now);
                 fact.reference = Some(reference.to_string());
-                let fact = append(ledger, index, fact)?;
+                let fact = append(meta, ledger, index, fact)?;
                 refs.insert(reference_key, &fact.seq.to_be_bytes())?;
                 Ok(TopUp::Credited(fact))
             });
@@ -460,8 +491,14 @@ impl Store {
     pub async fn debit(&self, charge: &Charge<'_>, now: u64) -> Result<Debit, StoreError> {
         let i = &self.inner;
         let account = charge.key.account;
-        let result = (&i.balances, &i.ledger, &i.account_ledger, &i.idempotency).transaction(
-            |(balances, ledger, index, idempotency)| {
+        let result = (
+            &i.meta,
+            &i.balances,
+            &i.ledger,
+            &i.account_ledger,
+            &i.idempotency,
+        )
+            .transaction(|(meta, balances, ledger, index, idempotency)| {
                 let id = account.to_be_bytes();
                 let idem_key = charge
                     .idempotency
@@ -489,7 +526,7 @@ impl Store {
                 fact.route = Some(charge.route.to_string());
                 fact.key = Some(charge.key.id.clone());
                 fact.idempotency_key = charge.idempotency.map(|(key, _)| key.to_string());
-                let fact = append(ledger, index, fact)?;
+                let fact = append(meta, ledger, index, fact)?;
                 if let (Some(idem_key), Some((_, request))) = (idem_key, charge.idempotency) {
                     let record = IdempotentDebit {
                         debit: fact.seq,
@@ -499,8 +536,7 @@ impl Store {
                     idempotency.insert(idem_key, json_tx(&record)?)?;
                 }
                 Ok(Debit::Charged(fact))
-            },
-        );
+            });
         let debit = settle_tx::<_, Infallible>(result)?.unwrap_or_else(|never| match never {});
         if matches!(debit, Debit::Charged(_)) {
             self.durable().await?;
@@ -514,13 +550,14 @@ impl Store {
     pub async fn refund(&self, debit: u64, now: u64) -> Result<Option<Fact>, StoreError> {
         let i = &self.inner;
         let result = (
+            &i.meta,
             &i.balances,
             &i.ledger,
             &i.account_ledger,
             &i.refunds,
             &i.idempotency,
         )
-            .transaction(|(balances, ledger, index, refunds, idempotency)| {
+            .transaction(|(meta, balances, ledger, index, refunds, idempotency)| {
                 if refunds.get(debit.to_be_bytes())?.is_some() {
                     return Ok(None);
                 }
@@ -545,7 +582,7 @@ impl Store {
                 fact.request_id = original.request_id.clone();
                 fact.route = original.route.clone();
                 fact.key = original.key.clone();
-                let fact = append(ledger, index, fact)?;
+                let fact = append(meta, ledger, index, fact)?;
                 refunds.insert(&debit.to_be_bytes(), &fact.seq.to_be_bytes())?;
                 if let Some(key) = &original.idempotency_key {
                     idempotency.remove(pair(original.account, key.as_bytes()))?;
@@ -635,4 +672,165 @@ impl Store {
 pub enum KeyLookup {
     Problem(KeyProblem),
     Store(StoreError),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn temp_store(name: &str) -> (Store, std::path::PathBuf) {
+        let dir =
+            std::env::temp_dir().join(format!("tollgate-accounts-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        (Store::open(&dir).unwrap(), dir)
+    }
+
+    fn charge<'a>(
+        key: &'a KeyRecord,
+        credits: u128,
+        idem: Option<(&'a str, &'a str)>,
+    ) -> Charge<'a> {
+        Charge {
+            key,
+            credits,
+            request_id: "req",
+            route: "GET /x",
+            idempotency: idem,
+        }
+    }
+
+    #[tokio::test]
+    async fn debits_top_ups_and_refunds_keep_the_ledger_equal_to_the_balance() {
+        let (store, dir) = temp_store("ledger");
+        let account = store.create_account("acme", 1).await.unwrap();
+        assert_eq!(account.id, 1);
+        assert_eq!(store.create_account("other", 1).await.unwrap().id, 2);
+        let (secret, key) = store.issue_key(1, "", None, 1).await.unwrap().unwrap();
+        assert_eq!(store.resolve_key(&secret, 2).unwrap(), key);
+        assert!(store.issue_key(99, "", None, 1).await.unwrap().is_none());
+
+        assert!(matches!(
+            store.top_up(1, 10, "a", 2).await.unwrap(),
+            Ok(TopUp::Credited(_))
+        ));
+        assert!(matches!(
+            store.top_up(1, 10, "a", 3).await.unwrap(),
+            Ok(TopUp::Repeated(_))
+        ));
+        assert!(matches!(
+            store.top_up(1, 9, "a", 3).await.unwrap(),
+            Err(TopUpRefused::ReferenceReused(_))
+        ));
+        assert_eq!(
+            store.top_up(9, 1, "a", 3).await.unwrap(),
+            Err(TopUpRefused::NoAccount)
+        );
+
+        let Debit::Charged(debit) = store.debit(&charge(&key, 4, None), 4).await.unwrap() else {
+            panic!("not charged")
+        };
+        assert_eq!(debit.balance, 6);
+        assert_eq!(
+            store.debit(&charge(&key, 7, None), 4).await.unwrap(),
+            Debit::Short { balance: 6 }
+        );
+        let refund = store.refund(debit.seq, 5).await.unwrap().unwrap();
+        assert_eq!((refund.balance, refund.refund_of), (10, Some(debit.seq)));
+        assert_eq!(
+            store.refund(debit.seq, 5).await.unwrap(),
+            None,
+            "refunded once"
+        );
+        assert_eq!(
+            store.refund(1, 5).await.unwrap(),
+            None,
+            "a top-up is not refundable"
+        );
+
+        let facts = store.usage(1, 0, 100).unwrap();
+        let seqs: Vec<u64> = facts.iter().map(|f| f.seq).collect();
+        assert_eq!(seqs, [1, 2, 3], "ledger sequence numbers have no gaps");
+        drop(store);
+        let store = Store::open(&dir).unwrap();
+        assert_eq!(store.account(1).unwrap().unwrap().1, 10);
+        assert_eq!(store.audit().unwrap().discrepancies, []);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[tokio::test]
+    async fn an_idempotency_key_charges_once_per_request() {
+        let (store, dir) = temp_store("idem");
+        store.create_account("", 1).await.unwrap();
+        let (_, key) = store.issue_key(1, "", None, 1).await.unwrap().unwrap();
+        store.top_up(1, 10, "seed", 1).await.unwrap().unwrap();
+        let first = store
+            .debit(&charge(&key, 3, Some(("k", "GET /a"))), 2)
+            .await
+            .unwrap();
+        let Debit::Charged(fact) = first else {
+            panic!("{first:?}")
+        };
+        assert_eq!(
+            store
+                .debit(&charge(&key, 3, Some(("k", "GET /a"))), 3)
+                .await
+                .unwrap(),
+            Debit::Repeated(fact.clone())
+        );
+        assert_eq!(
+            store
+                .debit(&charge(&key, 3, Some(("k", "GET /b"))), 3)
+                .await
+                .unwrap(),
+            Debit::KeyReused
+        );
+        let later = 2 + IDEMPOTENCY_RETENTION_SECS;
+        assert_eq!(store.forget_expired_idempotency(later - 1).unwrap(), 0);
+        assert!(matches!(
+            store
+                .debit(&charge(&key, 3, Some(("k", "GET /b"))), later)
+                .await
+                .unwrap(),
+            Debit::Charged(_)
+        ));
+        assert_eq!(
+            store.forget_expired_idempotency(later).unwrap(),
+            0,
+            "renewed by the new debit"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn concurrent_debits_never_overspend() {
+        let (store, dir) = temp_store("race");
+        store.create_account("", 1).await.unwrap();
+        let (_, key) = store.issue_key(1, "", None, 1).await.unwrap().unwrap();
+        store.top_up(1, 100, "seed", 1).await.unwrap().unwrap();
+        let mut tasks = Vec::new();
+        for _ in 0..300 {
+            let (store, key) = (store.clone(), key.clone());
+            tasks.push(tokio::spawn(async move {
+                matches!(
+                    store.debit(&charge(&key, 1, None), 2).await.unwrap(),
+                    Debit::Charged(_)
+                )
+            }));
+        }
+        let mut charged = 0;
+        for task in tasks {
+            charged += usize::from(task.await.unwrap());
+        }
+        assert_eq!(charged, 100);
+        assert_eq!(store.account(1).unwrap().unwrap().1, 0);
+        assert_eq!(
+            store.audit().unwrap(),
+            Audit {
+                accounts: 1,
+                facts: 101,
+                discrepancies: vec![]
+            }
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

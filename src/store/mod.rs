@@ -11,6 +11,7 @@
 //! fixed only on its unreleased main branch.)
 
 pub mod accounts;
+mod spend;
 
 use std::fmt;
 use std::path::Path;
@@ -31,6 +32,7 @@ pub struct Store {
 struct Inner {
     db: sled::Db,
     nonces: sled::Tree,
+    meta: sled::Tree,
     accounts: sled::Tree,
     balances: sled::Tree,
     keys: sled::Tree,
@@ -40,6 +42,7 @@ struct Inner {
     topup_refs: sled::Tree,
     idempotency: sled::Tree,
     refunds: sled::Tree,
+    spend: sled::Tree,
     /// `None` only while dropping.
     flushes: Option<mpsc::Sender<Waiter>>,
     flusher: Option<std::thread::JoinHandle<()>>,
@@ -145,6 +148,7 @@ impl Store {
         Ok(Store {
             inner: Arc::new(Inner {
                 nonces: tree("nonces")?,
+                meta: tree("meta")?,
                 accounts: tree("accounts")?,
                 balances: tree("balances")?,
                 keys: tree("keys")?,
@@ -154,6 +158,7 @@ impl Store {
                 topup_refs: tree("topup_refs")?,
                 idempotency: tree("idempotency")?,
                 refunds: tree("refunds")?,
+                spend: tree("spend")?,
                 db,
                 flushes: Some(flushes),
                 flusher: Some(flusher),

@@ -246,6 +246,9 @@ struct DiscoveredRoute<'a> {
     accepts: &'a [RequirementsV2],
     /// Credits a prepaid key pays, when the route takes prepaid.
     credits: Option<String>,
+    /// Credits a payment on this route buys (`sells N credits`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    sells_credits: Option<String>,
 }
 
 fn discovery(policy: &Policy, terms: &[Option<Arc<RouteTerms>>]) -> Vec<u8> {
@@ -262,6 +265,7 @@ fn discovery(policy: &Policy, terms: &[Option<Arc<RouteTerms>>]) -> Vec<u8> {
                 mime_type: &route.mime,
                 accepts: terms.as_ref().map_or(&[], |t| t.accepts.as_slice()),
                 credits: price.credits.map(|c| c.to_string()),
+                sells_credits: route.sells.map(|c| c.to_string()),
             })
         })
         .collect();

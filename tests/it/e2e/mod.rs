@@ -51,6 +51,16 @@ pub fn policy(facilitator: &str) -> String {
     refund on 5xx
   }}
   route GET "/metered/**" {{ price 1 credit }}
+  route GET "/limited/**" {{
+    price 0.01 USDC or 1 credit
+    limit buyer 2 requests per hour
+    limit buyer 0.015 USDC per day
+  }}
+  route POST "/buy-credits" {{
+    price 0.05 USDC
+    sells 100 credits
+    description "100 credits for the prepaid routes"
+  }}
   route * "/internal/**" {{ deny }}
 }}
 "#,
@@ -158,12 +168,20 @@ impl World {
     /// Opens an account holding `credits` and issues a key for it: (account id, key).
     pub async fn funded_key(&self, credits: u64) -> (u64, String) {
         let (status, created) = self
-            .admin("POST", "/v1/accounts", Some(serde_json::json!({"name": "acme"})))
+            .admin(
+                "POST",
+                "/v1/accounts",
+                Some(serde_json::json!({"name": "acme"})),
+            )
             .await;
         assert_eq!(status, 201, "{created:#}");
         let account = created["account"]["id"].as_u64().unwrap();
         let (status, issued) = self
-            .admin("POST", &format!("/v1/accounts/{account}/keys"), Some(serde_json::json!({})))
+            .admin(
+                "POST",
+                &format!("/v1/accounts/{account}/keys"),
+                Some(serde_json::json!({})),
+            )
             .await;
         assert_eq!(status, 201, "{issued:#}");
         if credits > 0 {
@@ -181,14 +199,20 @@ impl World {
 
     /// The account's balance in credits.
     pub async fn balance(&self, account: u64) -> u128 {
-        let (status, body) = self.admin("GET", &format!("/v1/accounts/{account}"), None).await;
+        let (status, body) = self
+            .admin("GET", &format!("/v1/accounts/{account}"), None)
+            .await;
         assert_eq!(status, 200, "{body:#}");
         body["balance"].as_str().unwrap().parse().unwrap()
     }
 
     /// GETs `path` with an API key.
     pub async fn with_key(&self, path: &str, key: &str) -> reqwest::Response {
-        self.get(path).header("x-api-key", key).send().await.unwrap()
+        self.get(path)
+            .header("x-api-key", key)
+            .send()
+            .await
+            .unwrap()
     }
 }
 

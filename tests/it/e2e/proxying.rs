@@ -282,7 +282,11 @@ async fn discovery_lists_every_paid_route_with_its_offers() {
             "GET /hybrid",
             "GET /credits",
             "GET /vip/**",
-            "GET /impatient/**"
+            "GET /impatient/**",
+            "* /refundable/**",
+            "GET /metered/**",
+            "GET /limited/**",
+            "POST /buy-credits"
         ]
     );
     let (v2, _) = w.challenge("/paid/x").await;
@@ -293,6 +297,8 @@ async fn discovery_lists_every_paid_route_with_its_offers() {
     assert_eq!(routes[0]["description"], "A paid thing");
     assert_eq!(routes[2]["credits"], "2");
     assert_eq!(routes[3]["accepts"], serde_json::json!([]));
+    assert_eq!(routes[9]["sellsCredits"], "100");
+    assert!(routes[0].get("sellsCredits").is_none());
     assert_eq!(w.upstream.seen(), 0);
 }
 
