@@ -89,11 +89,16 @@ pub struct Holds {
     unsettled: Option<(BuyerId, String, u128)>,
 }
 
+/// A request counter's key: (scope, buyer).
+type CounterKey = (u64, BuyerId);
+
+/// One window's count: (window start, window length, requests admitted in it).
+type Window = (u64, u64, u64);
+
 /// Counters shared by every request of the process.
 #[derive(Default)]
 pub struct Limiter {
-    /// (scope, buyer) → (window start, window length, requests admitted in it).
-    requests: Mutex<HashMap<(u64, BuyerId), (u64, u64, u64)>>,
+    requests: Mutex<HashMap<CounterKey, Window>>,
     /// (buyer, asset symbol) → value admitted and not settled yet.
     unsettled: Mutex<HashMap<(BuyerId, String), u128>>,
 }
@@ -126,21 +131,23 @@ fn spend_key(scope: u64, start: u64, unit: &Unit, buyer: &BuyerId) -> Vec<u8> {
     key
 }
 
+/// One request, as the limits see it.
+#[derive(Debug, Clone, Copy)]
+pub struct Ask<'a> {
+    pub limits: &'a Limits,
+    pub route: RouteId,
+    pub buyer: &'a BuyerId,
+    pub spent: Spent<'a>,
+    pub now: u64,
+}
+
 impl Limiter {
     /// Checks every limit for one request and takes what it needs; nothing is taken when
     /// any limit refuses.
-    pub fn admit(
-        &self,
-        store: &Store,
-        limits: &Limits,
-        route: RouteId,
-        buyer: &BuyerId,
-        spent: Spent<'_>,
-        now: u64,
-    ) -> Result<Holds, Refused> {
+    pub fn admit(&self, store: &Store, ask: &Ask<'_>) -> Result<Holds, Refused> {
         let mut holds = Holds::default();
-        let counted = self.count_request(limits, route, buyer, now)?;
-        if let Err(refused) = self.take(store, limits, route, buyer, spent, now, &mut holds) {
+        let counted = self.count_request(ask.limits, ask.route, ask.buyer, ask.now)?;
+        if let Err(refused) = self.take(store, ask, &mut holds) {
             self.finish(store, holds, false);
             if let Some(key) = counted {
                 self.uncount_request(&key);
@@ -150,20 +157,14 @@ impl Limiter {
         Ok(holds)
     }
 
-    #[allow(
-        clippy::too_many_arguments,
-        reason = "one call site, every argument distinct"
-    )]
-    fn take(
-        &self,
-        store: &Store,
-        limits: &Limits,
-        route: RouteId,
-        buyer: &BuyerId,
-        spent: Spent<'_>,
-        now: u64,
-        holds: &mut Holds,
-    ) -> Result<(), Refused> {
+    fn take(&self, store: &Store, ask: &Ask<'_>, holds: &mut Holds) -> Result<(), Refused> {
+        let Ask {
+            limits,
+            route,
+            buyer,
+            spent,
+            now,
+        } = *ask;
         for limit in limits.spend.iter().filter(|l| spent.is_in(&l.max.unit)) {
             let start = window_start(now, limit.window_secs);
             let key = spend_key(scope_id(limit.scope, route), start, &limit.max.unit, buyer);
@@ -308,8 +309,18 @@ mod tests {
         };
         let limiter = Limiter::default();
         let buyer = BuyerId::Account(1);
-        let admit =
-            |route, now| limiter.admit(&store, &limits, route, &buyer, Spent::Credits(1), now);
+        let admit = |route, now| {
+            limiter.admit(
+                &store,
+                &Ask {
+                    limits: &limits,
+                    route: route,
+                    buyer: &buyer,
+                    spent: Spent::Credits(1),
+                    now: now,
+                },
+            )
+        };
         assert_eq!(code(admit(0, 120)), None);
         assert_eq!(
             code(admit(1, 130)),
@@ -320,11 +331,13 @@ mod tests {
         assert_eq!(
             code(limiter.admit(
                 &store,
-                &limits,
-                0,
-                &BuyerId::Account(2),
-                Spent::Credits(1),
-                135
+                &Ask {
+                    limits: &limits,
+                    route: 0,
+                    buyer: &BuyerId::Account(2),
+                    spent: Spent::Credits(1),
+                    now: 135
+                }
             )),
             None
         );
@@ -356,22 +369,67 @@ mod tests {
             atomic,
         };
         let first = limiter
-            .admit(&store, &limits, 3, &buyer, pay(10), 100)
+            .admit(
+                &store,
+                &Ask {
+                    limits: &limits,
+                    route: 3,
+                    buyer: &buyer,
+                    spent: pay(10),
+                    now: 100,
+                },
+            )
             .unwrap();
         let second = limiter
-            .admit(&store, &limits, 3, &buyer, pay(10), 100)
+            .admit(
+                &store,
+                &Ask {
+                    limits: &limits,
+                    route: 3,
+                    buyer: &buyer,
+                    spent: pay(10),
+                    now: 100,
+                },
+            )
             .unwrap();
         assert_eq!(
-            code(limiter.admit(&store, &limits, 3, &buyer, pay(10), 100)),
+            code(limiter.admit(
+                &store,
+                &Ask {
+                    limits: &limits,
+                    route: 3,
+                    buyer: &buyer,
+                    spent: pay(10),
+                    now: 100
+                }
+            )),
             Some(("spend_limit_exceeded", 86_300))
         );
         assert_eq!(
-            code(limiter.admit(&store, &limits, 3, &buyer, Spent::Credits(1000), 100)),
+            code(limiter.admit(
+                &store,
+                &Ask {
+                    limits: &limits,
+                    route: 3,
+                    buyer: &buyer,
+                    spent: Spent::Credits(1000),
+                    now: 100
+                }
+            )),
             None,
             "credits are another unit"
         );
         assert_eq!(
-            code(limiter.admit(&store, &limits, 4, &buyer, pay(10), 100)),
+            code(limiter.admit(
+                &store,
+                &Ask {
+                    limits: &limits,
+                    route: 4,
+                    buyer: &buyer,
+                    spent: pay(10),
+                    now: 100
+                }
+            )),
             None,
             "a route limit counts on its route"
         );
@@ -379,7 +437,16 @@ mod tests {
         limiter.finish(&store, first, true);
         assert!(
             limiter
-                .admit(&store, &limits, 3, &buyer, pay(10), 100)
+                .admit(
+                    &store,
+                    &Ask {
+                        limits: &limits,
+                        route: 3,
+                        buyer: &buyer,
+                        spent: pay(10),
+                        now: 100
+                    }
+                )
                 .is_ok(),
             "the uncharged call was given back"
         );
@@ -406,12 +473,45 @@ mod tests {
             symbol: "USDC",
             atomic: 10,
         };
-        let held = limiter.admit(&store, &limits, 0, &buyer, pay, 1).unwrap();
+        let held = limiter
+            .admit(
+                &store,
+                &Ask {
+                    limits: &limits,
+                    route: 0,
+                    buyer: &buyer,
+                    spent: pay,
+                    now: 1,
+                },
+            )
+            .unwrap();
         assert_eq!(
-            code(limiter.admit(&store, &limits, 0, &buyer, pay, 1)),
+            code(limiter.admit(
+                &store,
+                &Ask {
+                    limits: &limits,
+                    route: 0,
+                    buyer: &buyer,
+                    spent: pay,
+                    now: 1
+                }
+            )),
             Some(("unsettled_limit_exceeded", 1))
         );
         limiter.finish(&store, held, true);
-        assert!(limiter.admit(&store, &limits, 0, &buyer, pay, 1).is_ok());
+        assert!(
+            limiter
+                .admit(
+                    &store,
+                    &Ask {
+                        limits: &limits,
+                        route: 0,
+                        buyer: &buyer,
+                        spent: pay,
+                        now: 1
+                    }
+                )
+                .is_ok()
+        );
     }
 }

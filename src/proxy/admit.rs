@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use super::Gate;
 use super::refusal::Refusal;
-use crate::limits::{BuyerId, Holds, Refused, Spent};
+use crate::limits::{Ask, BuyerId, Holds, Refused, Spent};
 use crate::policy::{self, Buyer, Outcome, Request, Timing, Why};
 use crate::settle::SettleError;
 use crate::store::{Claim, NonceKey};
@@ -98,11 +98,13 @@ impl Gate {
             .limiter
             .admit(
                 &self.store,
-                &route.limits,
-                route.id,
-                &buyer,
-                spent,
-                (self.clock)(),
+                &Ask {
+                    limits: &route.limits,
+                    route: route.id,
+                    buyer: &buyer,
+                    spent: spent,
+                    now: (self.clock)(),
+                },
             )
             .map_err(over_limit)?;
         let key = NonceKey {
@@ -120,14 +122,7 @@ impl Gate {
             }
             Err(e) => {
                 self.limiter.finish(&self.store, holds, false);
-                tracing::error!(error = %e, "nonce store failed; refusing the payment");
-                let mut refusal = Refusal::new(
-                    503,
-                    "store_unavailable",
-                    "tollgate cannot record payments right now; retry later",
-                );
-                refusal.retry_after = Some(5);
-                return Err(Box::new(refusal));
+                return Err(Refusal::store_unavailable(&e));
             }
         }
 
@@ -222,15 +217,6 @@ pub(super) fn over_limit(refused: Refused) -> Box<Refusal> {
             refusal.retry_after = Some(e.retry_after);
             Box::new(refusal)
         }
-        Refused::Store(e) => {
-            tracing::error!(error = %e, "limit store failed; refusing the request");
-            let mut refusal = Refusal::new(
-                503,
-                "store_unavailable",
-                "tollgate cannot record payments right now; retry later",
-            );
-            refusal.retry_after = Some(5);
-            Box::new(refusal)
-        }
+        Refused::Store(e) => Refusal::store_unavailable(&e),
     }
 }

@@ -10,7 +10,7 @@
 
 use super::Gate;
 use super::refusal::Refusal;
-use crate::limits::{BuyerId, Holds, Spent};
+use crate::limits::{Ask, BuyerId, Holds, Spent};
 use crate::store::accounts::{Charge, Debit, KeyLookup, KeyProblem};
 
 /// Header a client sets so that a retried request is charged once.
@@ -56,7 +56,7 @@ impl Gate {
         let key = match self.store.resolve_key(secret, now) {
             Ok(key) => key,
             Err(KeyLookup::Problem(problem)) => return Ok(Prepaid::BadKey(problem)),
-            Err(KeyLookup::Store(e)) => return Err(store_failed(&e)),
+            Err(KeyLookup::Store(e)) => return Err(Refusal::store_unavailable(&e)),
         };
         let Some(route) = self.policy.route(route) else {
             return Err(Box::new(Refusal::new(
@@ -78,11 +78,13 @@ impl Gate {
             .limiter
             .admit(
                 &self.store,
-                &route.limits,
-                route.id,
-                &BuyerId::Account(key.account),
-                Spent::Credits(credits),
-                now,
+                &Ask {
+                    limits: &route.limits,
+                    route: route.id,
+                    buyer: &BuyerId::Account(key.account),
+                    spent: Spent::Credits(credits),
+                    now: now,
+                },
             )
             .map_err(super::admit::over_limit)?;
         let charge = Charge {
@@ -97,7 +99,7 @@ impl Gate {
             self.limiter.finish(&self.store, holds, false);
             holds = Holds::default();
         }
-        let debit = debit.map_err(|e| store_failed(&e))?;
+        let debit = debit.map_err(|e| Refusal::store_unavailable(&e))?;
         let debited = |fact: crate::store::accounts::Fact, charged, holds| {
             Prepaid::Debited(
                 Debited {
@@ -120,7 +122,7 @@ impl Gate {
                 let balance = self
                     .store
                     .account(fact.account)
-                    .map_err(|e| store_failed(&e))?
+                    .map_err(|e| Refusal::store_unavailable(&e))?
                     .map_or(0, |(_, b)| b);
                 let mut repeat = debited(fact, 0, holds);
                 if let Prepaid::Debited(d, _) = &mut repeat {
@@ -178,15 +180,4 @@ pub fn bad_key(problem: KeyProblem, header: &str) -> Refusal {
         ),
     };
     Refusal::new(401, code, message)
-}
-
-fn store_failed(e: &crate::store::StoreError) -> Box<Refusal> {
-    tracing::error!(error = %e, "credit store failed; refusing the request");
-    let mut refusal = Refusal::new(
-        503,
-        "store_unavailable",
-        "tollgate cannot record payments right now; retry later",
-    );
-    refusal.retry_after = Some(5);
-    Box::new(refusal)
 }

@@ -44,6 +44,19 @@ impl Refusal {
         }
     }
 
+    /// 503 when the store fails on the payment path: fail closed, and log why (never a secret:
+    /// store errors carry no request data).
+    pub fn store_unavailable(e: &crate::store::StoreError) -> Box<Refusal> {
+        tracing::error!(error = %e, "the store failed; refusing the request");
+        let mut refusal = Refusal::new(
+            503,
+            "store_unavailable",
+            "tollgate cannot record payments right now; retry later",
+        );
+        refusal.retry_after = Some(5);
+        Box::new(refusal)
+    }
+
     /// A 402 (or a 400 about a payment) that repeats the route's challenge.
     pub fn with_challenge(
         mut self,

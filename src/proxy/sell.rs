@@ -39,7 +39,7 @@ impl Gate {
         match self.store.resolve_key(secret, (self.clock)()) {
             Ok(record) => Ok(Some(record)),
             Err(KeyLookup::Problem(problem)) => Err(Box::new(bad_key(problem, header))),
-            Err(KeyLookup::Store(e)) => Err(store_failed(&e)),
+            Err(KeyLookup::Store(e)) => Err(Refusal::store_unavailable(&e)),
         }
     }
 
@@ -57,7 +57,7 @@ impl Gate {
         let failed = |e: crate::store::StoreError| {
             // Paid and settled, but not credited: the operator must credit it by hand.
             tracing::error!(error = %e, %reference, "a settled credit purchase could not be credited");
-            store_failed(&e)
+            Refusal::store_unavailable(&e)
         };
         let (account, new_key) = match key {
             Some(record) => (record.account, None),
@@ -84,39 +84,31 @@ impl Gate {
             Ok(TopUp::Credited(fact) | TopUp::Repeated(fact)) => fact,
             Err(refused) => {
                 tracing::error!(?refused, %reference, "a settled credit purchase was refused by the store");
-                return Err(store_failed(&crate::store::StoreError(format!(
-                    "{refused:?}"
-                ))));
+                return Err(Refusal::store_unavailable(&crate::store::StoreError(
+                    format!("{refused:?}"),
+                )));
             }
         };
-        let mut body = json!({
-            "account": account,
-            "credits": credits.to_string(),
-            "balance": fact.balance.to_string(),
-            "reference": reference,
-        });
+        let mut body = serde_json::Map::new();
+        body.insert("account".into(), json!(account));
+        body.insert("credits".into(), json!(credits.to_string()));
+        body.insert("balance".into(), json!(fact.balance.to_string()));
+        body.insert("reference".into(), json!(reference));
         let status = match new_key {
             Some((secret, record)) => {
-                body["key"] = json!(secret);
-                body["key_id"] = json!(record.id);
-                body["note"] = json!(
-                    "store this key now: it is shown once; send it in the prepaid header to spend the credits"
+                body.insert("key".into(), json!(secret));
+                body.insert("key_id".into(), json!(record.id));
+                body.insert(
+                    "note".into(),
+                    json!("store this key now: it is shown once; send it in the prepaid header to spend the credits"),
                 );
                 201
             }
             None => 200,
         };
-        Ok(Sale { status, body })
+        Ok(Sale {
+            status,
+            body: body.into(),
+        })
     }
-}
-
-fn store_failed(e: &crate::store::StoreError) -> Box<Refusal> {
-    tracing::error!(error = %e, "credit store failed; refusing the purchase");
-    let mut refusal = Refusal::new(
-        503,
-        "store_unavailable",
-        "tollgate cannot record payments right now; retry later",
-    );
-    refusal.retry_after = Some(5);
-    Box::new(refusal)
 }
