@@ -12,9 +12,10 @@
 //!
 //! `tollgate run` puts that in front of a service: a Pingora proxy that answers 402 challenges,
 //! verifies x402 payments locally (EIP-712 + secp256k1, no network round trip), records each
-//! authorization durably before forwarding (replay protection), forwards to the upstream, and
-//! settles with an x402 facilitator. Prepaid accounts, limits, the admin API and metrics are
-//! next (README "Roadmap").
+//! authorization durably before forwarding (replay protection), debits prepaid accounts
+//! atomically and durably, applies buyer limits, forwards to the upstream, and settles with an
+//! x402 facilitator. An admin API (and the same operations from the CLI) manages accounts,
+//! keys and credits. Metrics and hot reload are next (README "Roadmap").
 //!
 //! # Request flow (one owner per step)
 //!
@@ -22,7 +23,10 @@
 //! client ─▶ proxy (Pingora session, request id)
 //!            ├─ policy::decide ─────────────── pure: route, rail, outcome
 //!            ├─ x402::verify ───────────────── pure: decode, match offer, window, signature
+//!            │    or store resolve_key ─────── prepaid: SHA-256 lookup, revoked/expired
+//!            ├─ limits::Limiter::admit ─────── requests / spend / unsettled per buyer
 //!            ├─ store::Store::claim_nonce ──── durable: first use only, fsync'd
+//!            │    or store debit ───────────── durable: atomic, never below zero
 //!            ├─ settle::Facilitator (before) ─ HTTP
 //!            ├─ proxy::forward ─────────────── headers the upstream sees
 //!            ▼
@@ -45,8 +49,14 @@
 //!   discovery document), [`x402::verify`] (local EIP-3009 verification), [`x402::Rejection`]
 //!   (stable error codes).
 //! - [`proxy`] — the only module that touches Pingora sessions: the request phases, admission of
-//!   a payment, the forwarded request's headers, refusals.
-//! - [`store`] — the only module that touches sled: the durable nonce set.
+//!   a payment (`admit`) or a key (`prepaid`), credit sales (`sell`), the forwarded request's
+//!   headers, refusals.
+//! - [`store`] — the only module that touches sled: the durable nonce set, and
+//!   [`store::accounts`] (accounts, key hashes, balances, the append-only credit ledger,
+//!   idempotency keys, refunds) and spend-limit counters.
+//! - [`limits`] — buyer limits at run time (windows, counters, what a request holds).
+//! - [`admin`] — account administration as operations ([`admin::Op`]) shared by the admin API
+//!   ([`admin::service`], bearer token from [`admin::token`]) and the CLI.
 //! - [`settle`] — the facilitator client (`POST /settle`).
 //! - [`server`] — `tollgate run`: startup checks, the Pingora server (proxy, ops listener with
 //!   `/healthz` and `/readyz`, nonce garbage collection), signals and shutdown.
@@ -72,6 +82,11 @@
 //! - **An authorization is used once**, also across concurrent requests and restarts: the
 //!   (chain, asset, from, nonce) key is inserted with compare-and-swap and flushed before the
 //!   upstream sees the request.
+//! - **A debit is atomic and durable before the upstream sees the request**, and never drives a
+//!   balance below zero; for every account, top-ups − debits + refunds == balance
+//!   ([`store::Store::audit`]), also across `kill -9`.
+//! - **Secrets never leave**: API keys are stored as SHA-256 digests and shown once; the admin
+//!   token is compared in constant time; neither appears in logs, metrics or error bodies.
 //! - **Only `proxy` touches Pingora sessions; only `store` touches sled.** Verification and
 //!   decisions take the clock as a parameter.
 //!

@@ -314,10 +314,10 @@ mod tests {
                 &store,
                 &Ask {
                     limits: &limits,
-                    route: route,
+                    route,
                     buyer: &buyer,
                     spent: Spent::Credits(1),
-                    now: now,
+                    now,
                 },
             )
         };

@@ -187,6 +187,14 @@ fn describe_route(
         ));
     }
     out.push(("price", lines.join("\n")));
+    if let Some(credits) = route.sells {
+        out.push((
+            "sells",
+            format!(
+                "{credits} credits to the caller's key (or a new key), answered by tollgate once the payment settles"
+            ),
+        ));
+    }
     let mut terms = vec![format!("prefer {}", route.prefer.as_str())];
     if route.refund_on_5xx {
         terms.push("refund on 5xx".into());

@@ -102,7 +102,7 @@ impl Gate {
                     limits: &route.limits,
                     route: route.id,
                     buyer: &buyer,
-                    spent: spent,
+                    spent,
                     now: (self.clock)(),
                 },
             )

@@ -83,7 +83,7 @@ impl Gate {
                     route: route.id,
                     buyer: &BuyerId::Account(key.account),
                     spent: Spent::Credits(credits),
-                    now: now,
+                    now,
                 },
             )
             .map_err(super::admit::over_limit)?;

@@ -2,6 +2,7 @@
 # Loopback load test: req/s, p50 and p99 for
 #   direct upstream | nginx reverse proxy | tollgate free route | tollgate paid route (x402 v2,
 #   pre-signed unique payments, verified, nonce recorded durably, settled with a stub facilitator)
+#   | tollgate prepaid route (an API key debited one credit per call, durably)
 # all against the same trivial upstream, in one run (everything shares the machine's cores, so
 # compare ratios within a run, never absolute figures across runs).
 #
@@ -50,11 +51,13 @@ cat > "$WORK/policies/load.toll" <<POLICY
 service "load" {
   pay_to 0x710D094d04ac8B4eE234D26c53ba15A1Dce203d1
   accept x402 on base-sepolia
+  accept prepaid header "x-api-key"
   settle via facilitator "http://$UP" after response
   timeout 600s
   default deny
   route GET "/free" { free }
   route GET "/paid" { price 0.001 USDC }
+  route GET "/prepaid" { price 1 credit }
 }
 POLICY
 cat > "$WORK/tollgate.yaml" <<YAML
@@ -63,8 +66,16 @@ upstream: http://$UP
 policies: [$WORK/policies/load.toll]
 store: $WORK/data
 ops: { listen: $OPS }
+admin: { listen: 127.0.0.1:19403 }
 log: { level: warn }
 YAML
+# A prepaid key, made with the CLI on the store before the sidecar holds it.
+gate() { "$BIN/tollgate" "$@" --config "$WORK/tollgate.yaml"; }
+field() { python3 -c "import json,sys; print(json.load(sys.stdin)$1)"; }
+ACCOUNT=$(gate accounts create --name load | field '["account"]["id"]')
+KEY=$(gate keys issue --account "$ACCOUNT" | field '["key"]')
+gate credits top-up --account "$ACCOUNT" --credits 100000000 --reference load >/dev/null
+
 "$BIN/tollgate" run --config "$WORK/tollgate.yaml" >/dev/null 2>"$WORK/tollgate.log" &
 for _ in $(seq 100); do curl -sf "http://$OPS/readyz" >/dev/null && break; sleep 0.1; done
 
@@ -84,10 +95,12 @@ request = function()
 end
 LUA
 
-run() { # name url conns [lua args...]
+run() { # name url conns [--key KEY | lua args...]
   local name=$1 url=$2 conns=$3; shift 3
   local out
-  if [ $# -gt 0 ]; then
+  if [ "${1:-}" = "--key" ]; then
+    out=$(wrk -t1 -c"$conns" -d"${DURATION}s" --latency -H "x-api-key: $2" "$url")
+  elif [ $# -gt 0 ]; then
     out=$(wrk -t1 -c"$conns" -d"${DURATION}s" --latency -s "$WORK/paid.lua" "$url" -- "$@")
   else
     out=$(wrk -t1 -c"$conns" -d"${DURATION}s" --latency "$url")
@@ -107,8 +120,10 @@ run "nginx reverse proxy"         "http://$NGINX/free" "$CONNS"
 run "tollgate free route"         "http://$GATE/free"  "$CONNS"
 split -n l/2 "$WORK/payments.txt" "$WORK/pay."
 run "tollgate paid route (x402)"  "http://$GATE/paid"  "$CONNS" "$WORK/pay.aa"
+run "tollgate prepaid route"      "http://$GATE/prepaid" "$CONNS" --key "$KEY"
 run "direct upstream"             "http://$UP/free"    "$MODERATE"
 run "tollgate free route"         "http://$GATE/free"  "$MODERATE"
 run "tollgate paid route (x402)"  "http://$GATE/paid"  "$MODERATE" "$WORK/pay.ab"
+run "tollgate prepaid route"      "http://$GATE/prepaid" "$MODERATE" --key "$KEY"
 echo
 echo "tollgate RSS after the run: $(ps -o rss= -p "$(pgrep -f "tollgate run --config $WORK")" | awk '{printf "%.1f MiB", $1/1024}')"
