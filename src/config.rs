@@ -125,7 +125,8 @@ pub struct OpsConfig {
 pub struct AdminConfig {
     /// Default `127.0.0.1:9403`.
     pub listen: SocketAddr,
-    /// Where the admin bearer token is kept. Default `None`.
+    /// Where the admin bearer token is kept. Default `None`: `tollgate run` generates one into
+    /// `<store>/admin.token` ([`crate::admin::token`]).
     pub token: Option<SecretRef>,
 }
 
@@ -770,7 +771,7 @@ fn build(raw: &Raw, errors: &mut Vec<ConfigError>, warnings: &mut Vec<String>) -
         check_listeners(&config, raw, errors);
         if !config.admin.listen.ip().is_loopback() && config.admin.token.is_none() {
             warnings.push(format!(
-                "admin API on {} is reachable from other hosts but admin.token is not set",
+                "admin API on {} is reachable from other hosts but admin.token is not set (a generated token in the store directory protects it)",
                 config.admin.listen
             ));
         }

@@ -595,7 +595,7 @@ fn exposed_admin_without_token_is_a_warning() {
     assert_eq!(
         resolved.warnings,
         vec![
-            "admin API on 0.0.0.0:9403 is reachable from other hosts but admin.token is not set"
+            "admin API on 0.0.0.0:9403 is reachable from other hosts but admin.token is not set (a generated token in the store directory protects it)"
                 .to_owned()
         ]
     );
