@@ -25,7 +25,6 @@ use alloy::primitives::Address;
 
 use crate::policy::{LimitScope, Limits, Unit, window_text};
 
-type RouteId = usize;
 use crate::store::{Store, StoreError};
 
 /// Who is buying.
@@ -90,7 +89,7 @@ pub struct Holds {
 }
 
 /// A request counter's key: (scope, buyer).
-type CounterKey = (u64, BuyerId);
+type CounterKey = (String, BuyerId);
 
 /// One window's count: (window start, window length, requests admitted in it).
 type Window = (u64, u64, u64);
@@ -103,11 +102,12 @@ pub struct Limiter {
     unsettled: Mutex<HashMap<(BuyerId, String), u128>>,
 }
 
-/// `0` for the service, `route + 1` for one route.
-fn scope_id(scope: LimitScope, route: RouteId) -> u64 {
+/// What a counter counts: the whole service (empty), or one route by its text
+/// (`GET /v1/reports`) — never by its position, which a policy edit may change.
+fn scope_id(scope: LimitScope, route: &str) -> &str {
     match scope {
-        LimitScope::Service => 0,
-        LimitScope::Route => route as u64 + 1,
+        LimitScope::Service => "",
+        LimitScope::Route => route,
     }
 }
 
@@ -120,14 +120,13 @@ fn retry_after(now: u64, window: u64) -> u64 {
     window_start(now, window) + window.max(1) - now
 }
 
-fn spend_key(scope: u64, start: u64, unit: &Unit, buyer: &BuyerId) -> Vec<u8> {
+fn spend_key(scope: &str, start: u64, unit: &Unit, buyer: &BuyerId) -> Vec<u8> {
     let unit = match unit {
         Unit::Credits => "credits",
         Unit::Asset { symbol, .. } => symbol.as_str(),
     };
-    let mut key = scope.to_be_bytes().to_vec();
-    key.extend_from_slice(&start.to_be_bytes());
-    key.extend_from_slice(format!("{unit}\0{buyer}").as_bytes());
+    let mut key = start.to_be_bytes().to_vec();
+    key.extend_from_slice(format!("{scope}\0{unit}\0{buyer}").as_bytes());
     key
 }
 
@@ -135,7 +134,8 @@ fn spend_key(scope: u64, start: u64, unit: &Unit, buyer: &BuyerId) -> Vec<u8> {
 #[derive(Debug, Clone, Copy)]
 pub struct Ask<'a> {
     pub limits: &'a Limits,
-    pub route: RouteId,
+    /// The route's text, `GET /v1/reports`.
+    pub route: &'a str,
     pub buyer: &'a BuyerId,
     pub spent: Spent<'a>,
     pub now: u64,
@@ -210,14 +210,14 @@ impl Limiter {
     fn count_request(
         &self,
         limits: &Limits,
-        route: RouteId,
+        route: &str,
         buyer: &BuyerId,
         now: u64,
-    ) -> Result<Option<(u64, BuyerId)>, Refused> {
+    ) -> Result<Option<CounterKey>, Refused> {
         let Some(limit) = limits.requests else {
             return Ok(None);
         };
-        let key = (scope_id(limit.scope, route), buyer.clone());
+        let key = (scope_id(limit.scope, route).to_string(), buyer.clone());
         let start = window_start(now, limit.window_secs);
         let mut requests = self.requests.lock().unwrap_or_else(|p| p.into_inner());
         let entry = requests
@@ -241,7 +241,7 @@ impl Limiter {
         Ok(Some(key))
     }
 
-    fn uncount_request(&self, key: &(u64, BuyerId)) {
+    fn uncount_request(&self, key: &CounterKey) {
         let mut requests = self.requests.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(entry) = requests.get_mut(key) {
             entry.2 = entry.2.saturating_sub(1);
@@ -309,7 +309,7 @@ mod tests {
         };
         let limiter = Limiter::default();
         let buyer = BuyerId::Account(1);
-        let admit = |route, now| {
+        let admit = |route: &str, now| {
             limiter.admit(
                 &store,
                 &Ask {
@@ -321,19 +321,19 @@ mod tests {
                 },
             )
         };
-        assert_eq!(code(admit(0, 120)), None);
+        assert_eq!(code(admit("GET /r0", 120)), None);
         assert_eq!(
-            code(admit(1, 130)),
+            code(admit("GET /r1", 130)),
             None,
             "a service limit counts across routes"
         );
-        assert_eq!(code(admit(0, 135)), Some(("rate_limited", 45)));
+        assert_eq!(code(admit("GET /r0", 135)), Some(("rate_limited", 45)));
         assert_eq!(
             code(limiter.admit(
                 &store,
                 &Ask {
                     limits: &limits,
-                    route: 0,
+                    route: "GET /r0",
                     buyer: &BuyerId::Account(2),
                     spent: Spent::Credits(1),
                     now: 135
@@ -341,7 +341,7 @@ mod tests {
             )),
             None
         );
-        assert_eq!(code(admit(0, 180)), None, "a new window");
+        assert_eq!(code(admit("GET /r0", 180)), None, "a new window");
     }
 
     #[test]
@@ -373,7 +373,7 @@ mod tests {
                 &store,
                 &Ask {
                     limits: &limits,
-                    route: 3,
+                    route: "GET /r3",
                     buyer: &buyer,
                     spent: pay(10),
                     now: 100,
@@ -385,7 +385,7 @@ mod tests {
                 &store,
                 &Ask {
                     limits: &limits,
-                    route: 3,
+                    route: "GET /r3",
                     buyer: &buyer,
                     spent: pay(10),
                     now: 100,
@@ -397,7 +397,7 @@ mod tests {
                 &store,
                 &Ask {
                     limits: &limits,
-                    route: 3,
+                    route: "GET /r3",
                     buyer: &buyer,
                     spent: pay(10),
                     now: 100
@@ -410,7 +410,7 @@ mod tests {
                 &store,
                 &Ask {
                     limits: &limits,
-                    route: 3,
+                    route: "GET /r3",
                     buyer: &buyer,
                     spent: Spent::Credits(1000),
                     now: 100
@@ -424,7 +424,7 @@ mod tests {
                 &store,
                 &Ask {
                     limits: &limits,
-                    route: 4,
+                    route: "GET /r4",
                     buyer: &buyer,
                     spent: pay(10),
                     now: 100
@@ -441,7 +441,7 @@ mod tests {
                     &store,
                     &Ask {
                         limits: &limits,
-                        route: 3,
+                        route: "GET /r3",
                         buyer: &buyer,
                         spent: pay(10),
                         now: 100
@@ -478,7 +478,7 @@ mod tests {
                 &store,
                 &Ask {
                     limits: &limits,
-                    route: 0,
+                    route: "GET /r0",
                     buyer: &buyer,
                     spent: pay,
                     now: 1,
@@ -490,7 +490,7 @@ mod tests {
                 &store,
                 &Ask {
                     limits: &limits,
-                    route: 0,
+                    route: "GET /r0",
                     buyer: &buyer,
                     spent: pay,
                     now: 1
@@ -505,7 +505,7 @@ mod tests {
                     &store,
                     &Ask {
                         limits: &limits,
-                        route: 0,
+                        route: "GET /r0",
                         buyer: &buyer,
                         spent: pay,
                         now: 1

@@ -100,7 +100,7 @@ impl Gate {
                 &self.store,
                 &Ask {
                     limits: &route.limits,
-                    route: route.id,
+                    route: &route.display(),
                     buyer: &buyer,
                     spent,
                     now: (self.clock)(),

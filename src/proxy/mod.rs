@@ -377,8 +377,12 @@ impl ProxyHttp for Gate {
 
     async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut Ctx) -> FailToProxy {
         let refusal = ctx.refusal.take().unwrap_or_else(|| upstream_failure(e));
-        if let Some(debited) = ctx.prepaid.as_mut() {
+        if let Some(debited) = ctx.prepaid.as_mut()
+            && ctx.upstream_status == 0
+            && e.esource() != &ErrorSource::Downstream
+        {
             // The upstream gave no answer: the request was not served, so it costs nothing.
+            // (An error after the response head — the client leaving mid-body — is charged.)
             self.refund(debited, &ctx.request_id).await;
         }
         let status = refusal.status;

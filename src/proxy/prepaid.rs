@@ -80,7 +80,7 @@ impl Gate {
                 &self.store,
                 &Ask {
                     limits: &route.limits,
-                    route: route.id,
+                    route: &route.display(),
                     buyer: &BuyerId::Account(key.account),
                     spent: Spent::Credits(credits),
                     now,
@@ -100,36 +100,32 @@ impl Gate {
             holds = Holds::default();
         }
         let debit = debit.map_err(|e| Refusal::store_unavailable(&e))?;
-        let debited = |fact: crate::store::accounts::Fact, charged, holds| {
-            Prepaid::Debited(
+        Ok(match debit {
+            Debit::Charged(fact) => Prepaid::Debited(
                 Debited {
                     seq: fact.seq,
                     account: fact.account,
                     key: key.id.clone(),
-                    charged,
+                    charged: fact.credits,
                     balance: fact.balance,
                     refund_on_5xx: route.refund_on_5xx,
                 },
                 holds,
-            )
-        };
-        Ok(match debit {
-            Debit::Charged(fact) => {
-                let charged = fact.credits;
-                debited(fact, charged, holds)
-            }
+            ),
             Debit::Repeated(fact) => {
-                let balance = self
-                    .store
-                    .account(fact.account)
-                    .map_err(|e| Refusal::store_unavailable(&e))?
-                    .map_or(0, |(_, b)| b);
-                let mut repeat = debited(fact, 0, holds);
-                if let Prepaid::Debited(d, _) = &mut repeat {
-                    d.balance = balance;
-                }
-                repeat
+                // Served at most once per charge: a repeat is never forwarded (the upstream
+                // cannot tell a retry from a new request with another body).
+                return Err(Box::new(Refusal::new(
+                    409,
+                    "idempotency_key_used",
+                    format!(
+                        "this Idempotency-Key already paid for request {} (ledger entry {}), which is in flight or was served; nothing was charged",
+                        fact.request_id.as_deref().unwrap_or("?"),
+                        fact.seq
+                    ),
+                )));
             }
+            Debit::KeyUnusable(problem) => Prepaid::BadKey(problem),
             Debit::Short { balance } => Prepaid::Short { balance },
             Debit::KeyReused => {
                 return Err(Box::new(Refusal::new(

@@ -75,20 +75,18 @@ impl Gate {
                 (account.id, issued)
             }
         };
-        let topped = self
-            .store
-            .top_up(account, credits, &reference, now)
-            .await
-            .map_err(failed)?;
-        let fact = match topped {
-            Ok(TopUp::Credited(fact) | TopUp::Repeated(fact)) => fact,
-            Err(refused) => {
-                tracing::error!(?refused, %reference, "a settled credit purchase was refused by the store");
-                return Err(Refusal::store_unavailable(&crate::store::StoreError(
-                    format!("{refused:?}"),
-                )));
-            }
+        let key_id = new_key.as_ref().map(|(_, record)| record.id.clone());
+        let topped = match self.store.top_up(account, credits, &reference, now).await {
+            Ok(Ok(TopUp::Credited(fact) | TopUp::Repeated(fact))) => Ok(fact),
+            Ok(Err(refused)) => Err(crate::store::StoreError(format!("{refused:?}"))),
+            Err(e) => Err(e),
         };
+        let fact = topped.map_err(|e| {
+            // Paid and settled, but not credited: the operator credits it by hand (the
+            // reference makes a retried top-up safe). A new key was not shown to the buyer.
+            tracing::error!(error = %e, %reference, account, key_id = ?key_id, credits = %credits, "a settled credit purchase could not be credited");
+            Refusal::store_unavailable(&e)
+        })?;
         let mut body = serde_json::Map::new();
         body.insert("account".into(), json!(account));
         body.insert("credits".into(), json!(credits.to_string()));

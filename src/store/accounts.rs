@@ -131,10 +131,13 @@ pub enum Debit {
     Charged(Fact),
     /// The balance does not cover the charge; nothing changed.
     Short { balance: u128 },
-    /// An earlier request with the same `Idempotency-Key` paid; this one is not charged.
+    /// An earlier request with the same `Idempotency-Key` was charged (and is in flight or was
+    /// served); this one is not charged and must not be served.
     Repeated(Fact),
     /// The `Idempotency-Key` was used for a different request.
     KeyReused,
+    /// The key was revoked or expired since it was resolved; nothing changed.
+    KeyUnusable(KeyProblem),
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -485,9 +488,11 @@ impl Store {
         Ok(result)
     }
 
-    /// Debits a key's account, atomically: the balance never goes below zero, and concurrent
+    /// Debits a key's account, atomically: the balance never goes below zero, concurrent
     /// debits of one account never spend the same credits twice (sled transactions are
-    /// serialisable). Durable before it returns [`Debit::Charged`].
+    /// serialisable), and a key revoked before the debit commits does not pay. Durable before
+    /// it returns [`Debit::Charged`]; when the flush fails, the debit is taken back before the
+    /// error is returned, so a refused request is never left charged.
     pub async fn debit(&self, charge: &Charge<'_>, now: u64) -> Result<Debit, StoreError> {
         let i = &self.inner;
         let account = charge.key.account;
@@ -497,9 +502,17 @@ impl Store {
             &i.ledger,
             &i.account_ledger,
             &i.idempotency,
+            &i.keys,
         )
-            .transaction(|(meta, balances, ledger, index, idempotency)| {
+            .transaction(|(meta, balances, ledger, index, idempotency, keys)| {
                 let id = account.to_be_bytes();
+                let current: KeyRecord = match keys.get(charge.key.id.as_bytes())? {
+                    Some(bytes) => parse_tx(&bytes)?,
+                    None => return Ok(Debit::KeyUnusable(KeyProblem::Unknown)),
+                };
+                if let Some(problem) = current.problem(now) {
+                    return Ok(Debit::KeyUnusable(problem));
+                }
                 let idem_key = charge
                     .idempotency
                     .map(|(key, _)| pair(account, key.as_bytes()));
@@ -538,16 +551,30 @@ impl Store {
                 Ok(Debit::Charged(fact))
             });
         let debit = settle_tx::<_, Infallible>(result)?.unwrap_or_else(|never| match never {});
-        if matches!(debit, Debit::Charged(_)) {
-            self.durable().await?;
+        if let Debit::Charged(fact) = &debit
+            && let Err(e) = self.durable().await
+        {
+            // The caller refuses the request: take the debit back (in memory at least; it
+            // becomes durable with the next flush that succeeds).
+            tracing::error!(error = %e, debit = fact.seq, "a debit could not be flushed; taking it back");
+            let _ = self.refund_in_memory(fact.seq, now);
+            return Err(e);
         }
         Ok(debit)
     }
 
     /// Gives a debit's credits back (the upstream failed). Idempotent: a debit is refunded at
     /// most once; `None` when it was already refunded or is not a debit. A refunded debit's
-    /// `Idempotency-Key` is forgotten, so a retry is charged again (it is served again too).
+    /// `Idempotency-Key` is forgotten, so a retry is a new attempt (charged and served).
     pub async fn refund(&self, debit: u64, now: u64) -> Result<Option<Fact>, StoreError> {
+        let refund = self.refund_in_memory(debit, now)?;
+        if refund.is_some() {
+            self.durable().await?;
+        }
+        Ok(refund)
+    }
+
+    fn refund_in_memory(&self, debit: u64, now: u64) -> Result<Option<Fact>, StoreError> {
         let i = &self.inner;
         let result = (
             &i.meta,
@@ -589,11 +616,7 @@ impl Store {
                 }
                 Ok(Some(fact))
             });
-        let refund = settle_tx::<_, Infallible>(result)?.unwrap_or_else(|never| match never {});
-        if refund.is_some() {
-            self.durable().await?;
-        }
-        Ok(refund)
+        Ok(settle_tx::<_, Infallible>(result)?.unwrap_or_else(|never| match never {}))
     }
 
     /// One account's facts with a sequence above `after`, oldest first, at most `limit`.
@@ -657,9 +680,16 @@ impl Store {
         let mut removed = 0;
         for entry in self.inner.idempotency.iter() {
             let (key, bytes) = entry?;
-            let record: IdempotentDebit = parse(&bytes)?;
-            if record.expires_at <= now {
-                self.inner.idempotency.remove(key)?;
+            // An unreadable record is left alone rather than stopping the sweep.
+            let expired = parse::<IdempotentDebit>(&bytes).is_ok_and(|r| r.expires_at <= now);
+            // Compare-and-swap: a debit that renewed this key meanwhile keeps its record.
+            if expired
+                && self
+                    .inner
+                    .idempotency
+                    .compare_and_swap(&key, Some(&bytes), None::<&[u8]>)?
+                    .is_ok()
+            {
                 removed += 1;
             }
         }
@@ -763,6 +793,13 @@ mod tests {
         store.create_account("", 1).await.unwrap();
         let (_, key) = store.issue_key(1, "", None, 1).await.unwrap().unwrap();
         store.top_up(1, 10, "seed", 1).await.unwrap().unwrap();
+        // A key revoked after it was resolved does not pay.
+        let (_, doomed) = store.issue_key(1, "", None, 1).await.unwrap().unwrap();
+        store.revoke_key(&doomed.id, 2).await.unwrap();
+        assert_eq!(
+            store.debit(&charge(&doomed, 1, None), 2).await.unwrap(),
+            Debit::KeyUnusable(KeyProblem::Revoked)
+        );
         let first = store
             .debit(&charge(&key, 3, Some(("k", "GET /a"))), 2)
             .await

@@ -61,13 +61,25 @@ pub fn now() -> u64 {
         .as_secs()
 }
 
-/// A port nothing listens on (bound, then released).
+/// A port nothing listens on (bound, then released), never the same twice in this process:
+/// the kernel may hand a just-released port out again, and one sidecar needs three.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    static GIVEN: Mutex<Option<HashSet<u16>>> = Mutex::new(None);
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        if GIVEN
+            .lock()
+            .unwrap()
+            .get_or_insert_with(HashSet::new)
+            .insert(port)
+        {
+            return port;
+        }
+    }
 }
 
 pub fn scratch_dir(name: &str) -> PathBuf {

@@ -400,11 +400,15 @@ async fn a_retry_with_the_same_idempotency_key_is_charged_once() {
     let first = call("/credits", "order-1").await.unwrap();
     assert_eq!(first.headers()["x-tollgate-credits-charged"], "5");
     let retry = call("/credits", "order-1").await.unwrap();
-    assert_eq!(retry.status(), 200, "the retry is served");
-    assert_eq!(retry.headers()["x-tollgate-credits-charged"], "0");
-    assert_eq!(retry.headers()["x-tollgate-credits-balance"], "5");
-    assert_eq!(w.balance(account).await, 5);
-    assert_eq!(w.upstream.seen(), 2);
+    let body = expect_error(retry, 409, "idempotency_key_used").await;
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .contains("nothing was charged")
+    );
+    assert_eq!(w.balance(account).await, 5, "charged once");
+    assert_eq!(w.upstream.seen(), 1, "and served once");
 
     let other = call("/metered/x", "order-1").await.unwrap();
     expect_error(other, 422, "idempotency_key_reused").await;
