@@ -29,9 +29,9 @@ use pingora::upstreams::peer::HttpPeer;
 use crate::admin::{self, service::Admin};
 use crate::config::{Config, LogFormat, Scheme};
 use crate::limits::Limiter;
-use crate::policy::{self, Backend, Policy, Timing};
+use crate::metrics::Metrics;
 use crate::proxy::Gate;
-use crate::settle::{Facilitator, SETTLE_TIMEOUT};
+use crate::reload::{Live, Watcher};
 use crate::store::Store;
 
 /// Seconds in-flight requests get to finish after SIGTERM, before runtimes stop. Keep below
@@ -44,13 +44,13 @@ const NONCE_GC_EVERY: Duration = Duration::from_secs(600);
 /// Runs the sidecar until it is told to stop. `Err` carries what to tell the operator.
 pub fn run(config: &Config) -> Result<(), String> {
     init_logging(config);
-    let policy = load_policy(config)?;
-    supported(&policy)?;
+    let metrics = Arc::new(Metrics::new().map_err(|e| format!("cannot set up the metrics: {e}"))?);
+    let live = Arc::new(Live::start(
+        config.policies.clone(),
+        metrics.clone(),
+        crate::unix_now(),
+    )?);
     let upstream = upstream_peer(config)?;
-    let facilitator = match &policy.settlement.backend {
-        Backend::Facilitator { url } => Some(Facilitator::new(url, SETTLE_TIMEOUT)?),
-        Backend::None | Backend::Rpc { .. } => None,
-    };
     let store = Store::open(&config.store)
         .map_err(|e| format!("cannot open the store at {}: {e}", config.store.display()))?;
     let token = admin::token::load_or_generate(config)?;
@@ -66,6 +66,8 @@ pub fn run(config: &Config) -> Result<(), String> {
     server.bootstrap();
     let conf = server.configuration.clone();
 
+    let loaded = live.current();
+    let policy = &loaded.policy;
     tracing::info!(
         service = %policy.service,
         policy = %policy.origin,
@@ -79,12 +81,12 @@ pub fn run(config: &Config) -> Result<(), String> {
     );
     let limiter = Arc::new(Limiter::default());
     let gate = Gate::new(
-        policy,
+        live.clone(),
         store.clone(),
-        facilitator,
         upstream,
         config.public_url.clone(),
         limiter.clone(),
+        metrics.clone(),
     );
     let mut proxy = pingora::proxy::http_proxy_service_with_name(&conf, gate, "tollgate proxy");
     proxy.add_tcp(&config.listen.to_string());
@@ -94,6 +96,8 @@ pub fn run(config: &Config) -> Result<(), String> {
         "tollgate ops".to_string(),
         Ops {
             ready: ready.clone(),
+            metrics: metrics.clone(),
+            store: store.clone(),
         },
     );
     ops.add_tcp(&config.ops.listen.to_string());
@@ -105,6 +109,7 @@ pub fn run(config: &Config) -> Result<(), String> {
             store: store.clone(),
             token,
             clock: crate::unix_now,
+            live: live.clone(),
         },
     );
     admin.add_tcp(&config.admin.listen.to_string());
@@ -123,6 +128,9 @@ pub fn run(config: &Config) -> Result<(), String> {
     server.add_service(ops);
     server.add_service(admin);
     server.add_service(gc);
+    let mut watcher = background_service("policy watcher", Watcher { live });
+    watcher.threads = Some(1);
+    server.add_service(watcher);
     server.run(RunArgs {
         shutdown_signal: Box::new(Signals { ready }),
     });
@@ -147,51 +155,6 @@ fn init_logging(config: &Config) {
     };
 }
 
-/// Loads the configured policies; a sidecar serves exactly one service.
-fn load_policy(config: &Config) -> Result<Policy, String> {
-    let files: Vec<_> = policy::discover(&config.policies)
-        .map_err(|e| e.to_string())?
-        .into_iter()
-        .filter(|p| !policy::is_test_file(p))
-        .collect();
-    let [file] = files.as_slice() else {
-        let found = if files.is_empty() {
-            "none".to_string()
-        } else {
-            files
-                .iter()
-                .map(|f| f.display().to_string())
-                .collect::<Vec<_>>()
-                .join(", ")
-        };
-        return Err(format!(
-            "a sidecar serves exactly one service, so `policies` must name one policy file; found {found}"
-        ));
-    };
-    policy::load(file).map_err(|e| e.to_string())
-}
-
-/// Refuses policies whose settlement this build cannot perform, rather than admitting payments
-/// it would never settle.
-fn supported(policy: &Policy) -> Result<(), String> {
-    if let Backend::Rpc { .. } = policy.settlement.backend {
-        return Err(format!(
-            "{}: `settle via rpc` is not available in this version; use `settle via facilitator \"…\"`",
-            policy.origin
-        ));
-    }
-    let deferred = std::iter::once(&policy.settlement.timing)
-        .chain(policy.routes.iter().map(|r| &r.settle))
-        .any(|t| matches!(t, Timing::Deferred(_)));
-    if deferred {
-        return Err(format!(
-            "{}: `deferred` settlement is not available in this version; use `after response` or `before response`",
-            policy.origin
-        ));
-    }
-    Ok(())
-}
-
 /// The upstream as a Pingora peer, resolved once at startup.
 fn upstream_peer(config: &Config) -> Result<HttpPeer, String> {
     let upstream = &config.upstream;
@@ -213,21 +176,35 @@ fn upstream_peer(config: &Config) -> Result<HttpPeer, String> {
     Ok(peer)
 }
 
-/// `/healthz` and `/readyz`.
+/// `/healthz`, `/readyz` and `/metrics`.
 struct Ops {
     ready: Arc<AtomicBool>,
+    metrics: Arc<Metrics>,
+    store: Store,
 }
 
 #[async_trait]
 impl ServeHttp for Ops {
     async fn response(&self, session: &mut ServerSession) -> http::Response<Vec<u8>> {
+        if session.req_header().uri.path() == "/metrics" {
+            self.metrics
+                .store_bytes
+                .set(i64::try_from(self.store.size_on_disk()).unwrap_or(i64::MAX));
+            let body = self.metrics.render();
+            return http::Response::builder()
+                .status(200)
+                .header("content-type", crate::metrics::CONTENT_TYPE)
+                .header("content-length", body.len())
+                .body(body)
+                .unwrap_or_default();
+        }
         let (status, body): (u16, &str) = match session.req_header().uri.path() {
             "/healthz" => (200, r#"{"status":"ok"}"#),
             "/readyz" if self.ready.load(Ordering::Acquire) => (200, r#"{"status":"ready"}"#),
             "/readyz" => (503, r#"{"status":"shutting_down"}"#),
             _ => (
                 404,
-                r#"{"error":"not_found","message":"the ops listener serves /healthz and /readyz"}"#,
+                r#"{"error":"not_found","message":"the ops listener serves /healthz, /readyz and /metrics"}"#,
             ),
         };
         http::Response::builder()

@@ -11,6 +11,7 @@ use super::Gate;
 use super::refusal::Refusal;
 use crate::limits::{Ask, BuyerId, Holds, Refused, Spent};
 use crate::policy::{self, Buyer, Outcome, Request, Timing, Why};
+use crate::reload::Loaded;
 use crate::settle::SettleError;
 use crate::store::{Claim, NonceKey};
 use crate::x402::verify::{self, Payment, Version};
@@ -40,6 +41,7 @@ impl Admitted {
 impl Gate {
     pub(super) async fn admit(
         &self,
+        loaded: &Loaded,
         request: &Request<'_>,
         route: Option<usize>,
         header: &[u8],
@@ -47,8 +49,8 @@ impl Gate {
     ) -> Result<(Admitted, Holds), Box<Refusal>> {
         let resource = self.resource_url(target);
         let (Some(terms), Some(route)) = (
-            self.route_terms(route),
-            route.and_then(|id| self.policy.route(id)),
+            Gate::route_terms(loaded, route),
+            route.and_then(|id| loaded.policy.route(id)),
         ) else {
             return Err(Box::new(Refusal::new(
                 503,
@@ -57,18 +59,33 @@ impl Gate {
             )));
         };
         let refuse = |rejection: Rejection| {
+            self.metrics
+                .payments_rejected
+                .with_label_values(&[rejection.code()])
+                .inc();
             Box::new(
                 Refusal::new(rejection.status(), rejection.code(), rejection.to_string())
                     .with_challenge(Some(terms.clone()), resource.clone()),
             )
         };
-        let payment = verify::verify(header, &terms, (self.clock)()).map_err(refuse)?;
+        let started = std::time::Instant::now();
+        let verified = verify::verify(header, &terms, (self.clock)());
+        self.metrics
+            .verification_seconds
+            .observe(started.elapsed().as_secs_f64());
+        let payment = verified.map_err(refuse)?;
+        if let Some(offer) = terms.offers.get(payment.offer) {
+            self.metrics
+                .payments_verified
+                .with_label_values(&[offer.network.as_str()])
+                .inc();
+        }
 
         let buyer = Buyer {
             payer: Some(payment.payer),
             prepaid_balance: None,
         };
-        let decision = policy::decide(&self.policy, request, &buyer);
+        let decision = policy::decide(&loaded.policy, request, &buyer);
         if decision.outcome == Outcome::Deny {
             let code = if decision.why == Why::PayerDenied {
                 "payer_denied"
@@ -135,8 +152,11 @@ impl Gate {
             settle_after,
             receipt: None,
         };
-        if !settle_after {
-            match self.settle(&admitted).await {
+        if settle_after {
+            // Until the response head arrives (given back when the request ends).
+            self.metrics.settlement_queue.inc();
+        } else {
+            match self.settle(loaded, &admitted).await {
                 Ok(receipt) => admitted.receipt = Some(receipt),
                 Err(refusal) => {
                     self.limiter.finish(&self.store, holds, false);
@@ -148,7 +168,11 @@ impl Gate {
     }
 
     /// Settles an admitted payment with the facilitator; returns the base64 receipt.
-    pub(super) async fn settle(&self, paid: &Admitted) -> Result<String, Box<Refusal>> {
+    pub(super) async fn settle(
+        &self,
+        loaded: &Loaded,
+        paid: &Admitted,
+    ) -> Result<String, Box<Refusal>> {
         let unavailable = |why: String| {
             tracing::warn!(error = %why, "settlement unavailable; refusing the paid request");
             let mut refusal = Refusal::new(
@@ -159,7 +183,7 @@ impl Gate {
             refusal.retry_after = Some(5);
             Box::new(refusal)
         };
-        let (Some(facilitator), Some(offer)) = (&self.facilitator, paid.offer()) else {
+        let (Some(facilitator), Some(offer)) = (&loaded.facilitator, paid.offer()) else {
             return Err(unavailable("no facilitator configured".into()));
         };
         let version = paid.payment.version;
@@ -172,11 +196,25 @@ impl Gate {
             Version::V2 => offer.caip2.clone(),
         };
         let payer = paid.payment.payer.to_checksum(None);
-        match facilitator
+        let started = std::time::Instant::now();
+        let settled = facilitator
             .settle(version.number(), &paid.payment.raw, &requirements)
-            .await
-        {
+            .await;
+        self.metrics
+            .settlement_seconds
+            .observe(started.elapsed().as_secs_f64());
+        let result = match &settled {
+            Ok(_) => "settled",
+            Err(SettleError::Refused(_)) => "refused",
+            Err(SettleError::Unavailable(_)) => "unavailable",
+        };
+        self.metrics.settlements.with_label_values(&[result]).inc();
+        match settled {
             Ok(mut receipt) => {
+                self.metrics
+                    .revenue
+                    .with_label_values(&[offer.asset_symbol.as_str(), offer.network.as_str()])
+                    .inc_by(u64::try_from(paid.payment.amount).unwrap_or(u64::MAX));
                 receipt.payer.get_or_insert(payer);
                 if receipt.network.is_empty() {
                     receipt.network = network;

@@ -18,7 +18,6 @@
 use pingora::http::RequestHeader;
 
 use super::Ctx;
-use crate::policy::Policy;
 use crate::x402::wire::{PAYMENT_SIGNATURE, X_PAYMENT};
 
 const HOP_BY_HOP: [&str; 5] = [
@@ -29,7 +28,14 @@ const HOP_BY_HOP: [&str; 5] = [
     "trailer",
 ];
 
-pub fn prepare(upstream: &mut RequestHeader, policy: &Policy, ctx: &Ctx) -> pingora::Result<()> {
+pub fn prepare(upstream: &mut RequestHeader, ctx: &Ctx) -> pingora::Result<()> {
+    let Some(loaded) = ctx.loaded.as_ref() else {
+        return Err(pingora::Error::explain(
+            pingora::ErrorType::InternalError,
+            "a request without a policy reached the upstream phase",
+        ));
+    };
+    let policy = &loaded.policy;
     // Names that depend on the request (owned); the fixed ones are removed directly below.
     let mut named: Vec<String> = upstream
         .headers

@@ -35,11 +35,12 @@ use pingora::upstreams::peer::HttpPeer;
 use pingora::{Error, ErrorSource, ErrorType};
 
 use crate::limits::{Holds, Limiter};
-use crate::policy::{self, Buyer, Outcome, PaymentHeader, Policy, Request, Why};
-use crate::settle::Facilitator;
+use crate::metrics::Metrics;
+use crate::policy::{self, Buyer, Outcome, PaymentHeader, Request, Why};
+use crate::reload::{Live, Loaded};
 use crate::store::Store;
+use crate::x402::RouteTerms;
 use crate::x402::wire::{PAYMENT_SIGNATURE, X_PAYMENT};
-use crate::x402::{RouteTerms, Terms};
 pub use admit::Admitted;
 pub use prepaid::Debited;
 use prepaid::Prepaid;
@@ -50,22 +51,23 @@ pub const DISCOVERY_PATH: &str = "/.well-known/x402";
 
 /// Everything a request needs, built once at startup.
 pub struct Gate {
-    policy: Policy,
-    /// x402 terms per route and the discovery document.
-    terms: Terms,
+    /// The policy in force and its x402 terms; each request keeps the one it started with.
+    live: Arc<Live>,
     store: Store,
-    facilitator: Option<Facilitator>,
     upstream: HttpPeer,
     /// Absolute base URL for x402 `resource` URLs.
     public_url: String,
     clock: fn() -> u64,
     ids: RequestIds,
     limiter: Arc<Limiter>,
+    metrics: Arc<Metrics>,
 }
 
 /// Per-request state, owned by Pingora between phases.
 #[derive(Default)]
 pub struct Ctx {
+    /// The policy this request is decided by, taken when it arrived.
+    loaded: Option<Arc<Loaded>>,
     request_id: String,
     outcome: &'static str,
     route: Option<usize>,
@@ -78,44 +80,45 @@ pub struct Ctx {
     /// A refusal raised after the upstream answered (failed settlement).
     refusal: Option<Refusal>,
     upstream_status: u16,
+    /// When the request was handed to the upstream.
+    forwarded_at: Option<std::time::Instant>,
 }
 
 impl Gate {
     pub fn new(
-        policy: Policy,
+        live: Arc<Live>,
         store: Store,
-        facilitator: Option<Facilitator>,
         upstream: HttpPeer,
         public_url: String,
         limiter: Arc<Limiter>,
+        metrics: Arc<Metrics>,
     ) -> Gate {
-        let terms = Terms::new(&policy);
         Gate {
-            policy,
-            terms,
+            live,
             store,
-            facilitator,
             upstream,
             public_url,
             clock: crate::unix_now,
             ids: RequestIds::new(),
             limiter,
+            metrics,
         }
     }
 
-    fn route_terms(&self, route: Option<usize>) -> Option<Arc<RouteTerms>> {
-        route.and_then(|id| self.terms.route(id).cloned())
+    fn route_terms(loaded: &Loaded, route: Option<usize>) -> Option<Arc<RouteTerms>> {
+        route.and_then(|id| loaded.terms.route(id).cloned())
     }
 
     /// The 402 for a paid route: the challenge and, for a credits-only route, the key header.
     fn challenge(
         &self,
+        loaded: &Loaded,
         route: Option<usize>,
         target: &str,
         why: Why,
         hint: Option<&'static str>,
     ) -> Refusal {
-        let terms = self.route_terms(route);
+        let terms = Gate::route_terms(loaded, route);
         let (code, message) = match (why, &terms) {
             (Why::KeyShort, Some(_)) => (
                 "payment_required",
@@ -130,7 +133,7 @@ impl Gate {
                 "this route is paid: sign one of `accepts` and retry with PAYMENT-SIGNATURE (v2) or X-PAYMENT (v1)".to_string(),
             ),
             (_, None) => {
-                let header = self.policy.prepaid.as_ref().map_or("x-api-key", |p| p.header.as_str());
+                let header = loaded.policy.prepaid.as_ref().map_or("x-api-key", |p| p.header.as_str());
                 ("api_key_required", format!("this route is paid with prepaid credits: send an API key in `{header}`"))
             }
         };
@@ -167,13 +170,15 @@ impl ProxyHttp for Gate {
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> pingora::Result<bool> {
         ctx.request_id = self.ids.take_or_make(session.req_header());
+        let loaded = self.live.current();
+        ctx.loaded = Some(loaded.clone());
         let header = session.req_header();
         let target = header.uri.path_and_query().map_or_else(
             || header.uri.path().to_string(),
             |pq| pq.as_str().to_string(),
         );
         if header.uri.path() == DISCOVERY_PATH {
-            return self.discovery(session, ctx).await;
+            return self.discovery(session, ctx, &loaded).await;
         }
         let payment = if header.headers.contains_key(PAYMENT_SIGNATURE) {
             Some(PaymentHeader::V2)
@@ -182,7 +187,7 @@ impl ProxyHttp for Gate {
         } else {
             None
         };
-        let api_key = self
+        let api_key = loaded
             .policy
             .prepaid
             .as_ref()
@@ -193,9 +198,9 @@ impl ProxyHttp for Gate {
             api_key,
             payment,
         };
-        let mut decision = policy::decide(&self.policy, &request, &Buyer::default());
+        let mut decision = policy::decide(&loaded.policy, &request, &Buyer::default());
         if let (Outcome::Prepaid { credits }, Some(route)) = (&decision.outcome, decision.route) {
-            let secret = self
+            let secret = loaded
                 .policy
                 .prepaid
                 .as_ref()
@@ -205,6 +210,7 @@ impl ProxyHttp for Gate {
             let fingerprint = format!("{} {target}", header.method);
             let charged = self
                 .debit(
+                    &loaded,
                     &secret,
                     *credits,
                     route.id,
@@ -225,10 +231,10 @@ impl ProxyHttp for Gate {
                         payer: None,
                         prepaid_balance: Some(balance),
                     };
-                    decision = policy::decide(&self.policy, &request, &buyer);
+                    decision = policy::decide(&loaded.policy, &request, &buyer);
                 }
                 Ok(Prepaid::BadKey(problem)) if payment.is_none() => {
-                    let header_name = self
+                    let header_name = loaded
                         .policy
                         .prepaid
                         .as_ref()
@@ -239,7 +245,7 @@ impl ProxyHttp for Gate {
                 Ok(Prepaid::BadKey(_)) => {
                     // A key that cannot pay, and a payment that can: the payment pays.
                     request.api_key = false;
-                    decision = policy::decide(&self.policy, &request, &Buyer::default());
+                    decision = policy::decide(&loaded.policy, &request, &Buyer::default());
                 }
                 Err(refusal) => return self.refuse(session, ctx, *refusal).await,
             }
@@ -262,7 +268,7 @@ impl ProxyHttp for Gate {
             }
             Outcome::Challenge { hint } => {
                 let hint = hint.map(|_| "credits_exhausted");
-                let refusal = self.challenge(ctx.route, &target, decision.why, hint);
+                let refusal = self.challenge(&loaded, ctx.route, &target, decision.why, hint);
                 self.refuse(session, ctx, refusal).await
             }
             Outcome::Prepaid { .. } => {
@@ -285,17 +291,19 @@ impl ProxyHttp for Gate {
                 let sells = decision.route.and_then(|r| r.sells);
                 let mut buyer_key = None;
                 if sells.is_some() {
-                    let secret = self
+                    let secret = loaded
                         .policy
                         .prepaid
                         .as_ref()
                         .and_then(|p| header_text(session.req_header(), &p.header));
-                    match self.buyer_account(secret.as_deref()) {
+                    match self.buyer_account(&loaded, secret.as_deref()) {
                         Ok(key) => buyer_key = key,
                         Err(refusal) => return self.refuse(session, ctx, *refusal).await,
                     }
                 }
-                let (admitted, holds) = match self.admit(&request, ctx.route, &value, &target).await
+                let (admitted, holds) = match self
+                    .admit(&loaded, &request, ctx.route, &value, &target)
+                    .await
                 {
                     Ok(admitted) => admitted,
                     Err(refusal) => return self.refuse(session, ctx, *refusal).await,
@@ -320,7 +328,11 @@ impl ProxyHttp for Gate {
         ctx: &mut Ctx,
     ) -> pingora::Result<Box<HttpPeer>> {
         let mut peer = self.upstream.clone();
-        if let Some(route) = ctx.route.and_then(|id| self.policy.route(id)) {
+        if let Some(route) = ctx
+            .loaded
+            .as_ref()
+            .and_then(|l| ctx.route.and_then(|id| l.policy.route(id)))
+        {
             peer.options.read_timeout = Some(Duration::from_secs(route.timeout_secs));
         }
         Ok(Box::new(peer))
@@ -332,7 +344,8 @@ impl ProxyHttp for Gate {
         upstream: &mut RequestHeader,
         ctx: &mut Ctx,
     ) -> pingora::Result<()> {
-        forward::prepare(upstream, &self.policy, ctx)
+        ctx.forwarded_at = Some(std::time::Instant::now());
+        forward::prepare(upstream, ctx)
     }
 
     async fn response_filter(
@@ -342,6 +355,11 @@ impl ProxyHttp for Gate {
         ctx: &mut Ctx,
     ) -> pingora::Result<()> {
         ctx.upstream_status = response.status.as_u16();
+        if let Some(at) = ctx.forwarded_at {
+            self.metrics
+                .upstream_seconds
+                .observe(at.elapsed().as_secs_f64());
+        }
         response.insert_header("x-request-id", ctx.request_id.as_str())?;
         if let Some(debited) = ctx.prepaid.as_mut() {
             if debited.refund_on_5xx && ctx.upstream_status >= 500 {
@@ -354,7 +372,10 @@ impl ProxyHttp for Gate {
             return Ok(());
         };
         if paid.receipt.is_none() && paid.settle_after && ctx.upstream_status < 400 {
-            match self.settle(paid).await {
+            let Some(loaded) = ctx.loaded.clone() else {
+                return Err(Error::explain(ErrorType::InternalError, "no policy"));
+            };
+            match self.settle(&loaded, paid).await {
                 Ok(receipt) => paid.receipt = Some(receipt),
                 Err(refusal) => {
                     ctx.refusal = Some(*refusal);
@@ -413,12 +434,54 @@ impl ProxyHttp for Gate {
             };
             self.limiter.finish(&self.store, holds, charged);
         }
+        if ctx.paid.as_ref().is_some_and(|p| p.settle_after) {
+            self.metrics.settlement_queue.dec();
+        }
         let status = session.response_written().map_or(0, |r| r.status.as_u16());
-        tracing::debug!(
+        let rail = match (&ctx.paid, &ctx.prepaid, ctx.outcome) {
+            (Some(_), _, _) => "x402",
+            (None, Some(_), _) => "prepaid",
+            (None, None, outcome @ ("free" | "pass")) => outcome,
+            _ => "none",
+        };
+        let (service, route) = match &ctx.loaded {
+            Some(loaded) => (
+                loaded.policy.service.as_str(),
+                ctx.route
+                    .and_then(|id| loaded.labels.get(id))
+                    .map_or("", String::as_str),
+            ),
+            None => ("", ""),
+        };
+        let outcome = if ctx.outcome.is_empty() {
+            "unanswered"
+        } else {
+            ctx.outcome
+        };
+        self.metrics
+            .requests
+            .with_label_values(&[service, route, rail, outcome])
+            .inc();
+        match outcome {
+            "payment_required" | "api_key_required" | "credits_exhausted" => {
+                self.metrics.challenges.with_label_values(&[route]).inc();
+            }
+            "rate_limited" | "spend_limit_exceeded" | "unsettled_limit_exceeded" => {
+                self.metrics
+                    .limit_refusals
+                    .with_label_values(&[outcome])
+                    .inc();
+            }
+            _ => {}
+        }
+        tracing::info!(
+            target: "tollgate::access",
             request_id = %ctx.request_id,
             method = %session.req_header().method,
             path = session.req_header().uri.path(),
-            outcome = ctx.outcome,
+            route,
+            rail,
+            outcome,
             status,
             upstream_status = ctx.upstream_status,
             payer = ctx.paid.as_ref().map(|p| p.payment.payer.to_string()),
@@ -511,7 +574,12 @@ impl Gate {
         Ok(true)
     }
 
-    async fn discovery(&self, session: &mut Session, ctx: &mut Ctx) -> pingora::Result<bool> {
+    async fn discovery(
+        &self,
+        session: &mut Session,
+        ctx: &mut Ctx,
+        loaded: &Loaded,
+    ) -> pingora::Result<bool> {
         ctx.outcome = "discovery";
         let method = &session.req_header().method;
         if method != http::Method::GET && method != http::Method::HEAD {
@@ -520,7 +588,7 @@ impl Gate {
         }
         let mut head = ResponseHeader::build(200, Some(4))?;
         head.insert_header("content-type", "application/json")?;
-        let document = self.terms.discovery();
+        let document = loaded.terms.discovery();
         head.insert_header("content-length", document.len().to_string())?;
         head.insert_header("x-request-id", ctx.request_id.as_str())?;
         refusal::write(session, head, document).await?;

@@ -11,6 +11,7 @@
 use super::Gate;
 use super::refusal::Refusal;
 use crate::limits::{Ask, BuyerId, Holds, Spent};
+use crate::reload::Loaded;
 use crate::store::accounts::{Charge, Debit, KeyLookup, KeyProblem};
 
 /// Header a client sets so that a retried request is charged once.
@@ -46,6 +47,7 @@ impl Gate {
     /// Charges `credits` to the account behind `secret` for this request.
     pub(super) async fn debit(
         &self,
+        loaded: &Loaded,
         secret: &str,
         credits: u128,
         route: usize,
@@ -58,7 +60,7 @@ impl Gate {
             Err(KeyLookup::Problem(problem)) => return Ok(Prepaid::BadKey(problem)),
             Err(KeyLookup::Store(e)) => return Err(Refusal::store_unavailable(&e)),
         };
-        let Some(route) = self.policy.route(route) else {
+        let Some(route) = loaded.policy.route(route) else {
             return Err(Box::new(Refusal::new(
                 503,
                 "internal_error",
@@ -100,6 +102,11 @@ impl Gate {
             holds = Holds::default();
         }
         let debit = debit.map_err(|e| Refusal::store_unavailable(&e))?;
+        if let Debit::Charged(fact) = &debit {
+            self.metrics
+                .credits_debited
+                .inc_by(u64::try_from(fact.credits).unwrap_or(u64::MAX));
+        }
         Ok(match debit {
             Debit::Charged(fact) => Prepaid::Debited(
                 Debited {
@@ -145,6 +152,9 @@ impl Gate {
         }
         match self.store.refund(debited.seq, (self.clock)()).await {
             Ok(Some(fact)) => {
+                self.metrics
+                    .credits_refunded
+                    .inc_by(u64::try_from(fact.credits).unwrap_or(u64::MAX));
                 debited.charged = 0;
                 debited.balance = fact.balance;
             }

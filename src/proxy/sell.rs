@@ -14,6 +14,7 @@ use super::Gate;
 use super::admit::Admitted;
 use super::prepaid::bad_key;
 use super::refusal::Refusal;
+use crate::reload::Loaded;
 use crate::store::accounts::{KeyLookup, KeyRecord, TopUp};
 
 /// Tollgate's own answer to a credit purchase: status and JSON body.
@@ -26,12 +27,13 @@ impl Gate {
     /// The account that will receive the credits: the key's (`Some`), or a new one (`None`).
     pub(super) fn buyer_account(
         &self,
+        loaded: &Loaded,
         secret: Option<&str>,
     ) -> Result<Option<KeyRecord>, Box<Refusal>> {
         let Some(secret) = secret else {
             return Ok(None);
         };
-        let header = self
+        let header = loaded
             .policy
             .prepaid
             .as_ref()
@@ -87,6 +89,9 @@ impl Gate {
             tracing::error!(error = %e, %reference, account, key_id = ?key_id, credits = %credits, "a settled credit purchase could not be credited");
             Refusal::store_unavailable(&e)
         })?;
+        self.metrics
+            .credits_sold
+            .inc_by(u64::try_from(credits).unwrap_or(u64::MAX));
         let mut body = serde_json::Map::new();
         body.insert("account".into(), json!(account));
         body.insert("credits".into(), json!(credits.to_string()));

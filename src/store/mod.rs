@@ -211,6 +211,11 @@ impl Store {
         Ok(removed)
     }
 
+    /// Bytes the store takes on disk (0 when it cannot tell).
+    pub fn size_on_disk(&self) -> u64 {
+        self.inner.db.size_on_disk().unwrap_or(0)
+    }
+
     /// Number of nonces held.
     pub fn nonce_count(&self) -> usize {
         self.inner.nonces.len()

@@ -1,0 +1,177 @@
+//! Prometheus metrics: every family tollgate exports, and their text exposition.
+//!
+//! One [`Metrics`] per process, shared by the proxy, the admin API, the reloader and the ops
+//! listener that serves it at `/metrics`. Label values are bounded by the policy (service,
+//! route pattern, rail, outcome code, network, asset symbol, rejection code): never a payer
+//! address, an account, a key, a request id or a path as sent. README "Metrics" lists them.
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
+};
+
+/// Seconds: 50 µs … 10 s, for verification, upstream and settlement latencies.
+const LATENCY_BUCKETS: [f64; 14] = [
+    0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 2.0,
+    10.0,
+];
+
+pub struct Metrics {
+    registry: Registry,
+    /// `tollgate_requests_total{service, route, rail, outcome}`.
+    pub requests: IntCounterVec,
+    /// `tollgate_challenges_total{route}`: 402s that offer terms.
+    pub challenges: IntCounterVec,
+    /// `tollgate_payments_verified_total{network}`.
+    pub payments_verified: IntCounterVec,
+    /// `tollgate_payments_rejected_total{reason}`.
+    pub payments_rejected: IntCounterVec,
+    /// `tollgate_revenue_atomic_total{asset, network}`: settled x402 value, atomic units.
+    pub revenue: IntCounterVec,
+    /// `tollgate_credits_debited_total`, `…_refunded_total`, `…_sold_total`.
+    pub credits_debited: IntCounter,
+    pub credits_refunded: IntCounter,
+    pub credits_sold: IntCounter,
+    /// `tollgate_settlements_total{result}`: `settled`, `refused`, `unavailable`.
+    pub settlements: IntCounterVec,
+    /// `tollgate_settlement_queue_depth`: payments admitted and not settled yet.
+    pub settlement_queue: IntGauge,
+    pub settlement_seconds: Histogram,
+    pub verification_seconds: Histogram,
+    pub upstream_seconds: Histogram,
+    /// `tollgate_limit_refusals_total{limit}`.
+    pub limit_refusals: IntCounterVec,
+    /// `tollgate_policy_reloads_total{result}`: `ok`, `unchanged`, `failed`.
+    pub reloads: IntCounterVec,
+    /// `tollgate_policy_info{service, version}` = 1 for the policy in force.
+    pub policy_info: IntGaugeVec,
+    /// `tollgate_store_size_bytes`, refreshed at each scrape.
+    pub store_bytes: IntGauge,
+}
+
+impl Metrics {
+    pub fn new() -> Result<Metrics, prometheus::Error> {
+        let registry = Registry::new();
+        let counter =
+            |name: &str, help: &str, labels: &[&str]| -> Result<IntCounterVec, prometheus::Error> {
+                let c = IntCounterVec::new(Opts::new(name, help), labels)?;
+                registry.register(Box::new(c.clone()))?;
+                Ok(c)
+            };
+        let single = |name: &str, help: &str| -> Result<IntCounter, prometheus::Error> {
+            let c = IntCounter::new(name, help)?;
+            registry.register(Box::new(c.clone()))?;
+            Ok(c)
+        };
+        let gauge = |name: &str, help: &str| -> Result<IntGauge, prometheus::Error> {
+            let g = IntGauge::new(name, help)?;
+            registry.register(Box::new(g.clone()))?;
+            Ok(g)
+        };
+        let histogram = |name: &str, help: &str| -> Result<Histogram, prometheus::Error> {
+            let h = Histogram::with_opts(
+                HistogramOpts::new(name, help).buckets(LATENCY_BUCKETS.to_vec()),
+            )?;
+            registry.register(Box::new(h.clone()))?;
+            Ok(h)
+        };
+        let policy_info = IntGaugeVec::new(
+            Opts::new("tollgate_policy_info", "The policy in force (value 1)."),
+            &["service", "version"],
+        )?;
+        registry.register(Box::new(policy_info.clone()))?;
+        Ok(Metrics {
+            requests: counter(
+                "tollgate_requests_total",
+                "Requests answered, by route, rail (free, pass, x402, prepaid, none) and outcome (a stable code).",
+                &["service", "route", "rail", "outcome"],
+            )?,
+            challenges: counter(
+                "tollgate_challenges_total",
+                "402 challenges issued with payment terms.",
+                &["route"],
+            )?,
+            payments_verified: counter(
+                "tollgate_payments_verified_total",
+                "x402 payments that verified locally.",
+                &["network"],
+            )?,
+            payments_rejected: counter(
+                "tollgate_payments_rejected_total",
+                "x402 payments refused, by reason (the error code).",
+                &["reason"],
+            )?,
+            revenue: counter(
+                "tollgate_revenue_atomic_total",
+                "Settled x402 value in the asset's atomic units (USDC: 1e-6).",
+                &["asset", "network"],
+            )?,
+            credits_debited: single("tollgate_credits_debited_total", "Prepaid credits debited.")?,
+            credits_refunded: single(
+                "tollgate_credits_refunded_total",
+                "Prepaid credits given back because the upstream failed.",
+            )?,
+            credits_sold: single(
+                "tollgate_credits_sold_total",
+                "Prepaid credits sold for x402 payments.",
+            )?,
+            settlements: counter(
+                "tollgate_settlements_total",
+                "Settlement attempts, by result (settled, refused, unavailable).",
+                &["result"],
+            )?,
+            settlement_queue: gauge(
+                "tollgate_settlement_queue_depth",
+                "x402 payments admitted and not settled yet.",
+            )?,
+            settlement_seconds: histogram(
+                "tollgate_settlement_duration_seconds",
+                "Time to settle one payment with the facilitator.",
+            )?,
+            verification_seconds: histogram(
+                "tollgate_verification_duration_seconds",
+                "Time to verify one x402 payment locally (decode, match, EIP-712, recover).",
+            )?,
+            upstream_seconds: histogram(
+                "tollgate_upstream_duration_seconds",
+                "Time from forwarding a request to the upstream's response head.",
+            )?,
+            limit_refusals: counter(
+                "tollgate_limit_refusals_total",
+                "Requests refused by a buyer limit, by limit (the error code).",
+                &["limit"],
+            )?,
+            reloads: counter(
+                "tollgate_policy_reloads_total",
+                "Policy reloads, by result (ok, unchanged, failed).",
+                &["result"],
+            )?,
+            store_bytes: gauge(
+                "tollgate_store_size_bytes",
+                "Size of the embedded store on disk.",
+            )?,
+            policy_info,
+            registry,
+        })
+    }
+
+    /// The text exposition (Prometheus format 0.0.4).
+    pub fn render(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut out) {
+            tracing::warn!(error = %e, "encoding metrics failed");
+        }
+        out
+    }
+
+    /// Records the policy in force (and forgets the previous one's info line).
+    pub fn policy_loaded(&self, service: &str, version: &str) {
+        self.policy_info.reset();
+        self.policy_info
+            .with_label_values(&[service, version])
+            .set(1);
+    }
+}
+
+/// The content type of [`Metrics::render`].
+pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";

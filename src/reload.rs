@@ -1,0 +1,272 @@
+//! The policy in force, and replacing it while serving (hot reload).
+//!
+//! [`Live`] holds the compiled policy and its x402 terms as one [`Loaded`] behind an
+//! `ArcSwap`: a request takes the current one at its start and keeps it to its end, so a
+//! reload never changes the rules under a request in flight, and readers take no lock.
+//!
+//! A reload re-reads the configured policy path, compiles it and checks that this build can
+//! run it (the same checks as startup). Only then is it swapped in; an invalid policy is
+//! refused with its diagnostics, logged, counted, and the old one keeps serving.
+//!
+//! Triggers: SIGHUP, the admin API (`POST /v1/policy/reload`), and a [`Watcher`] that re-reads
+//! the file every [`WATCH_EVERY`] and reloads when its content changed — content, not
+//! modification times, so Kubernetes ConfigMap updates (an atomic swap of a `..data` symlink)
+//! are seen like any edit.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use async_trait::async_trait;
+use pingora::server::ShutdownWatch;
+use pingora::services::background::BackgroundService;
+use sha2::{Digest, Sha256};
+
+use crate::metrics::Metrics;
+use crate::policy::{self, Backend, Policy, Timing};
+use crate::settle::{Facilitator, SETTLE_TIMEOUT};
+use crate::x402::Terms;
+
+/// How often the watcher re-reads the policy file.
+pub const WATCH_EVERY: Duration = Duration::from_secs(2);
+
+/// One compiled policy and everything derived from it.
+pub struct Loaded {
+    pub policy: Policy,
+    pub terms: Terms,
+    /// The client of the policy's facilitator, when it settles through one.
+    pub facilitator: Option<Facilitator>,
+    /// Each route's text (`GET /v1/forecast/{city}`), by route id: metric labels.
+    pub labels: Vec<String>,
+    /// Unix seconds when it was swapped in.
+    pub since: u64,
+}
+
+impl Loaded {
+    fn new(policy: Policy, now: u64) -> Result<Loaded, String> {
+        let terms = Terms::new(&policy);
+        let facilitator = match &policy.settlement.backend {
+            Backend::Facilitator { url } => Some(Facilitator::new(url, SETTLE_TIMEOUT)?),
+            Backend::None | Backend::Rpc { .. } => None,
+        };
+        Ok(Loaded {
+            labels: policy.routes.iter().map(|r| r.display()).collect(),
+            policy,
+            terms,
+            facilitator,
+            since: now,
+        })
+    }
+}
+
+/// What a reload did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reloaded {
+    /// The file has the version already in force.
+    Unchanged {
+        version: String,
+    },
+    Swapped {
+        from: String,
+        to: String,
+    },
+}
+
+/// The policy in force.
+pub struct Live {
+    current: ArcSwap<Loaded>,
+    sources: Vec<PathBuf>,
+    metrics: Arc<Metrics>,
+    /// One reload at a time (the watcher, a signal and the admin API may race).
+    reloading: Mutex<()>,
+    /// The version of the last file that failed to load, so the watcher reports it once.
+    failed: Mutex<Option<String>>,
+}
+
+impl Live {
+    /// Loads the policy at startup; `Err` is what to tell the operator.
+    pub fn start(sources: Vec<PathBuf>, metrics: Arc<Metrics>, now: u64) -> Result<Live, String> {
+        let policy = load(&sources)?;
+        metrics.policy_loaded(&policy.service, &policy.version);
+        Ok(Live {
+            current: ArcSwap::from_pointee(Loaded::new(policy, now)?),
+            sources,
+            metrics,
+            reloading: Mutex::new(()),
+            failed: Mutex::new(None),
+        })
+    }
+
+    /// The policy in force now.
+    pub fn current(&self) -> Arc<Loaded> {
+        self.current.load_full()
+    }
+
+    /// Re-reads and swaps the policy. `Err` carries the diagnostics; the old policy stays.
+    pub fn reload(&self, now: u64) -> Result<Reloaded, String> {
+        let _one = self.reloading.lock().unwrap_or_else(|p| p.into_inner());
+        let before = self.current();
+        let result = load(&self.sources).and_then(|policy| {
+            if policy.service != before.policy.service {
+                return Err(format!(
+                    "{}: the service is now \"{}\", but this sidecar serves \"{}\"; restart it to change services",
+                    policy.origin, policy.service, before.policy.service
+                ));
+            }
+            Ok(policy)
+        });
+        let result = result.and_then(|policy| {
+            if policy.version == before.policy.version {
+                return Ok(Err(policy.version));
+            }
+            Loaded::new(policy, now).map(Ok)
+        });
+        match result {
+            Ok(Err(version)) => {
+                self.metrics.reloads.with_label_values(&["unchanged"]).inc();
+                Ok(Reloaded::Unchanged { version })
+            }
+            Ok(Ok(loaded)) => {
+                let to = loaded.policy.version.clone();
+                self.metrics
+                    .policy_loaded(&loaded.policy.service, &loaded.policy.version);
+                self.current.store(Arc::new(loaded));
+                self.metrics.reloads.with_label_values(&["ok"]).inc();
+                tracing::info!(from = %before.policy.version, to = %to, "policy reloaded");
+                Ok(Reloaded::Swapped {
+                    from: before.policy.version.clone(),
+                    to,
+                })
+            }
+            Err(diagnostics) => {
+                self.metrics.reloads.with_label_values(&["failed"]).inc();
+                tracing::error!(
+                    version = %before.policy.version,
+                    "the new policy is invalid; the policy in force keeps serving:\n{diagnostics}"
+                );
+                Err(diagnostics)
+            }
+        }
+    }
+
+    /// The version the policy file has now (as [`Policy::version`] computes it), without
+    /// compiling it; `None` when it cannot be read.
+    fn file_version(&self) -> Option<String> {
+        let path = discover(&self.sources).ok()?;
+        let text = std::fs::read(path).ok()?;
+        Some(alloy::hex::encode(Sha256::digest(&text).get(..8)?))
+    }
+}
+
+/// Finds the one policy file of this sidecar.
+fn discover(sources: &[PathBuf]) -> Result<PathBuf, String> {
+    let files: Vec<_> = policy::discover(sources)
+        .map_err(|e| e.to_string())?
+        .into_iter()
+        .filter(|p| !policy::is_test_file(p))
+        .collect();
+    match files.as_slice() {
+        [file] => Ok(file.clone()),
+        _ => {
+            let found = if files.is_empty() {
+                "none".to_string()
+            } else {
+                files
+                    .iter()
+                    .map(|f| f.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            };
+            Err(format!(
+                "a sidecar serves exactly one service, so `policies` must name one policy file; found {found}"
+            ))
+        }
+    }
+}
+
+/// Loads and checks the sidecar's one policy: it compiles, and its settlement is one this
+/// build performs.
+pub fn load(sources: &[PathBuf]) -> Result<Policy, String> {
+    let file = discover(sources)?;
+    let policy = policy::load(&file).map_err(|e| e.to_string())?;
+    supported(&policy)?;
+    Ok(policy)
+}
+
+/// Refuses policies whose settlement this build cannot perform, rather than admitting payments
+/// it would never settle.
+fn supported(policy: &Policy) -> Result<(), String> {
+    if let Backend::Rpc { .. } = policy.settlement.backend {
+        return Err(format!(
+            "{}: `settle via rpc` is not available in this version; use `settle via facilitator \"…\"`",
+            policy.origin
+        ));
+    }
+    let deferred = std::iter::once(&policy.settlement.timing)
+        .chain(policy.routes.iter().map(|r| &r.settle))
+        .any(|t| matches!(t, Timing::Deferred(_)));
+    if deferred {
+        return Err(format!(
+            "{}: `deferred` settlement is not available in this version; use `after response` or `before response`",
+            policy.origin
+        ));
+    }
+    Ok(())
+}
+
+/// Reloads on SIGHUP and when the policy file's content changes.
+pub struct Watcher {
+    pub live: Arc<Live>,
+}
+
+#[async_trait]
+impl BackgroundService for Watcher {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let mut hangups = match tokio::signal::unix::signal(
+            tokio::signal::unix::SignalKind::hangup(),
+        ) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for SIGHUP; reload with the admin API");
+                None
+            }
+        };
+        loop {
+            let hangup = async {
+                match hangups.as_mut() {
+                    Some(s) => s.recv().await,
+                    None => std::future::pending().await,
+                }
+            };
+            let by_signal = tokio::select! {
+                _ = shutdown.changed() => return,
+                _ = hangup => true,
+                () = tokio::time::sleep(WATCH_EVERY) => false,
+            };
+            if !by_signal {
+                let Some(version) = self.live.file_version() else {
+                    continue;
+                };
+                let failed = self
+                    .live
+                    .failed
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .clone();
+                if version == self.live.current().policy.version
+                    || failed.as_deref() == Some(version.as_str())
+                {
+                    continue;
+                }
+                tracing::info!(version = %version, "the policy file changed; reloading");
+                let result = self.live.reload(crate::unix_now());
+                *self.live.failed.lock().unwrap_or_else(|p| p.into_inner()) =
+                    result.is_err().then_some(version);
+            } else {
+                tracing::info!("SIGHUP: reloading the policy");
+                let _ = self.live.reload(crate::unix_now());
+            }
+        }
+    }
+}
