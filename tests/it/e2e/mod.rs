@@ -4,6 +4,7 @@
 mod harness;
 mod interop;
 mod lifecycle;
+mod ops;
 mod payments;
 mod prepaid;
 mod proxying;
