@@ -5,6 +5,7 @@
 //! route pattern, rail, outcome code, network, asset symbol, rejection code): never a payer
 //! address, an account, a key, a request id or a path as sent. README "Metrics" lists them.
 
+use crate::policy::Policy;
 use prometheus::{
     Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
     Registry, TextEncoder,
@@ -153,6 +154,25 @@ impl Metrics {
             policy_info,
             registry,
         })
+        .inspect(Metrics::zeros)
+    }
+
+    /// Creates the series whose labels are known in advance at zero, so dashboards and alerts
+    /// see them before the first event.
+    fn zeros(&self) {
+        for result in ["settled", "refused", "unavailable"] {
+            self.settlements.with_label_values(&[result]);
+        }
+        for result in ["ok", "unchanged", "failed"] {
+            self.reloads.with_label_values(&[result]);
+        }
+        for limit in [
+            "rate_limited",
+            "spend_limit_exceeded",
+            "unsettled_limit_exceeded",
+        ] {
+            self.limit_refusals.with_label_values(&[limit]);
+        }
     }
 
     /// The text exposition (Prometheus format 0.0.4).
@@ -164,12 +184,26 @@ impl Metrics {
         out
     }
 
-    /// Records the policy in force (and forgets the previous one's info line).
-    pub fn policy_loaded(&self, service: &str, version: &str) {
+    /// Records the policy in force (and forgets the previous one's info line), and creates its
+    /// routes' and networks' series at zero.
+    pub fn policy_loaded(&self, policy: &Policy) {
         self.policy_info.reset();
         self.policy_info
-            .with_label_values(&[service, version])
+            .with_label_values(&[policy.service.as_str(), policy.version.as_str()])
             .set(1);
+        for route in &policy.routes {
+            let Some(price) = route.price() else { continue };
+            self.challenges
+                .with_label_values(&[route.display().as_str()]);
+            for offer in &price.offers {
+                if let Some(network) = policy.networks.get(offer.network) {
+                    self.payments_verified
+                        .with_label_values(&[network.name.as_str()]);
+                    self.revenue
+                        .with_label_values(&[offer.asset.symbol.as_str(), network.name.as_str()]);
+                }
+            }
+        }
     }
 }
 

@@ -88,7 +88,7 @@ impl Live {
     /// Loads the policy at startup; `Err` is what to tell the operator.
     pub fn start(sources: Vec<PathBuf>, metrics: Arc<Metrics>, now: u64) -> Result<Live, String> {
         let policy = load(&sources)?;
-        metrics.policy_loaded(&policy.service, &policy.version);
+        metrics.policy_loaded(&policy);
         Ok(Live {
             current: ArcSwap::from_pointee(Loaded::new(policy, now)?),
             sources,
@@ -129,8 +129,7 @@ impl Live {
             }
             Ok(Ok(loaded)) => {
                 let to = loaded.policy.version.clone();
-                self.metrics
-                    .policy_loaded(&loaded.policy.service, &loaded.policy.version);
+                self.metrics.policy_loaded(&loaded.policy);
                 self.current.store(Arc::new(loaded));
                 self.metrics.reloads.with_label_values(&["ok"]).inc();
                 tracing::info!(from = %before.policy.version, to = %to, "policy reloaded");

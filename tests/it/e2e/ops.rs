@@ -106,7 +106,11 @@ async fn metrics_follow_every_kind_of_request() {
     assert_eq!(d(r#"tollgate_settlements_total{result="settled"}"#), 1.0);
     assert_eq!(d("tollgate_credits_debited_total"), 8.0, "5 + 3");
     assert_eq!(d("tollgate_credits_refunded_total"), 3.0);
-    assert_eq!(d("tollgate_verification_duration_seconds_count"), 2.0, "the good and the garbage one");
+    assert_eq!(
+        d("tollgate_verification_duration_seconds_count"),
+        2.0,
+        "the good and the garbage one"
+    );
     assert_eq!(d("tollgate_settlement_duration_seconds_count"), 1.0);
     assert!(d("tollgate_upstream_duration_seconds_count") >= 4.0);
     assert_eq!(after.get("tollgate_settlement_queue_depth"), Some(&0.0));
@@ -326,5 +330,35 @@ async fn every_request_gets_one_access_log_line_with_its_id() {
         }
         assert!(Instant::now() < deadline, "no access line:\n{log}");
         tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The kubelet updates a mounted ConfigMap by writing a new timestamped folder and swapping the
+/// `..data` symlink atomically; the policy file itself is a symlink through `..data`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_configmap_symlink_swap_is_picked_up() {
+    use std::os::unix::fs::symlink;
+    let w = World::start("configmap").await;
+    let dir = &w.dir;
+    std::fs::create_dir(dir.join("..2026_11_21_01")).unwrap();
+    std::fs::write(dir.join("..2026_11_21_01/policy.toll"), priced(&w, "0.01")).unwrap();
+    symlink("..2026_11_21_01", dir.join("..data")).unwrap();
+    std::fs::remove_file(dir.join("policy.toll")).unwrap();
+    symlink("..data/policy.toll", dir.join("policy.toll")).unwrap();
+    assert_eq!(paid_amount(&w).await, "10000");
+
+    std::fs::create_dir(dir.join("..2026_11_21_02")).unwrap();
+    std::fs::write(dir.join("..2026_11_21_02/policy.toll"), priced(&w, "0.05")).unwrap();
+    symlink("..2026_11_21_02", dir.join("..data_tmp")).unwrap();
+    std::fs::rename(dir.join("..data_tmp"), dir.join("..data")).unwrap();
+    std::fs::remove_dir_all(dir.join("..2026_11_21_01")).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while paid_amount(&w).await != "50000" {
+        assert!(
+            Instant::now() < deadline,
+            "the swap was not picked up:\n{}",
+            w.sidecar.log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
