@@ -15,7 +15,7 @@
 //! authorization durably before forwarding (replay protection), debits prepaid accounts
 //! atomically and durably, applies buyer limits, forwards to the upstream, and settles with an
 //! x402 facilitator. An admin API (and the same operations from the CLI) manages accounts,
-//! keys and credits. Metrics and hot reload are next (README "Roadmap").
+//! keys and credits; policies reload while serving; `/metrics` exports Prometheus metrics.
 //!
 //! # Request flow (one owner per step)
 //!
@@ -55,11 +55,15 @@
 //!   [`store::accounts`] (accounts, key hashes, balances, the append-only credit ledger,
 //!   idempotency keys, refunds) and spend-limit counters.
 //! - [`limits`] — buyer limits at run time (windows, counters, what a request holds).
+//! - [`reload`] — the policy in force ([`reload::Live`], swapped whole on reload; each request
+//!   keeps the one it started with) and the watcher (file content, SIGHUP).
+//! - [`metrics`] — the Prometheus families and their exposition on the ops listener.
 //! - [`admin`] — account administration as operations ([`admin::Op`]) shared by the admin API
 //!   ([`admin::service`], bearer token from [`admin::token`]) and the CLI.
 //! - [`settle`] — the facilitator client (`POST /settle`).
 //! - [`server`] — `tollgate run`: startup checks, the Pingora server (proxy, ops listener with
-//!   `/healthz` and `/readyz`, nonce garbage collection), signals and shutdown.
+//!   `/healthz`, `/readyz` and `/metrics`, admin API, policy watcher, housekeeping), signals
+//!   and shutdown.
 //! - [`cli`] — the `tollgate` binary's subcommands; `main.rs` only calls [`cli::main`].
 //!
 //! # Invariants

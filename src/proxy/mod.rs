@@ -16,7 +16,8 @@
 //!    the response into a 402 (via `fail_to_proxy`).
 //! 4. `fail_to_proxy` — upstream unreachable (502), upstream timeout (504), or a refusal
 //!    raised in `response_filter`; all JSON.
-//! 5. `logging` — gives back what limits held for the request; one debug line per request.
+//! 5. `logging` — gives back what limits held for the request; counts it in the metrics;
+//!    writes its access-log line (`tollgate::access`).
 
 mod admit;
 mod forward;
