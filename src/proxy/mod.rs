@@ -34,6 +34,7 @@ use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::upstreams::peer::HttpPeer;
 use pingora::{Error, ErrorSource, ErrorType};
+use tracing::Instrument;
 
 use crate::limits::{Holds, Limiter};
 use crate::metrics::Metrics;
@@ -67,6 +68,8 @@ pub struct Gate {
 /// Per-request state, owned by Pingora between phases.
 #[derive(Default)]
 pub struct Ctx {
+    /// The request's tracing span (its id), entered by the work done for it.
+    span: Option<tracing::Span>,
     /// The policy this request is decided by, taken when it arrived.
     loaded: Option<Arc<Loaded>>,
     request_id: String,
@@ -171,6 +174,191 @@ impl ProxyHttp for Gate {
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> pingora::Result<bool> {
         ctx.request_id = self.ids.take_or_make(session.req_header());
+        // Every log line of this request's work carries its id.
+        let span = tracing::info_span!("request", request_id = %ctx.request_id);
+        ctx.span = Some(span.clone());
+        self.admission(session, ctx).instrument(span).await
+    }
+
+    async fn upstream_peer(
+        &self,
+        _session: &mut Session,
+        ctx: &mut Ctx,
+    ) -> pingora::Result<Box<HttpPeer>> {
+        let mut peer = self.upstream.clone();
+        if let Some(route) = ctx
+            .loaded
+            .as_ref()
+            .and_then(|l| ctx.route.and_then(|id| l.policy.route(id)))
+        {
+            peer.options.read_timeout = Some(Duration::from_secs(route.timeout_secs));
+        }
+        Ok(Box::new(peer))
+    }
+
+    async fn upstream_request_filter(
+        &self,
+        _session: &mut Session,
+        upstream: &mut RequestHeader,
+        ctx: &mut Ctx,
+    ) -> pingora::Result<()> {
+        ctx.forwarded_at = Some(std::time::Instant::now());
+        forward::prepare(upstream, ctx)
+    }
+
+    async fn response_filter(
+        &self,
+        _session: &mut Session,
+        response: &mut ResponseHeader,
+        ctx: &mut Ctx,
+    ) -> pingora::Result<()> {
+        ctx.upstream_status = response.status.as_u16();
+        if let Some(at) = ctx.forwarded_at {
+            self.metrics
+                .upstream_seconds
+                .observe(at.elapsed().as_secs_f64());
+        }
+        response.insert_header("x-request-id", ctx.request_id.as_str())?;
+        if let Some(debited) = ctx.prepaid.as_mut() {
+            if debited.refund_on_5xx && ctx.upstream_status >= 500 {
+                self.refund(debited, &ctx.request_id).await;
+            }
+            response.insert_header("x-tollgate-credits-charged", debited.charged.to_string())?;
+            response.insert_header("x-tollgate-credits-balance", debited.balance.to_string())?;
+        }
+        let Some(paid) = ctx.paid.as_mut() else {
+            return Ok(());
+        };
+        if paid.receipt.is_none() && paid.settle_after && ctx.upstream_status < 400 {
+            let Some(loaded) = ctx.loaded.clone() else {
+                return Err(Error::explain(ErrorType::InternalError, "no policy"));
+            };
+            match self
+                .settle(&loaded, paid)
+                .instrument(ctx.span.clone().unwrap_or_else(tracing::Span::none))
+                .await
+            {
+                Ok(receipt) => paid.receipt = Some(receipt),
+                Err(refusal) => {
+                    ctx.refusal = Some(*refusal);
+                    return Err(Error::explain(
+                        ErrorType::HTTPStatus(402),
+                        "settlement failed",
+                    ));
+                }
+            }
+        }
+        if let Some(receipt) = &paid.receipt {
+            response.insert_header(paid.payment.version.receipt_header(), receipt.as_str())?;
+            response.insert_header(
+                "access-control-expose-headers",
+                "PAYMENT-RESPONSE, X-PAYMENT-RESPONSE",
+            )?;
+        }
+        Ok(())
+    }
+
+    async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut Ctx) -> FailToProxy {
+        let refusal = ctx.refusal.take().unwrap_or_else(|| upstream_failure(e));
+        if let Some(debited) = ctx.prepaid.as_mut()
+            && ctx.upstream_status == 0
+            && e.esource() != &ErrorSource::Downstream
+        {
+            // The upstream gave no answer: the request was not served, so it costs nothing.
+            // (An error after the response head — the client leaving mid-body — is charged.)
+            self.refund(debited, &ctx.request_id)
+                .instrument(ctx.span.clone().unwrap_or_else(tracing::Span::none))
+                .await;
+        }
+        let status = refusal.status;
+        ctx.outcome = refusal.code;
+        let written = match refusal.render(&ctx.request_id) {
+            Ok((head, body)) => {
+                session.set_keepalive(None);
+                session
+                    .write_response_header(Box::new(head), false)
+                    .await
+                    .is_ok()
+                    && session.write_response_body(Some(body), true).await.is_ok()
+            }
+            Err(_) => false,
+        };
+        FailToProxy {
+            error_code: if written { status } else { 0 },
+            can_reuse_downstream: false,
+        }
+    }
+
+    async fn logging(&self, session: &mut Session, error: Option<&Error>, ctx: &mut Ctx) {
+        if let Some(holds) = ctx.holds.take() {
+            let charged = match (&ctx.paid, &ctx.prepaid) {
+                (Some(paid), _) => paid.receipt.is_some(),
+                (None, Some(debited)) => debited.charged > 0,
+                (None, None) => false,
+            };
+            self.limiter.finish(&self.store, holds, charged);
+        }
+        if ctx.paid.as_ref().is_some_and(|p| p.settle_after) {
+            self.metrics.settlement_queue.dec();
+        }
+        let status = session.response_written().map_or(0, |r| r.status.as_u16());
+        let rail = match (&ctx.paid, &ctx.prepaid, ctx.outcome) {
+            (Some(_), _, _) => "x402",
+            (None, Some(_), _) => "prepaid",
+            (None, None, outcome @ ("free" | "pass")) => outcome,
+            _ => "none",
+        };
+        let (service, route) = match &ctx.loaded {
+            Some(loaded) => (
+                loaded.policy.service.as_str(),
+                ctx.route
+                    .and_then(|id| loaded.labels.get(id))
+                    .map_or("", String::as_str),
+            ),
+            None => ("", ""),
+        };
+        let outcome = if ctx.outcome.is_empty() {
+            "unanswered"
+        } else {
+            ctx.outcome
+        };
+        self.metrics
+            .requests
+            .with_label_values(&[service, route, rail, outcome])
+            .inc();
+        match outcome {
+            "payment_required" | "api_key_required" | "credits_exhausted" => {
+                self.metrics.challenges.with_label_values(&[route]).inc();
+            }
+            "rate_limited" | "spend_limit_exceeded" | "unsettled_limit_exceeded" => {
+                self.metrics
+                    .limit_refusals
+                    .with_label_values(&[outcome])
+                    .inc();
+            }
+            _ => {}
+        }
+        tracing::info!(
+            target: "tollgate::access",
+            request_id = %ctx.request_id,
+            method = %session.req_header().method,
+            path = session.req_header().uri.path(),
+            route,
+            rail,
+            outcome,
+            status,
+            upstream_status = ctx.upstream_status,
+            payer = ctx.paid.as_ref().map(|p| p.payment.payer.to_string()),
+            account = ctx.prepaid.as_ref().map(|d| d.account),
+            error = error.map(|e| e.etype().as_str()),
+            "request"
+        );
+    }
+}
+
+impl Gate {
+    /// `request_filter`'s work: decide, then answer or admit (see the module docs).
+    async fn admission(&self, session: &mut Session, ctx: &mut Ctx) -> pingora::Result<bool> {
         let loaded = self.live.current();
         ctx.loaded = Some(loaded.clone());
         let header = session.req_header();
@@ -321,175 +509,6 @@ impl ProxyHttp for Gate {
                 }
             }
         }
-    }
-
-    async fn upstream_peer(
-        &self,
-        _session: &mut Session,
-        ctx: &mut Ctx,
-    ) -> pingora::Result<Box<HttpPeer>> {
-        let mut peer = self.upstream.clone();
-        if let Some(route) = ctx
-            .loaded
-            .as_ref()
-            .and_then(|l| ctx.route.and_then(|id| l.policy.route(id)))
-        {
-            peer.options.read_timeout = Some(Duration::from_secs(route.timeout_secs));
-        }
-        Ok(Box::new(peer))
-    }
-
-    async fn upstream_request_filter(
-        &self,
-        _session: &mut Session,
-        upstream: &mut RequestHeader,
-        ctx: &mut Ctx,
-    ) -> pingora::Result<()> {
-        ctx.forwarded_at = Some(std::time::Instant::now());
-        forward::prepare(upstream, ctx)
-    }
-
-    async fn response_filter(
-        &self,
-        _session: &mut Session,
-        response: &mut ResponseHeader,
-        ctx: &mut Ctx,
-    ) -> pingora::Result<()> {
-        ctx.upstream_status = response.status.as_u16();
-        if let Some(at) = ctx.forwarded_at {
-            self.metrics
-                .upstream_seconds
-                .observe(at.elapsed().as_secs_f64());
-        }
-        response.insert_header("x-request-id", ctx.request_id.as_str())?;
-        if let Some(debited) = ctx.prepaid.as_mut() {
-            if debited.refund_on_5xx && ctx.upstream_status >= 500 {
-                self.refund(debited, &ctx.request_id).await;
-            }
-            response.insert_header("x-tollgate-credits-charged", debited.charged.to_string())?;
-            response.insert_header("x-tollgate-credits-balance", debited.balance.to_string())?;
-        }
-        let Some(paid) = ctx.paid.as_mut() else {
-            return Ok(());
-        };
-        if paid.receipt.is_none() && paid.settle_after && ctx.upstream_status < 400 {
-            let Some(loaded) = ctx.loaded.clone() else {
-                return Err(Error::explain(ErrorType::InternalError, "no policy"));
-            };
-            match self.settle(&loaded, paid).await {
-                Ok(receipt) => paid.receipt = Some(receipt),
-                Err(refusal) => {
-                    ctx.refusal = Some(*refusal);
-                    return Err(Error::explain(
-                        ErrorType::HTTPStatus(402),
-                        "settlement failed",
-                    ));
-                }
-            }
-        }
-        if let Some(receipt) = &paid.receipt {
-            response.insert_header(paid.payment.version.receipt_header(), receipt.as_str())?;
-            response.insert_header(
-                "access-control-expose-headers",
-                "PAYMENT-RESPONSE, X-PAYMENT-RESPONSE",
-            )?;
-        }
-        Ok(())
-    }
-
-    async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut Ctx) -> FailToProxy {
-        let refusal = ctx.refusal.take().unwrap_or_else(|| upstream_failure(e));
-        if let Some(debited) = ctx.prepaid.as_mut()
-            && ctx.upstream_status == 0
-            && e.esource() != &ErrorSource::Downstream
-        {
-            // The upstream gave no answer: the request was not served, so it costs nothing.
-            // (An error after the response head — the client leaving mid-body — is charged.)
-            self.refund(debited, &ctx.request_id).await;
-        }
-        let status = refusal.status;
-        ctx.outcome = refusal.code;
-        let written = match refusal.render(&ctx.request_id) {
-            Ok((head, body)) => {
-                session.set_keepalive(None);
-                session
-                    .write_response_header(Box::new(head), false)
-                    .await
-                    .is_ok()
-                    && session.write_response_body(Some(body), true).await.is_ok()
-            }
-            Err(_) => false,
-        };
-        FailToProxy {
-            error_code: if written { status } else { 0 },
-            can_reuse_downstream: false,
-        }
-    }
-
-    async fn logging(&self, session: &mut Session, error: Option<&Error>, ctx: &mut Ctx) {
-        if let Some(holds) = ctx.holds.take() {
-            let charged = match (&ctx.paid, &ctx.prepaid) {
-                (Some(paid), _) => paid.receipt.is_some(),
-                (None, Some(debited)) => debited.charged > 0,
-                (None, None) => false,
-            };
-            self.limiter.finish(&self.store, holds, charged);
-        }
-        if ctx.paid.as_ref().is_some_and(|p| p.settle_after) {
-            self.metrics.settlement_queue.dec();
-        }
-        let status = session.response_written().map_or(0, |r| r.status.as_u16());
-        let rail = match (&ctx.paid, &ctx.prepaid, ctx.outcome) {
-            (Some(_), _, _) => "x402",
-            (None, Some(_), _) => "prepaid",
-            (None, None, outcome @ ("free" | "pass")) => outcome,
-            _ => "none",
-        };
-        let (service, route) = match &ctx.loaded {
-            Some(loaded) => (
-                loaded.policy.service.as_str(),
-                ctx.route
-                    .and_then(|id| loaded.labels.get(id))
-                    .map_or("", String::as_str),
-            ),
-            None => ("", ""),
-        };
-        let outcome = if ctx.outcome.is_empty() {
-            "unanswered"
-        } else {
-            ctx.outcome
-        };
-        self.metrics
-            .requests
-            .with_label_values(&[service, route, rail, outcome])
-            .inc();
-        match outcome {
-            "payment_required" | "api_key_required" | "credits_exhausted" => {
-                self.metrics.challenges.with_label_values(&[route]).inc();
-            }
-            "rate_limited" | "spend_limit_exceeded" | "unsettled_limit_exceeded" => {
-                self.metrics
-                    .limit_refusals
-                    .with_label_values(&[outcome])
-                    .inc();
-            }
-            _ => {}
-        }
-        tracing::info!(
-            target: "tollgate::access",
-            request_id = %ctx.request_id,
-            method = %session.req_header().method,
-            path = session.req_header().uri.path(),
-            route,
-            rail,
-            outcome,
-            status,
-            upstream_status = ctx.upstream_status,
-            payer = ctx.paid.as_ref().map(|p| p.payment.payer.to_string()),
-            account = ctx.prepaid.as_ref().map(|d| d.account),
-            error = error.map(|e| e.etype().as_str()),
-            "request"
-        );
     }
 }
 

@@ -331,6 +331,24 @@ async fn every_request_gets_one_access_log_line_with_its_id() {
         assert!(Instant::now() < deadline, "no access line:\n{log}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    // Lines logged by the work done for a request carry its id too (its span).
+    w.facilitator
+        .set_mode(super::harness::FacilitatorMode::Broken);
+    let header = w.signed_v2("/paid/x", &Tweak::default()).await;
+    let response = w
+        .get("/paid/x")
+        .header("payment-signature", header)
+        .header("x-request-id", "req-broken-7")
+        .send()
+        .await
+        .unwrap();
+    expect_error(response, 503, "settlement_unavailable").await;
+    let log = w.sidecar.log();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("settlement unavailable") && l.contains("req-broken-7")),
+        "{log}"
+    );
 }
 
 /// The kubelet updates a mounted ConfigMap by writing a new timestamped folder and swapping the
