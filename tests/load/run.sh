@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Loopback load test: req/s, p50 and p99 for
-#   direct upstream | nginx reverse proxy | tollgate free route | tollgate paid route (x402 v2,
+#   direct upstream | nginx reverse proxy | bare Pingora proxy (examples/bare_pingora.rs, the
+#   framework's floor) | tollgate free route | tollgate paid route (x402 v2,
 #   pre-signed unique payments, verified, nonce recorded durably, settled with a stub facilitator)
 #   | tollgate prepaid route (an API key debited one credit per call, durably)
 # all against the same trivial upstream, in one run (everything shares the machine's cores, so
@@ -24,10 +25,10 @@ trap cleanup EXIT
 
 command -v wrk >/dev/null || { echo "wrk is missing: apt-get install -y wrk" >&2; exit 2; }
 command -v nginx >/dev/null || { echo "nginx is missing: apt-get install -y nginx-light" >&2; exit 2; }
-cargo build --release --quiet --bin tollgate --example load_upstream --example presign
+cargo build --release --quiet --bin tollgate --example load_upstream --example presign --example bare_pingora
 BIN=target/release
 
-UP=127.0.0.1:18080; NGINX=127.0.0.1:18081; GATE=127.0.0.1:18402; OPS=127.0.0.1:19402
+UP=127.0.0.1:18080; NGINX=127.0.0.1:18081; BARE=127.0.0.1:18082; GATE=127.0.0.1:18402; OPS=127.0.0.1:19402
 "$BIN/examples/load_upstream" "$UP" >/dev/null 2>&1 & sleep 0.3
 
 cat > "$WORK/nginx.conf" <<NGINX
@@ -45,6 +46,7 @@ http {
 }
 NGINX
 nginx -c "$WORK/nginx.conf"
+"$BIN/examples/bare_pingora" "$BARE" "$UP" >/dev/null 2>&1 &
 
 mkdir -p "$WORK/policies"
 cat > "$WORK/policies/load.toll" <<POLICY
@@ -117,6 +119,7 @@ echo "| target                       | conns |      req/s |       p50 |       p9
 echo "|------------------------------|-------|------------|-----------|-----------|"
 run "direct upstream"             "http://$UP/free"    "$CONNS"
 run "nginx reverse proxy"         "http://$NGINX/free" "$CONNS"
+run "bare Pingora proxy"          "http://$BARE/free"  "$CONNS"
 run "tollgate free route"         "http://$GATE/free"  "$CONNS"
 split -n l/2 "$WORK/payments.txt" "$WORK/pay."
 run "tollgate paid route (x402)"  "http://$GATE/paid"  "$CONNS" "$WORK/pay.aa"
