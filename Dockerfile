@@ -2,7 +2,7 @@
 #   docker build -t tollgate .
 #   docker run -p 8402:8402 -p 9402:9402 -v tollgate-data:/var/lib/tollgate tollgate
 # The image serves /etc/tollgate/policies (mount a ConfigMap there) with its store in
-# /var/lib/tollgate (mount a volume); see examples/kubernetes/.
+# /var/lib/tollgate/data (mount a volume on /var/lib/tollgate); see examples/kubernetes/.
 
 FROM rust:1.95-bookworm AS build
 # Pingora's zlib-ng build runs cmake.
@@ -23,11 +23,11 @@ RUN apt-get update && apt-get install -y --no-install-recommends ca-certificates
     && chown tollgate /var/lib/tollgate
 COPY --from=build /src/target/release/tollgate /usr/local/bin/tollgate
 COPY policies/weather.toll /etc/tollgate/policies/weather.toll
+# The image's default config; mount your own (or pass --config) to change it. Settings are
+# not baked in as TOLLGATE_* variables, which would silently override a mounted file.
+RUN printf 'policies: [/etc/tollgate/policies]\nstore: /var/lib/tollgate/data\nlog:\n  format: json\n' > /etc/tollgate/tollgate.yaml
 USER 10402
 WORKDIR /var/lib/tollgate
-ENV TOLLGATE_POLICIES=/etc/tollgate/policies \
-    TOLLGATE_STORE=/var/lib/tollgate/data \
-    TOLLGATE_LOG_FORMAT=json
 EXPOSE 8402 9402
 ENTRYPOINT ["/usr/local/bin/tollgate"]
-CMD ["run"]
+CMD ["run", "--config", "/etc/tollgate/tollgate.yaml"]

@@ -80,13 +80,16 @@ pub struct Live {
     metrics: Arc<Metrics>,
     /// One reload at a time (the watcher, a signal and the admin API may race).
     reloading: Mutex<()>,
-    /// The version of the last file that failed to load, so the watcher reports it once.
-    failed: Mutex<Option<String>>,
+    /// What the file held at the last load attempt, by any trigger (a hash of its bytes, or
+    /// why it could not be read): the watcher acts on a change, so a broken file is reported
+    /// once, not every time it looks.
+    seen: Mutex<Option<String>>,
 }
 
 impl Live {
     /// Loads the policy at startup; `Err` is what to tell the operator.
     pub fn start(sources: Vec<PathBuf>, metrics: Arc<Metrics>, now: u64) -> Result<Live, String> {
+        let seen = fingerprint(&sources);
         let policy = load(&sources)?;
         metrics.policy_loaded(&policy);
         Ok(Live {
@@ -94,7 +97,7 @@ impl Live {
             sources,
             metrics,
             reloading: Mutex::new(()),
-            failed: Mutex::new(None),
+            seen: Mutex::new(Some(seen)),
         })
     }
 
@@ -106,6 +109,7 @@ impl Live {
     /// Re-reads and swaps the policy. `Err` carries the diagnostics; the old policy stays.
     pub fn reload(&self, now: u64) -> Result<Reloaded, String> {
         let _one = self.reloading.lock().unwrap_or_else(|p| p.into_inner());
+        *self.seen.lock().unwrap_or_else(|p| p.into_inner()) = Some(fingerprint(&self.sources));
         let before = self.current();
         let result = load(&self.sources).and_then(|policy| {
             if policy.service != before.policy.service {
@@ -149,12 +153,24 @@ impl Live {
         }
     }
 
-    /// The version the policy file has now (as [`Policy::version`] computes it), without
-    /// compiling it; `None` when it cannot be read.
-    fn file_version(&self) -> Option<String> {
-        let path = discover(&self.sources).ok()?;
-        let text = std::fs::read(path).ok()?;
-        Some(alloy::hex::encode(Sha256::digest(&text).get(..8)?))
+    /// Whether the file differs from what the last load attempt saw.
+    fn changed(&self) -> bool {
+        let now = fingerprint(&self.sources);
+        self.seen
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_deref()
+            != Some(now.as_str())
+    }
+}
+
+/// What the policy file holds: a hash of its bytes, or why it cannot be read.
+fn fingerprint(sources: &[PathBuf]) -> String {
+    match discover(sources)
+        .and_then(|path| std::fs::read(&path).map_err(|e| format!("{}: {e}", path.display())))
+    {
+        Ok(bytes) => alloy::hex::encode(Sha256::digest(&bytes)),
+        Err(why) => format!("unreadable: {why}"),
     }
 }
 
@@ -244,24 +260,11 @@ impl BackgroundService for Watcher {
                 () = tokio::time::sleep(WATCH_EVERY) => false,
             };
             if !by_signal {
-                let Some(version) = self.live.file_version() else {
-                    continue;
-                };
-                let failed = self
-                    .live
-                    .failed
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .clone();
-                if version == self.live.current().policy.version
-                    || failed.as_deref() == Some(version.as_str())
-                {
+                if !self.live.changed() {
                     continue;
                 }
-                tracing::info!(version = %version, "the policy file changed; reloading");
-                let result = self.live.reload(crate::unix_now());
-                *self.live.failed.lock().unwrap_or_else(|p| p.into_inner()) =
-                    result.is_err().then_some(version);
+                tracing::info!("the policy file changed; reloading");
+                let _ = self.live.reload(crate::unix_now());
             } else {
                 tracing::info!("SIGHUP: reloading the policy");
                 let _ = self.live.reload(crate::unix_now());

@@ -152,10 +152,7 @@ impl Gate {
             settle_after,
             receipt: None,
         };
-        if settle_after {
-            // Until the response head arrives (given back when the request ends).
-            self.metrics.settlement_queue.inc();
-        } else {
+        if !settle_after {
             match self.settle(loaded, &admitted).await {
                 Ok(receipt) => admitted.receipt = Some(receipt),
                 Err(refusal) => {

@@ -86,6 +86,8 @@ pub struct Ctx {
     upstream_status: u16,
     /// When the request was handed to the upstream.
     forwarded_at: Option<std::time::Instant>,
+    /// Counted in `tollgate_settlement_queue_depth` (admitted, settlement not decided yet).
+    queued: bool,
 }
 
 impl Gate {
@@ -145,6 +147,13 @@ impl Gate {
             Refusal::new(402, code, message).with_challenge(terms, self.resource_url(target));
         refusal.hint = hint;
         refusal
+    }
+
+    /// Takes a request out of the settlement queue gauge, once.
+    fn unqueue(&self, queued: &mut bool) {
+        if std::mem::take(queued) {
+            self.metrics.settlement_queue.dec();
+        }
     }
 
     fn resource_url(&self, target: &str) -> String {
@@ -212,6 +221,13 @@ impl ProxyHttp for Gate {
         response: &mut ResponseHeader,
         ctx: &mut Ctx,
     ) -> pingora::Result<()> {
+        // `100 Continue` and other interim answers are not the response: nothing is settled,
+        // refunded or measured on them (101 Switching Protocols is final).
+        if response.status.is_informational()
+            && response.status != http::StatusCode::SWITCHING_PROTOCOLS
+        {
+            return Ok(());
+        }
         ctx.upstream_status = response.status.as_u16();
         if let Some(at) = ctx.forwarded_at {
             self.metrics
@@ -221,7 +237,9 @@ impl ProxyHttp for Gate {
         response.insert_header("x-request-id", ctx.request_id.as_str())?;
         if let Some(debited) = ctx.prepaid.as_mut() {
             if debited.refund_on_5xx && ctx.upstream_status >= 500 {
-                self.refund(debited, &ctx.request_id).await;
+                self.refund(debited, &ctx.request_id)
+                    .instrument(ctx.span.clone().unwrap_or_else(tracing::Span::none))
+                    .await;
             }
             response.insert_header("x-tollgate-credits-charged", debited.charged.to_string())?;
             response.insert_header("x-tollgate-credits-balance", debited.balance.to_string())?;
@@ -233,11 +251,12 @@ impl ProxyHttp for Gate {
             let Some(loaded) = ctx.loaded.clone() else {
                 return Err(Error::explain(ErrorType::InternalError, "no policy"));
             };
-            match self
+            let settled = self
                 .settle(&loaded, paid)
                 .instrument(ctx.span.clone().unwrap_or_else(tracing::Span::none))
-                .await
-            {
+                .await;
+            self.unqueue(&mut ctx.queued);
+            match settled {
                 Ok(receipt) => paid.receipt = Some(receipt),
                 Err(refusal) => {
                     ctx.refusal = Some(*refusal);
@@ -248,6 +267,8 @@ impl ProxyHttp for Gate {
                 }
             }
         }
+        // Not settled (the upstream answered 400 or more): no longer awaiting settlement.
+        self.unqueue(&mut ctx.queued);
         if let Some(receipt) = &paid.receipt {
             response.insert_header(paid.payment.version.receipt_header(), receipt.as_str())?;
             response.insert_header(
@@ -298,9 +319,7 @@ impl ProxyHttp for Gate {
             };
             self.limiter.finish(&self.store, holds, charged);
         }
-        if ctx.paid.as_ref().is_some_and(|p| p.settle_after) {
-            self.metrics.settlement_queue.dec();
-        }
+        self.unqueue(&mut ctx.queued);
         let status = session.response_written().map_or(0, |r| r.status.as_u16());
         let rail = match (&ctx.paid, &ctx.prepaid, ctx.outcome) {
             (Some(_), _, _) => "x402",
@@ -498,6 +517,11 @@ impl Gate {
                     Err(refusal) => return self.refuse(session, ctx, *refusal).await,
                 };
                 ctx.holds = Some(holds);
+                if admitted.settle_after {
+                    // Awaiting settlement until the upstream's response head arrives.
+                    self.metrics.settlement_queue.inc();
+                    ctx.queued = true;
+                }
                 let sale = match sells {
                     Some(credits) => Some(self.sell(&admitted, credits, buyer_key).await),
                     None => None,

@@ -104,3 +104,30 @@ async fn settle_before_response_pays_first_and_never_forwards_unpaid() {
         "the upstream never saw the unpaid request"
     );
 }
+
+/// `Expect: 100-continue` (curl's default for larger bodies): the upstream's interim `100` is
+/// not its answer, so nothing is settled until the final status — and not at all when it fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_interim_100_continue_is_not_the_answer_that_settles() {
+    let w = World::start("continue").await;
+    for (path, status, settled) in [("/paid/status/500", "500", 0), ("/paid/ok", "200", 1)] {
+        let header = w.signed_v2(path, &Tweak::default()).await;
+        let body = "x".repeat(2048);
+        let raw = format!(
+            "POST {path} HTTP/1.1\r\nHost: api.example.com\r\nPayment-Signature: {header}\r\nExpect: 100-continue\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        let answer = harness::raw_request(w.sidecar.port, raw.as_bytes()).await;
+        let final_status = answer
+            .split("\r\n\r\n")
+            .filter_map(|part| part.lines().find(|l| l.starts_with("HTTP/1.1 ")))
+            .map(|l| l.split(' ').nth(1).unwrap_or("").to_string())
+            .filter(|s| s != "100")
+            .next()
+            .unwrap_or_default();
+        assert_eq!(final_status, status, "{answer}");
+        assert_eq!(w.facilitator.settled().len(), settled, "{path}: {answer}");
+        let receipt = answer.to_ascii_lowercase().contains("payment-response:");
+        assert_eq!(receipt, settled == 1, "{answer}");
+    }
+}
