@@ -122,8 +122,7 @@ async fn an_interim_100_continue_is_not_the_answer_that_settles() {
             .split("\r\n\r\n")
             .filter_map(|part| part.lines().find(|l| l.starts_with("HTTP/1.1 ")))
             .map(|l| l.split(' ').nth(1).unwrap_or("").to_string())
-            .filter(|s| s != "100")
-            .next()
+            .find(|s| s != "100")
             .unwrap_or_default();
         assert_eq!(final_status, status, "{answer}");
         assert_eq!(w.facilitator.settled().len(), settled, "{path}: {answer}");
