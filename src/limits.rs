@@ -296,6 +296,30 @@ mod tests {
         }
     }
 
+    fn usdc(atomic: u128) -> Spent<'static> {
+        Spent::Asset {
+            symbol: "USDC",
+            atomic,
+        }
+    }
+
+    /// Admits one request of `buyer` on `route` under `limits`.
+    fn admit(
+        limiter: &Limiter,
+        store: &Store,
+        limits: &Limits,
+        (route, buyer, spent, now): (&str, &BuyerId, Spent<'_>, u64),
+    ) -> Result<Holds, Refused> {
+        let ask = Ask {
+            limits,
+            route,
+            buyer,
+            spent,
+            now,
+        };
+        limiter.admit(store, &ask)
+    }
+
     #[test]
     fn requests_per_window_refuse_with_the_time_left() {
         let store = store("requests");
@@ -308,53 +332,40 @@ mod tests {
             ..Limits::default()
         };
         let limiter = Limiter::default();
-        let buyer = BuyerId::Account(1);
-        let admit = |route: &str, now| {
-            limiter.admit(
+        let (one, two) = (BuyerId::Account(1), BuyerId::Account(2));
+        let call = |route, buyer, now| {
+            code(admit(
+                &limiter,
                 &store,
-                &Ask {
-                    limits: &limits,
-                    route,
-                    buyer: &buyer,
-                    spent: Spent::Credits(1),
-                    now,
-                },
-            )
+                &limits,
+                (route, buyer, Spent::Credits(1), now),
+            ))
         };
-        assert_eq!(code(admit("GET /r0", 120)), None);
+        assert_eq!(call("GET /a", &one, 120), None);
         assert_eq!(
-            code(admit("GET /r1", 130)),
+            call("GET /b", &one, 130),
             None,
             "a service limit counts across routes"
         );
-        assert_eq!(code(admit("GET /r0", 135)), Some(("rate_limited", 45)));
+        assert_eq!(call("GET /a", &one, 135), Some(("rate_limited", 45)));
         assert_eq!(
-            code(limiter.admit(
-                &store,
-                &Ask {
-                    limits: &limits,
-                    route: "GET /r0",
-                    buyer: &BuyerId::Account(2),
-                    spent: Spent::Credits(1),
-                    now: 135
-                }
-            )),
-            None
+            call("GET /a", &two, 135),
+            None,
+            "another buyer has its own count"
         );
-        assert_eq!(code(admit("GET /r0", 180)), None, "a new window");
+        assert_eq!(call("GET /a", &one, 180), None, "a new window");
     }
 
     #[test]
     fn spend_per_window_applies_to_its_unit_and_gives_back_what_was_not_charged() {
         let store = store("spend");
-        let usdc = Unit::Asset {
-            symbol: "USDC".into(),
-            decimals: 6,
-        };
         let limits = Limits {
             spend: vec![SpendLimit {
                 max: Quantity {
-                    unit: usdc,
+                    unit: Unit::Asset {
+                        symbol: "USDC".into(),
+                        decimals: 6,
+                    },
                     atomic: 25,
                 },
                 window_secs: 86_400,
@@ -364,90 +375,27 @@ mod tests {
         };
         let limiter = Limiter::default();
         let buyer = BuyerId::Payer(Address::repeat_byte(7));
-        let pay = |atomic| Spent::Asset {
-            symbol: "USDC",
-            atomic,
-        };
-        let first = limiter
-            .admit(
-                &store,
-                &Ask {
-                    limits: &limits,
-                    route: "GET /r3",
-                    buyer: &buyer,
-                    spent: pay(10),
-                    now: 100,
-                },
-            )
-            .unwrap();
-        let second = limiter
-            .admit(
-                &store,
-                &Ask {
-                    limits: &limits,
-                    route: "GET /r3",
-                    buyer: &buyer,
-                    spent: pay(10),
-                    now: 100,
-                },
-            )
-            .unwrap();
+        let call = |route, spent| admit(&limiter, &store, &limits, (route, &buyer, spent, 100));
+        let first = call("GET /r", usdc(10)).unwrap();
+        let second = call("GET /r", usdc(10)).unwrap();
         assert_eq!(
-            code(limiter.admit(
-                &store,
-                &Ask {
-                    limits: &limits,
-                    route: "GET /r3",
-                    buyer: &buyer,
-                    spent: pay(10),
-                    now: 100
-                }
-            )),
+            code(call("GET /r", usdc(10))),
             Some(("spend_limit_exceeded", 86_300))
         );
         assert_eq!(
-            code(limiter.admit(
-                &store,
-                &Ask {
-                    limits: &limits,
-                    route: "GET /r3",
-                    buyer: &buyer,
-                    spent: Spent::Credits(1000),
-                    now: 100
-                }
-            )),
+            code(call("GET /r", Spent::Credits(1000))),
             None,
             "credits are another unit"
         );
         assert_eq!(
-            code(limiter.admit(
-                &store,
-                &Ask {
-                    limits: &limits,
-                    route: "GET /r4",
-                    buyer: &buyer,
-                    spent: pay(10),
-                    now: 100
-                }
-            )),
+            code(call("GET /other", usdc(10))),
             None,
             "a route limit counts on its route"
         );
         limiter.finish(&store, second, false);
         limiter.finish(&store, first, true);
         assert!(
-            limiter
-                .admit(
-                    &store,
-                    &Ask {
-                        limits: &limits,
-                        route: "GET /r3",
-                        buyer: &buyer,
-                        spent: pay(10),
-                        now: 100
-                    }
-                )
-                .is_ok(),
+            call("GET /r", usdc(10)).is_ok(),
             "the uncharged call was given back"
         );
         assert_eq!(store.forget_expired_spend(86_399).unwrap(), 0);
@@ -469,49 +417,10 @@ mod tests {
         };
         let limiter = Limiter::default();
         let buyer = BuyerId::Payer(Address::repeat_byte(7));
-        let pay = Spent::Asset {
-            symbol: "USDC",
-            atomic: 10,
-        };
-        let held = limiter
-            .admit(
-                &store,
-                &Ask {
-                    limits: &limits,
-                    route: "GET /r0",
-                    buyer: &buyer,
-                    spent: pay,
-                    now: 1,
-                },
-            )
-            .unwrap();
-        assert_eq!(
-            code(limiter.admit(
-                &store,
-                &Ask {
-                    limits: &limits,
-                    route: "GET /r0",
-                    buyer: &buyer,
-                    spent: pay,
-                    now: 1
-                }
-            )),
-            Some(("unsettled_limit_exceeded", 1))
-        );
+        let call = || admit(&limiter, &store, &limits, ("GET /r", &buyer, usdc(10), 1));
+        let held = call().unwrap();
+        assert_eq!(code(call()), Some(("unsettled_limit_exceeded", 1)));
         limiter.finish(&store, held, true);
-        assert!(
-            limiter
-                .admit(
-                    &store,
-                    &Ask {
-                        limits: &limits,
-                        route: "GET /r0",
-                        buyer: &buyer,
-                        spent: pay,
-                        now: 1
-                    }
-                )
-                .is_ok()
-        );
+        assert!(call().is_ok());
     }
 }
