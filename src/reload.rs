@@ -37,13 +37,19 @@ pub struct Loaded {
     pub terms: Terms,
     /// The client of the policy's facilitator, when it settles through one.
     pub facilitator: Option<Facilitator>,
-    /// Each route's text (`GET /v1/forecast/{city}`), by route id: metric labels.
-    pub labels: Vec<String>,
+    /// Each route's text (`GET /v1/forecast/{city}`), by route id: metric labels, limit
+    /// scopes, ledger entries and the `x-tollgate-route` header, with no allocation per request.
+    labels: Vec<String>,
     /// Unix seconds when it was swapped in.
     pub since: u64,
 }
 
 impl Loaded {
+    /// A route's text (`GET /v1/forecast/{city}`), computed once per policy.
+    pub fn label(&self, route: usize) -> &str {
+        self.labels.get(route).map_or("", String::as_str)
+    }
+
     fn new(policy: Policy, now: u64) -> Result<Loaded, String> {
         let terms = Terms::new(&policy);
         let facilitator = match &policy.settlement.backend {

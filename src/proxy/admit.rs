@@ -106,24 +106,12 @@ impl Gate {
                 "the paid offer is gone",
             )));
         };
-        let buyer = BuyerId::Payer(payment.payer);
         let spent = Spent::Asset {
             symbol: &offer.asset_symbol,
             atomic: payment.amount,
         };
-        let holds = self
-            .limiter
-            .admit(
-                &self.store,
-                &Ask {
-                    limits: &route.limits,
-                    route: &route.display(),
-                    buyer: &buyer,
-                    spent,
-                    now: (self.clock)(),
-                },
-            )
-            .map_err(over_limit)?;
+        let buyer = BuyerId::Payer(payment.payer);
+        let holds = self.hold_limits(loaded, route, &buyer, spent, (self.clock)())?;
         let key = NonceKey {
             chain_id: offer.chain_id,
             asset: offer.asset,
@@ -244,8 +232,30 @@ impl Gate {
     }
 }
 
+impl Gate {
+    /// Applies the route's buyer limits to one request: what they hold for it, or the 429
+    /// (503 when the store fails).
+    pub(super) fn hold_limits(
+        &self,
+        loaded: &Loaded,
+        route: &crate::policy::Route,
+        buyer: &BuyerId,
+        spent: Spent<'_>,
+        now: u64,
+    ) -> Result<Holds, Box<Refusal>> {
+        let ask = Ask {
+            limits: &route.limits,
+            route: loaded.label(route.id),
+            buyer,
+            spent,
+            now,
+        };
+        self.limiter.admit(&self.store, &ask).map_err(over_limit)
+    }
+}
+
 /// The refusal for a buyer over a limit (429), or a store failure (503).
-pub(super) fn over_limit(refused: Refused) -> Box<Refusal> {
+fn over_limit(refused: Refused) -> Box<Refusal> {
     match refused {
         Refused::Exceeded(e) => {
             let mut refusal = Refusal::new(429, e.code, e.message);

@@ -74,8 +74,8 @@ pub fn prepare(upstream: &mut RequestHeader, ctx: &Ctx) -> pingora::Result<()> {
         (None, None, None) => "pass",
     };
     upstream.insert_header("x-tollgate-rail", rail)?;
-    if let Some(route) = ctx.route.and_then(|id| policy.route(id)) {
-        upstream.insert_header("x-tollgate-route", route.display())?;
+    if let Some(route) = ctx.route {
+        upstream.insert_header("x-tollgate-route", loaded.label(route))?;
     }
     if let Some(paid) = &ctx.paid
         && let Some(offer) = paid.offer()

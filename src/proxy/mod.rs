@@ -330,9 +330,7 @@ impl ProxyHttp for Gate {
         let (service, route) = match &ctx.loaded {
             Some(loaded) => (
                 loaded.policy.service.as_str(),
-                ctx.route
-                    .and_then(|id| loaded.labels.get(id))
-                    .map_or("", String::as_str),
+                ctx.route.map_or("", |id| loaded.label(id)),
             ),
             None => ("", ""),
         };

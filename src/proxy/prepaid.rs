@@ -10,7 +10,7 @@
 
 use super::Gate;
 use super::refusal::Refusal;
-use crate::limits::{Ask, BuyerId, Holds, Spent};
+use crate::limits::{BuyerId, Holds, Spent};
 use crate::reload::Loaded;
 use crate::store::accounts::{Charge, Debit, KeyLookup, KeyProblem};
 
@@ -76,24 +76,13 @@ impl Gate {
                 "Idempotency-Key must be 1 to 200 bytes",
             )));
         }
-        let mut holds = self
-            .limiter
-            .admit(
-                &self.store,
-                &Ask {
-                    limits: &route.limits,
-                    route: &route.display(),
-                    buyer: &BuyerId::Account(key.account),
-                    spent: Spent::Credits(credits),
-                    now,
-                },
-            )
-            .map_err(super::admit::over_limit)?;
+        let buyer = BuyerId::Account(key.account);
+        let mut holds = self.hold_limits(loaded, route, &buyer, Spent::Credits(credits), now)?;
         let charge = Charge {
             key: &key,
             credits,
             request_id,
-            route: &route.display(),
+            route: loaded.label(route.id),
             idempotency,
         };
         let debit = self.store.debit(&charge, now).await;
