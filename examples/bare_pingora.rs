@@ -4,6 +4,9 @@
 //!
 //! Usage: `bare_pingora LISTEN UPSTREAM` (both `host:port`).
 
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use async_trait::async_trait;
 use pingora::prelude::*;
 use pingora::server::configuration::ServerConf;

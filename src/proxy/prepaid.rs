@@ -79,13 +79,13 @@ impl Gate {
         let buyer = BuyerId::Account(key.account);
         let mut holds = self.hold_limits(loaded, route, &buyer, Spent::Credits(credits), now)?;
         let charge = Charge {
-            key: &key,
+            key: key.clone(),
             credits,
-            request_id,
-            route: loaded.label(route.id),
-            idempotency,
+            request_id: request_id.to_string(),
+            route: loaded.label(route.id).to_string(),
+            idempotency: idempotency.map(|(key, request)| (key.to_string(), request.to_string())),
         };
-        let debit = self.store.debit(&charge, now).await;
+        let debit = self.store.debit(charge, now).await;
         if !matches!(debit, Ok(Debit::Charged(_))) {
             self.limiter.finish(&self.store, holds, false);
             holds = Holds::default();

@@ -23,7 +23,7 @@ use sha2::{Digest, Sha256};
 use sled::Transactional;
 use sled::transaction::{ConflictableTransactionError, TransactionError, TransactionalTree};
 
-use super::{Store, StoreError};
+use super::{Store, StoreError, Trees};
 
 pub type AccountId = u64;
 
@@ -115,14 +115,14 @@ pub enum FactKind {
 
 /// What a debit is asked to do.
 #[derive(Debug, Clone)]
-pub struct Charge<'a> {
-    pub key: &'a KeyRecord,
+pub struct Charge {
+    pub key: KeyRecord,
     pub credits: u128,
-    pub request_id: &'a str,
-    pub route: &'a str,
+    pub request_id: String,
+    pub route: String,
     /// The client's `Idempotency-Key` and what identifies its request (method and target):
     /// the same key on another request is refused rather than silently not charged.
-    pub idempotency: Option<(&'a str, &'a str)>,
+    pub idempotency: Option<(String, String)>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -269,16 +269,24 @@ fn next<A>(meta: &TransactionalTree, counter: &str) -> Tx<u64, A> {
     Ok(next)
 }
 
+/// Inside a transaction: what every credit movement writes — the balance, the ledger, its
+/// per-account index, and the sequence counter in `meta`.
+struct Books<'a> {
+    meta: &'a TransactionalTree,
+    balances: &'a TransactionalTree,
+    ledger: &'a TransactionalTree,
+    index: &'a TransactionalTree,
+}
+
 /// Appends a fact to the ledger and the account's index; returns it with its sequence.
-fn append<A>(
-    meta: &TransactionalTree,
-    ledger: &TransactionalTree,
-    index: &TransactionalTree,
-    mut fact: Fact,
-) -> Tx<Fact, A> {
-    fact.seq = next(meta, "ledger")?;
-    ledger.insert(&fact.seq.to_be_bytes(), json_tx(&fact)?)?;
-    index.insert(pair(fact.account, &fact.seq.to_be_bytes()), &[])?;
+fn append<A>(books: &Books<'_>, mut fact: Fact) -> Tx<Fact, A> {
+    fact.seq = next(books.meta, "ledger")?;
+    books
+        .ledger
+        .insert(&fact.seq.to_be_bytes(), json_tx(&fact)?)?;
+    books
+        .index
+        .insert(pair(fact.account, &fact.seq.to_be_bytes()), &[])?;
     Ok(fact)
 }
 
@@ -304,7 +312,7 @@ impl Fact {
 impl Store {
     /// Opens a new account with a zero balance.
     pub async fn create_account(&self, name: &str, now: u64) -> Result<Account, StoreError> {
-        let i = &self.inner;
+        let i = &*self.trees;
         let result = (&i.meta, &i.accounts).transaction(|(meta, accounts)| {
             let account = Account {
                 id: next(meta, "account")?,
@@ -321,10 +329,10 @@ impl Store {
 
     /// An account and its balance.
     pub fn account(&self, id: AccountId) -> Result<Option<(Account, u128)>, StoreError> {
-        let Some(bytes) = self.inner.accounts.get(id.to_be_bytes())? else {
+        let Some(bytes) = self.trees.accounts.get(id.to_be_bytes())? else {
             return Ok(None);
         };
-        let balance = u128_of(self.inner.balances.get(id.to_be_bytes())?);
+        let balance = u128_of(self.trees.balances.get(id.to_be_bytes())?);
         Ok(Some((parse(&bytes)?, balance)))
     }
 
@@ -336,9 +344,9 @@ impl Store {
     ) -> Result<Vec<(Account, u128)>, StoreError> {
         let start = after.saturating_add(1).to_be_bytes();
         let mut page = Vec::new();
-        for entry in self.inner.accounts.range(start..).take(limit) {
+        for entry in self.trees.accounts.range(start..).take(limit) {
             let (id, bytes) = entry?;
-            let balance = u128_of(self.inner.balances.get(&id)?);
+            let balance = u128_of(self.trees.balances.get(&id)?);
             page.push((parse(&bytes)?, balance));
         }
         Ok(page)
@@ -353,14 +361,14 @@ impl Store {
         expires_at: Option<u64>,
         now: u64,
     ) -> Result<Option<(String, KeyRecord)>, StoreError> {
-        if !self.inner.accounts.contains_key(account.to_be_bytes())? {
+        if !self.trees.accounts.contains_key(account.to_be_bytes())? {
             return Ok(None);
         }
         loop {
             let secret = new_secret()?;
             let record = KeyRecord {
                 id: key_id(&secret),
-                serial: self.inner.db.generate_id()?,
+                serial: self.trees.db.generate_id()?,
                 account,
                 label: label.to_string(),
                 created_at: now,
@@ -368,8 +376,8 @@ impl Store {
                 revoked_at: None,
             };
             let hash = key_hash(&secret);
-            let keys = &self.inner.keys;
-            let hashes = &self.inner.key_hashes;
+            let keys = &self.trees.keys;
+            let hashes = &self.trees.key_hashes;
             let inserted = (keys, hashes).transaction(|(keys, hashes)| {
                 if keys.get(record.id.as_bytes())?.is_some() {
                     return answer(());
@@ -390,13 +398,13 @@ impl Store {
     /// The key's record, if the key is one tollgate issued and it can pay at `now`.
     pub fn resolve_key(&self, secret: &str, now: u64) -> Result<KeyRecord, KeyLookup> {
         let id = self
-            .inner
+            .trees
             .key_hashes
             .get(key_hash(secret))
             .map_err(|e| KeyLookup::Store(e.into()))?
             .ok_or(KeyLookup::Problem(KeyProblem::Unknown))?;
         let bytes = self
-            .inner
+            .trees
             .keys
             .get(&id)
             .map_err(|e| KeyLookup::Store(e.into()))?
@@ -411,7 +419,7 @@ impl Store {
     /// The keys of one account, oldest first.
     pub fn keys(&self, account: AccountId) -> Result<Vec<KeyRecord>, StoreError> {
         let mut keys = Vec::new();
-        for entry in self.inner.keys.iter() {
+        for entry in self.trees.keys.iter() {
             let record: KeyRecord = parse(&entry?.1)?;
             if record.account == account {
                 keys.push(record);
@@ -425,7 +433,7 @@ impl Store {
     /// first revocation time.
     pub async fn revoke_key(&self, id: &str, now: u64) -> Result<Option<KeyRecord>, StoreError> {
         let mut revoked = None;
-        self.inner.keys.fetch_and_update(id.as_bytes(), |old| {
+        self.trees.keys.fetch_and_update(id.as_bytes(), |old| {
             let mut record: KeyRecord = old.and_then(|b| serde_json::from_slice(b).ok())?;
             record.revoked_at.get_or_insert(now);
             let bytes = serde_json::to_vec(&record).ok();
@@ -445,7 +453,7 @@ impl Store {
         reference: &str,
         now: u64,
     ) -> Result<Result<TopUp, TopUpRefused>, StoreError> {
-        let i = &self.inner;
+        let i = &*self.trees;
         let result = (
             &i.meta,
             &i.accounts,
@@ -477,7 +485,13 @@ impl Store {
                 balances.insert(&id, &balance.to_be_bytes())?;
                 let mut fact = Fact::new(account, FactKind::Topup, credits, balance, now);
                 fact.reference = Some(reference.to_string());
-                let fact = append(meta, ledger, index, fact)?;
+                let books = Books {
+                    meta,
+                    balances,
+                    ledger,
+                    index,
+                };
+                let fact = append(&books, fact)?;
                 refs.insert(reference_key, &fact.seq.to_be_bytes())?;
                 Ok(TopUp::Credited(fact))
             });
@@ -492,97 +506,154 @@ impl Store {
     /// debits of one account never spend the same credits twice (sled transactions are
     /// serialisable), and a key revoked before the debit commits does not pay. Durable before
     /// it returns [`Debit::Charged`]; when the flush fails, the debit is taken back before the
-    /// error is returned, so a refused request is never left charged.
-    pub async fn debit(&self, charge: &Charge<'_>, now: u64) -> Result<Debit, StoreError> {
-        let i = &self.inner;
-        let account = charge.key.account;
-        let result = (
-            &i.meta,
-            &i.balances,
-            &i.ledger,
-            &i.account_ledger,
-            &i.idempotency,
-            &i.keys,
-        )
-            .transaction(|(meta, balances, ledger, index, idempotency, keys)| {
-                let id = account.to_be_bytes();
-                let current: KeyRecord = match keys.get(charge.key.id.as_bytes())? {
-                    Some(bytes) => parse_tx(&bytes)?,
-                    None => return Ok(Debit::KeyUnusable(KeyProblem::Unknown)),
-                };
-                if let Some(problem) = current.problem(now) {
-                    return Ok(Debit::KeyUnusable(problem));
-                }
-                let idem_key = charge
-                    .idempotency
-                    .map(|(key, _)| pair(account, key.as_bytes()));
-                if let (Some(idem_key), Some((_, request))) = (&idem_key, charge.idempotency)
-                    && let Some(bytes) = idempotency.get(idem_key)?
-                {
-                    let earlier: IdempotentDebit = parse_tx(&bytes)?;
-                    if earlier.expires_at > now {
-                        if earlier.request != request {
-                            return Ok(Debit::KeyReused);
-                        }
-                        if let Some(bytes) = ledger.get(earlier.debit.to_be_bytes())? {
-                            return Ok(Debit::Repeated(parse_tx(&bytes)?));
-                        }
-                    }
-                }
-                let balance = u128_of(balances.get(id)?);
-                let Some(left) = balance.checked_sub(charge.credits) else {
-                    return Ok(Debit::Short { balance });
-                };
-                balances.insert(&id, &left.to_be_bytes())?;
-                let mut fact = Fact::new(account, FactKind::Debit, charge.credits, left, now);
-                fact.request_id = Some(charge.request_id.to_string());
-                fact.route = Some(charge.route.to_string());
-                fact.key = Some(charge.key.id.clone());
-                fact.idempotency_key = charge.idempotency.map(|(key, _)| key.to_string());
-                let fact = append(meta, ledger, index, fact)?;
-                if let (Some(idem_key), Some((_, request))) = (idem_key, charge.idempotency) {
-                    let record = IdempotentDebit {
-                        debit: fact.seq,
-                        request: request.to_string(),
-                        expires_at: now.saturating_add(IDEMPOTENCY_RETENTION_SECS),
-                    };
-                    idempotency.insert(idem_key, json_tx(&record)?)?;
-                }
-                Ok(Debit::Charged(fact))
-            });
-        let debit = settle_tx::<_, Infallible>(result)?.unwrap_or_else(|never| match never {});
-        if let Debit::Charged(fact) = &debit
-            && let Err(e) = self.durable().await
-        {
-            // The caller refuses the request: take the debit back (in memory at least; it
-            // becomes durable with the next flush that succeeds).
-            tracing::error!(error = %e, debit = fact.seq, "a debit could not be flushed; taking it back");
-            let _ = self.refund_in_memory(fact.seq, now);
-            return Err(e);
-        }
-        Ok(debit)
+    /// error is returned, so a refused request is never left charged. Concurrent debits share
+    /// one transaction and one flush (the store's writer thread).
+    pub async fn debit(&self, charge: Charge, now: u64) -> Result<Debit, StoreError> {
+        self.writer.debit(charge, now).await
     }
 
     /// Gives a debit's credits back (the upstream failed). Idempotent: a debit is refunded at
     /// most once; `None` when it was already refunded or is not a debit. A refunded debit's
     /// `Idempotency-Key` is forgotten, so a retry is a new attempt (charged and served).
     pub async fn refund(&self, debit: u64, now: u64) -> Result<Option<Fact>, StoreError> {
-        let refund = self.refund_in_memory(debit, now)?;
+        let refund = self.trees.refund(debit, now)?;
         if refund.is_some() {
             self.durable().await?;
         }
         Ok(refund)
     }
 
-    fn refund_in_memory(&self, debit: u64, now: u64) -> Result<Option<Fact>, StoreError> {
-        let i = &self.inner;
+    /// One account's facts with a sequence above `after`, oldest first, at most `limit`.
+    pub fn usage(
+        &self,
+        account: AccountId,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<Fact>, StoreError> {
+        let from = pair(account, &after.saturating_add(1).to_be_bytes());
+        let to = pair(account.saturating_add(1), &[]);
+        let mut facts = Vec::new();
+        for entry in self.trees.account_ledger.range(from..to).take(limit) {
+            let (key, _) = entry?;
+            let Some(seq) = key.get(8..).and_then(u64_of) else {
+                continue;
+            };
+            if let Some(bytes) = self.trees.ledger.get(seq.to_be_bytes())? {
+                facts.push(parse(&bytes)?);
+            }
+        }
+        Ok(facts)
+    }
+
+    /// Checks, for every account, that top-ups − debits + refunds equals the balance.
+    pub fn audit(&self) -> Result<Audit, StoreError> {
+        let mut sums: std::collections::BTreeMap<AccountId, i128> = Default::default();
+        let mut audit = Audit::default();
+        for entry in self.trees.ledger.iter() {
+            let fact: Fact = parse(&entry?.1)?;
+            let credits = i128::try_from(fact.credits).unwrap_or(i128::MAX);
+            let sum = sums.entry(fact.account).or_default();
+            *sum = match fact.kind {
+                FactKind::Topup | FactKind::Refund => sum.saturating_add(credits),
+                FactKind::Debit => sum.saturating_sub(credits),
+            };
+            audit.facts += 1;
+        }
+        for entry in self.trees.accounts.iter() {
+            let (id, _) = entry?;
+            let Some(account) = u64_of(&id) else {
+                continue;
+            };
+            audit.accounts += 1;
+            let balance = u128_of(self.trees.balances.get(&id)?);
+            let ledger = sums.get(&account).copied().unwrap_or(0);
+            if i128::try_from(balance).ok() != Some(ledger) {
+                audit.discrepancies.push(Discrepancy {
+                    account,
+                    balance,
+                    ledger: u128::try_from(ledger).unwrap_or(0),
+                    negative: ledger < 0,
+                });
+            }
+        }
+        Ok(audit)
+    }
+
+    /// Deletes `Idempotency-Key` records past their retention; returns how many.
+    pub fn forget_expired_idempotency(&self, now: u64) -> Result<usize, StoreError> {
+        let mut removed = 0;
+        for entry in self.trees.idempotency.iter() {
+            let (key, bytes) = entry?;
+            // An unreadable record is left alone rather than stopping the sweep.
+            let expired = parse::<IdempotentDebit>(&bytes).is_ok_and(|r| r.expires_at <= now);
+            // Compare-and-swap: a debit that renewed this key meanwhile keeps its record.
+            if expired
+                && self
+                    .trees
+                    .idempotency
+                    .compare_and_swap(&key, Some(&bytes), None::<&[u8]>)?
+                    .is_ok()
+            {
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
+}
+
+impl Trees {
+    /// Applies a batch of debits in order, in one transaction: a debit sees the balance the
+    /// ones before it left. One answer per debit, in the same order. Not yet flushed.
+    pub(super) fn debit_batch(&self, debits: &[(Charge, u64)]) -> Vec<Result<Debit, StoreError>> {
+        match self.debit_all(debits) {
+            Ok(done) => done.into_iter().map(Ok).collect(),
+            // A broken record must not refuse the debits batched with it: one at a time.
+            Err(_) if debits.len() > 1 => debits
+                .iter()
+                .map(|debit| {
+                    let done = self.debit_all(std::slice::from_ref(debit))?;
+                    done.into_iter()
+                        .next()
+                        .ok_or_else(|| StoreError("a debit got no answer".into()))
+                })
+                .collect(),
+            Err(e) => vec![Err(e)],
+        }
+    }
+
+    fn debit_all(&self, debits: &[(Charge, u64)]) -> Result<Vec<Debit>, StoreError> {
         let result = (
-            &i.meta,
-            &i.balances,
-            &i.ledger,
-            &i.account_ledger,
-            &i.refunds,
-            &i.idempotency,
+            &self.meta,
+            &self.balances,
+            &self.ledger,
+            &self.account_ledger,
+            &self.idempotency,
+            &self.keys,
+        )
+            .transaction(|(meta, balances, ledger, index, idempotency, keys)| {
+                let books = Books {
+                    meta,
+                    balances,
+                    ledger,
+                    index,
+                };
+                debits
+                    .iter()
+                    .map(|(charge, now)| debit_one(&books, idempotency, keys, charge, *now))
+                    .collect::<Tx<Vec<Debit>, Infallible>>()
+            });
+        Ok(settle_tx::<_, Infallible>(result)?.unwrap_or_else(|never| match never {}))
+    }
+
+    /// Refunds a debit (see [`Store::refund`]); not yet flushed.
+    pub(super) fn refund(&self, debit: u64, now: u64) -> Result<Option<Fact>, StoreError> {
+        let result = (
+            &self.meta,
+            &self.balances,
+            &self.ledger,
+            &self.account_ledger,
+            &self.refunds,
+            &self.idempotency,
         )
             .transaction(|(meta, balances, ledger, index, refunds, idempotency)| {
                 if refunds.get(debit.to_be_bytes())?.is_some() {
@@ -609,7 +680,13 @@ impl Store {
                 fact.request_id = original.request_id.clone();
                 fact.route = original.route.clone();
                 fact.key = original.key.clone();
-                let fact = append(meta, ledger, index, fact)?;
+                let books = Books {
+                    meta,
+                    balances,
+                    ledger,
+                    index,
+                };
+                let fact = append(&books, fact)?;
                 refunds.insert(&debit.to_be_bytes(), &fact.seq.to_be_bytes())?;
                 if let Some(key) = &original.idempotency_key {
                     idempotency.remove(pair(original.account, key.as_bytes()))?;
@@ -618,83 +695,62 @@ impl Store {
             });
         Ok(settle_tx::<_, Infallible>(result)?.unwrap_or_else(|never| match never {}))
     }
+}
 
-    /// One account's facts with a sequence above `after`, oldest first, at most `limit`.
-    pub fn usage(
-        &self,
-        account: AccountId,
-        after: u64,
-        limit: usize,
-    ) -> Result<Vec<Fact>, StoreError> {
-        let from = pair(account, &after.saturating_add(1).to_be_bytes());
-        let to = pair(account.saturating_add(1), &[]);
-        let mut facts = Vec::new();
-        for entry in self.inner.account_ledger.range(from..to).take(limit) {
-            let (key, _) = entry?;
-            let Some(seq) = key.get(8..).and_then(u64_of) else {
-                continue;
-            };
-            if let Some(bytes) = self.inner.ledger.get(seq.to_be_bytes())? {
-                facts.push(parse(&bytes)?);
+/// One debit inside a batch's transaction.
+fn debit_one<A>(
+    books: &Books<'_>,
+    idempotency: &TransactionalTree,
+    keys: &TransactionalTree,
+    charge: &Charge,
+    now: u64,
+) -> Tx<Debit, A> {
+    let account = charge.key.account;
+    let id = account.to_be_bytes();
+    let current: KeyRecord = match keys.get(charge.key.id.as_bytes())? {
+        Some(bytes) => parse_tx(&bytes)?,
+        None => return Ok(Debit::KeyUnusable(KeyProblem::Unknown)),
+    };
+    if let Some(problem) = current.problem(now) {
+        return Ok(Debit::KeyUnusable(problem));
+    }
+    let idem_key = charge
+        .idempotency
+        .as_ref()
+        .map(|(key, _)| pair(account, key.as_bytes()));
+    if let (Some(idem_key), Some((_, request))) = (&idem_key, &charge.idempotency)
+        && let Some(bytes) = idempotency.get(idem_key)?
+    {
+        let earlier: IdempotentDebit = parse_tx(&bytes)?;
+        if earlier.expires_at > now {
+            if earlier.request != *request {
+                return Ok(Debit::KeyReused);
+            }
+            if let Some(bytes) = books.ledger.get(earlier.debit.to_be_bytes())? {
+                return Ok(Debit::Repeated(parse_tx(&bytes)?));
             }
         }
-        Ok(facts)
     }
-
-    /// Checks, for every account, that top-ups − debits + refunds equals the balance.
-    pub fn audit(&self) -> Result<Audit, StoreError> {
-        let mut sums: std::collections::BTreeMap<AccountId, i128> = Default::default();
-        let mut audit = Audit::default();
-        for entry in self.inner.ledger.iter() {
-            let fact: Fact = parse(&entry?.1)?;
-            let credits = i128::try_from(fact.credits).unwrap_or(i128::MAX);
-            let sum = sums.entry(fact.account).or_default();
-            *sum = match fact.kind {
-                FactKind::Topup | FactKind::Refund => sum.saturating_add(credits),
-                FactKind::Debit => sum.saturating_sub(credits),
-            };
-            audit.facts += 1;
-        }
-        for entry in self.inner.accounts.iter() {
-            let (id, _) = entry?;
-            let Some(account) = u64_of(&id) else {
-                continue;
-            };
-            audit.accounts += 1;
-            let balance = u128_of(self.inner.balances.get(&id)?);
-            let ledger = sums.get(&account).copied().unwrap_or(0);
-            if i128::try_from(balance).ok() != Some(ledger) {
-                audit.discrepancies.push(Discrepancy {
-                    account,
-                    balance,
-                    ledger: u128::try_from(ledger).unwrap_or(0),
-                    negative: ledger < 0,
-                });
-            }
-        }
-        Ok(audit)
+    let balance = u128_of(books.balances.get(id)?);
+    let Some(left) = balance.checked_sub(charge.credits) else {
+        return Ok(Debit::Short { balance });
+    };
+    books.balances.insert(&id, &left.to_be_bytes())?;
+    let mut fact = Fact::new(account, FactKind::Debit, charge.credits, left, now);
+    fact.request_id = Some(charge.request_id.clone());
+    fact.route = Some(charge.route.clone());
+    fact.key = Some(charge.key.id.clone());
+    fact.idempotency_key = charge.idempotency.as_ref().map(|(key, _)| key.clone());
+    let fact = append(books, fact)?;
+    if let (Some(idem_key), Some((_, request))) = (idem_key, &charge.idempotency) {
+        let record = IdempotentDebit {
+            debit: fact.seq,
+            request: request.clone(),
+            expires_at: now.saturating_add(IDEMPOTENCY_RETENTION_SECS),
+        };
+        idempotency.insert(idem_key, json_tx(&record)?)?;
     }
-
-    /// Deletes `Idempotency-Key` records past their retention; returns how many.
-    pub fn forget_expired_idempotency(&self, now: u64) -> Result<usize, StoreError> {
-        let mut removed = 0;
-        for entry in self.inner.idempotency.iter() {
-            let (key, bytes) = entry?;
-            // An unreadable record is left alone rather than stopping the sweep.
-            let expired = parse::<IdempotentDebit>(&bytes).is_ok_and(|r| r.expires_at <= now);
-            // Compare-and-swap: a debit that renewed this key meanwhile keeps its record.
-            if expired
-                && self
-                    .inner
-                    .idempotency
-                    .compare_and_swap(&key, Some(&bytes), None::<&[u8]>)?
-                    .is_ok()
-            {
-                removed += 1;
-            }
-        }
-        Ok(removed)
-    }
+    Ok(Debit::Charged(fact))
 }
 
 /// Why [`Store::resolve_key`] found no usable key.
@@ -715,17 +771,13 @@ mod tests {
         (Store::open(&dir).unwrap(), dir)
     }
 
-    fn charge<'a>(
-        key: &'a KeyRecord,
-        credits: u128,
-        idem: Option<(&'a str, &'a str)>,
-    ) -> Charge<'a> {
+    fn charge(key: &KeyRecord, credits: u128, idem: Option<(&str, &str)>) -> Charge {
         Charge {
-            key,
+            key: key.clone(),
             credits,
-            request_id: "req",
-            route: "GET /x",
-            idempotency: idem,
+            request_id: "req".into(),
+            route: "GET /x".into(),
+            idempotency: idem.map(|(key, request)| (key.into(), request.into())),
         }
     }
 
@@ -756,12 +808,12 @@ mod tests {
             Err(TopUpRefused::NoAccount)
         );
 
-        let Debit::Charged(debit) = store.debit(&charge(&key, 4, None), 4).await.unwrap() else {
+        let Debit::Charged(debit) = store.debit(charge(&key, 4, None), 4).await.unwrap() else {
             panic!("not charged")
         };
         assert_eq!(debit.balance, 6);
         assert_eq!(
-            store.debit(&charge(&key, 7, None), 4).await.unwrap(),
+            store.debit(charge(&key, 7, None), 4).await.unwrap(),
             Debit::Short { balance: 6 }
         );
         let refund = store.refund(debit.seq, 5).await.unwrap().unwrap();
@@ -797,11 +849,11 @@ mod tests {
         let (_, doomed) = store.issue_key(1, "", None, 1).await.unwrap().unwrap();
         store.revoke_key(&doomed.id, 2).await.unwrap();
         assert_eq!(
-            store.debit(&charge(&doomed, 1, None), 2).await.unwrap(),
+            store.debit(charge(&doomed, 1, None), 2).await.unwrap(),
             Debit::KeyUnusable(KeyProblem::Revoked)
         );
         let first = store
-            .debit(&charge(&key, 3, Some(("k", "GET /a"))), 2)
+            .debit(charge(&key, 3, Some(("k", "GET /a"))), 2)
             .await
             .unwrap();
         let Debit::Charged(fact) = first else {
@@ -809,14 +861,14 @@ mod tests {
         };
         assert_eq!(
             store
-                .debit(&charge(&key, 3, Some(("k", "GET /a"))), 3)
+                .debit(charge(&key, 3, Some(("k", "GET /a"))), 3)
                 .await
                 .unwrap(),
             Debit::Repeated(fact.clone())
         );
         assert_eq!(
             store
-                .debit(&charge(&key, 3, Some(("k", "GET /b"))), 3)
+                .debit(charge(&key, 3, Some(("k", "GET /b"))), 3)
                 .await
                 .unwrap(),
             Debit::KeyReused
@@ -825,7 +877,7 @@ mod tests {
         assert_eq!(store.forget_expired_idempotency(later - 1).unwrap(), 0);
         assert!(matches!(
             store
-                .debit(&charge(&key, 3, Some(("k", "GET /b"))), later)
+                .debit(charge(&key, 3, Some(("k", "GET /b"))), later)
                 .await
                 .unwrap(),
             Debit::Charged(_)
@@ -835,6 +887,50 @@ mod tests {
             0,
             "renewed by the new debit"
         );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[tokio::test]
+    async fn a_batch_applies_debits_in_order_and_isolates_a_broken_record() {
+        let (store, dir) = temp_store("batch");
+        for name in ["a", "b"] {
+            store.create_account(name, 1).await.unwrap();
+        }
+        let (_, a) = store.issue_key(1, "", None, 1).await.unwrap().unwrap();
+        let (_, b) = store.issue_key(2, "", None, 1).await.unwrap().unwrap();
+        store.top_up(1, 5, "seed", 1).await.unwrap().unwrap();
+        store.top_up(2, 5, "seed", 1).await.unwrap().unwrap();
+
+        // In order: each debit sees the balance the ones before it left; the same
+        // Idempotency-Key twice in one batch charges once.
+        let batch = [
+            (charge(&a, 3, Some(("k", "GET /a"))), 2),
+            (charge(&a, 3, Some(("k", "GET /a"))), 2),
+            (charge(&a, 3, None), 2),
+            (charge(&a, 2, None), 2),
+        ];
+        let answers: Vec<Debit> = store
+            .trees
+            .debit_batch(&batch)
+            .into_iter()
+            .map(Result::unwrap)
+            .collect();
+        assert!(matches!(&answers[0], Debit::Charged(f) if f.balance == 2));
+        assert!(matches!(&answers[1], Debit::Repeated(f) if f.seq == 3));
+        assert_eq!(answers[2], Debit::Short { balance: 2 });
+        assert!(matches!(&answers[3], Debit::Charged(f) if f.balance == 0 && f.seq == 4));
+
+        // A key record that cannot be read fails its own debit, not its neighbours'.
+        store
+            .trees
+            .keys
+            .insert(b.id.as_bytes(), &b"{broken"[..])
+            .unwrap();
+        let batch = [(charge(&b, 1, None), 3), (charge(&a, 0, None), 3)];
+        let answers = store.trees.debit_batch(&batch);
+        assert!(answers[0].is_err());
+        assert!(matches!(&answers[1], Ok(Debit::Charged(f)) if f.seq == 5));
+        assert_eq!(store.audit().unwrap().discrepancies, vec![]);
         let _ = std::fs::remove_dir_all(&dir);
     }
 
@@ -849,7 +945,7 @@ mod tests {
             let (store, key) = (store.clone(), key.clone());
             tasks.push(tokio::spawn(async move {
                 matches!(
-                    store.debit(&charge(&key, 1, None), 2).await.unwrap(),
+                    store.debit(charge(&key, 1, None), 2).await.unwrap(),
                     Debit::Charged(_)
                 )
             }));

@@ -1,35 +1,33 @@
 //! The embedded durable store: the only module that touches sled.
 //!
-//! It holds the replay-protection nonce set (here) and prepaid accounts, API keys and the
-//! credit ledger ([`accounts`]). Every write that admits a request or moves credits is flushed
-//! (fsync) before the caller goes on, so a crash right after it cannot forget it.
-//!
-//! Group commit: one flusher thread owns every flush. A writer queues a waiter after its write
-//! and awaits it; the flusher takes all queued waiters, flushes once, and answers them all, so
-//! a burst of N concurrent writes costs about one fsync, not N. (It also keeps tollgate off
-//! sled 0.34's `flush_async`, which deadlocks when called concurrently — sled issue #1308,
-//! fixed only on its unreleased main branch.)
+//! It holds the replay-protection nonce set (here), prepaid accounts, API keys and the credit
+//! ledger ([`accounts`]), and spend-limit counters. Every write that admits a request or moves
+//! credits is flushed (fsync) before the caller goes on, so a crash right after it cannot
+//! forget it. The flushes, and the debits, belong to one writer thread ([`writer`]), which
+//! batches them (group commit).
 
 pub mod accounts;
 mod spend;
+mod writer;
 
 use std::fmt;
 use std::path::Path;
-use std::sync::{Arc, mpsc};
+use std::sync::Arc;
 
 use alloy::primitives::{Address, B256};
-use tokio::sync::oneshot;
-
-/// Answered once the writes made before it was queued are on disk.
-type Waiter = oneshot::Sender<Result<(), String>>;
 
 /// The sled directory, opened once per process. Clones share it.
 #[derive(Clone)]
 pub struct Store {
-    inner: Arc<Inner>,
+    // Field order matters on drop: the trees go first, then the writer joins its thread, which
+    // holds the last `Trees` — so the directory is unlocked when the last `Store` is gone (a
+    // restart in the same process can reopen it).
+    trees: Arc<Trees>,
+    writer: Arc<writer::Writer>,
 }
 
-struct Inner {
+/// The database and its trees, shared by the store's handles and its writer thread.
+struct Trees {
     db: sled::Db,
     nonces: sled::Tree,
     meta: sled::Tree,
@@ -43,20 +41,6 @@ struct Inner {
     idempotency: sled::Tree,
     refunds: sled::Tree,
     spend: sled::Tree,
-    /// `None` only while dropping.
-    flushes: Option<mpsc::Sender<Waiter>>,
-    flusher: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Drop for Inner {
-    /// Stops the flusher and waits for it, so the directory is unlocked when the last `Store`
-    /// is gone (a restart in the same process can reopen it).
-    fn drop(&mut self) {
-        drop(self.flushes.take());
-        if let Some(flusher) = self.flusher.take() {
-            let _ = flusher.join();
-        }
-    }
 }
 
 /// One EIP-3009 authorization's identity: the token contract dedupes on (from, nonce), and the
@@ -139,40 +123,31 @@ impl Store {
             e => e.into(),
         })?;
         let tree = |name: &str| db.open_tree(name);
-        let (flushes, queue) = mpsc::channel();
-        let flushed = db.clone();
-        let flusher = std::thread::Builder::new()
-            .name("store flusher".into())
-            .spawn(move || group_commit(&flushed, &queue))
-            .map_err(|e| StoreError(format!("cannot start the flusher thread: {e}")))?;
+        let trees = Arc::new(Trees {
+            nonces: tree("nonces")?,
+            meta: tree("meta")?,
+            accounts: tree("accounts")?,
+            balances: tree("balances")?,
+            keys: tree("keys")?,
+            key_hashes: tree("key_hashes")?,
+            ledger: tree("ledger")?,
+            account_ledger: tree("account_ledger")?,
+            topup_refs: tree("topup_refs")?,
+            idempotency: tree("idempotency")?,
+            refunds: tree("refunds")?,
+            spend: tree("spend")?,
+            db,
+        });
+        let writer = writer::Writer::start(Arc::clone(&trees))?;
         Ok(Store {
-            inner: Arc::new(Inner {
-                nonces: tree("nonces")?,
-                meta: tree("meta")?,
-                accounts: tree("accounts")?,
-                balances: tree("balances")?,
-                keys: tree("keys")?,
-                key_hashes: tree("key_hashes")?,
-                ledger: tree("ledger")?,
-                account_ledger: tree("account_ledger")?,
-                topup_refs: tree("topup_refs")?,
-                idempotency: tree("idempotency")?,
-                refunds: tree("refunds")?,
-                spend: tree("spend")?,
-                db,
-                flushes: Some(flushes),
-                flusher: Some(flusher),
-            }),
+            trees,
+            writer: Arc::new(writer),
         })
     }
 
     /// Waits until every write made before this call is on disk.
     async fn durable(&self) -> Result<(), StoreError> {
-        let (waiter, done) = oneshot::channel();
-        let gone = || StoreError("the flusher thread stopped".into());
-        let flushes = self.inner.flushes.as_ref().ok_or_else(gone)?;
-        flushes.send(waiter).map_err(|_| gone())?;
-        done.await.map_err(|_| gone())?.map_err(StoreError)
+        self.writer.flush().await
     }
 
     /// Records an authorization as used, atomically: of any number of concurrent claims of one
@@ -183,7 +158,7 @@ impl Store {
         key: &NonceKey,
         valid_before: u64,
     ) -> Result<Claim, StoreError> {
-        let swapped = self.inner.nonces.compare_and_swap(
+        let swapped = self.trees.nonces.compare_and_swap(
             key.bytes(),
             None::<&[u8]>,
             Some(&valid_before.to_be_bytes()[..]),
@@ -200,11 +175,11 @@ impl Store {
     /// verification before the nonce store is asked.
     pub fn forget_expired_nonces(&self, now: u64) -> Result<usize, StoreError> {
         let mut removed = 0;
-        for entry in self.inner.nonces.iter() {
+        for entry in self.trees.nonces.iter() {
             let (key, value) = entry?;
             let valid_before = <[u8; 8]>::try_from(value.as_ref()).map_or(0, u64::from_be_bytes);
             if valid_before.saturating_add(NONCE_RETENTION_SECS) < now {
-                self.inner.nonces.remove(key)?;
+                self.trees.nonces.remove(key)?;
                 removed += 1;
             }
         }
@@ -213,30 +188,18 @@ impl Store {
 
     /// Bytes the store takes on disk (0 when it cannot tell).
     pub fn size_on_disk(&self) -> u64 {
-        self.inner.db.size_on_disk().unwrap_or(0)
+        self.trees.db.size_on_disk().unwrap_or(0)
     }
 
     /// Number of nonces held.
     pub fn nonce_count(&self) -> usize {
-        self.inner.nonces.len()
+        self.trees.nonces.len()
     }
 
     /// Writes everything to disk (on shutdown).
     pub fn flush(&self) -> Result<(), StoreError> {
-        self.inner.db.flush()?;
+        self.trees.db.flush()?;
         Ok(())
-    }
-}
-
-/// The flusher thread: one flush per batch of queued waiters, until every `Store` is dropped.
-fn group_commit(db: &sled::Db, queue: &mpsc::Receiver<Waiter>) {
-    while let Ok(first) = queue.recv() {
-        let mut batch = vec![first];
-        batch.extend(queue.try_iter());
-        let result = db.flush().map(drop).map_err(|e| e.to_string());
-        for waiter in batch {
-            let _ = waiter.send(result.clone());
-        }
     }
 }
 

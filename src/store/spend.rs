@@ -39,7 +39,7 @@ impl Store {
         expires_at: u64,
     ) -> Result<Result<(), u128>, StoreError> {
         let mut outcome = Ok(());
-        self.inner.spend.fetch_and_update(key, |old| {
+        self.trees.spend.fetch_and_update(key, |old| {
             let (spent, _) = decode(old);
             match spent.checked_add(amount).filter(|total| *total <= max) {
                 Some(total) => {
@@ -57,7 +57,7 @@ impl Store {
 
     /// Takes back a reservation whose request was not charged.
     pub fn release_spend(&self, key: &[u8], amount: u128) -> Result<(), StoreError> {
-        self.inner.spend.fetch_and_update(key, |old| {
+        self.trees.spend.fetch_and_update(key, |old| {
             let (spent, expires) = decode(old);
             old.map(|_| encode(spent.saturating_sub(amount), expires))
         })?;
@@ -67,10 +67,10 @@ impl Store {
     /// Deletes counters of windows that ended before `now`; returns how many.
     pub fn forget_expired_spend(&self, now: u64) -> Result<usize, StoreError> {
         let mut removed = 0;
-        for entry in self.inner.spend.iter() {
+        for entry in self.trees.spend.iter() {
             let (key, value) = entry?;
             if decode(Some(&value)).1 <= now {
-                self.inner.spend.remove(key)?;
+                self.trees.spend.remove(key)?;
                 removed += 1;
             }
         }

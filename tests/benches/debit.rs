@@ -36,31 +36,24 @@ fn bench(c: &mut Criterion) {
     group.bench_function("resolve key (sha-256 + 2 lookups)", |b| {
         b.iter(|| store.resolve_key(black_box(&secret), 2))
     });
-    let charge = Charge {
-        key: &key,
+    let charge = || Charge {
+        key: key.clone(),
         credits: 1,
-        request_id: "bench",
-        route: "GET /bench",
+        request_id: "bench".into(),
+        route: "GET /bench".into(),
         idempotency: None,
     };
     group.bench_function("debit (transaction + fsync)", |b| {
-        b.iter(|| runtime.block_on(store.debit(black_box(&charge), 2)))
+        b.iter(|| runtime.block_on(store.debit(black_box(charge()), 2)))
     });
     group.bench_function("8 concurrent debits (one group commit)", |b| {
         b.iter(|| {
             runtime.block_on(async {
                 let tasks: Vec<_> = (0..8)
                     .map(|_| {
-                        let (store, key) = (store.clone(), key.clone());
+                        let (store, charge) = (store.clone(), charge());
                         tokio::spawn(async move {
-                            let charge = Charge {
-                                key: &key,
-                                credits: 1,
-                                request_id: "bench",
-                                route: "GET /bench",
-                                idempotency: None,
-                            };
-                            matches!(store.debit(&charge, 2).await, Ok(Debit::Charged(_)))
+                            matches!(store.debit(charge, 2).await, Ok(Debit::Charged(_)))
                         })
                     })
                     .collect();

@@ -1,0 +1,129 @@
+//! The store's writer thread: the one place that flushes, and the one place that debits.
+//!
+//! Group commit. Callers queue a job and await its answer; the writer takes everything queued,
+//! applies all the debits in one sled transaction, flushes once (fsync), and answers them all.
+//! N concurrent debits cost one transaction and one fsync rather than N of each — and that is
+//! what the prepaid route's throughput hangs on, because sled 0.34 runs every multi-tree
+//! transaction under a process-wide lock (README, Performance). Other writes (nonce claims,
+//! top-ups, refunds, keys) are made by their callers, which then queue a flush and await it.
+//!
+//! A charged debit is answered only after its flush succeeded. When the flush fails, the
+//! batch's debits are taken back (in memory at least; the refund becomes durable with the next
+//! flush that succeeds) and every caller gets the error, so a refused request is never left
+//! charged. One flusher also keeps tollgate off sled 0.34's `flush_async`, which deadlocks when
+//! called concurrently (sled issue #1308, fixed only on its unreleased main branch).
+
+use std::sync::{Arc, mpsc};
+
+use tokio::sync::oneshot;
+
+use super::accounts::{Charge, Debit};
+use super::{StoreError, Trees};
+
+enum Job {
+    /// Answered once the writes made before it was queued are on disk.
+    Flush(oneshot::Sender<Result<(), StoreError>>),
+    Debit {
+        charge: Box<Charge>,
+        now: u64,
+        answer: oneshot::Sender<Result<Debit, StoreError>>,
+    },
+}
+
+/// The handle to the writer thread; dropping it stops the thread and waits for it.
+pub(super) struct Writer {
+    /// `None` only while dropping.
+    jobs: Option<mpsc::Sender<Job>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Writer {
+    pub(super) fn start(trees: Arc<Trees>) -> Result<Writer, StoreError> {
+        let (jobs, queue) = mpsc::channel();
+        let thread = std::thread::Builder::new()
+            .name("store writer".into())
+            .spawn(move || run(&trees, &queue))
+            .map_err(|e| StoreError(format!("cannot start the store's writer thread: {e}")))?;
+        Ok(Writer {
+            jobs: Some(jobs),
+            thread: Some(thread),
+        })
+    }
+
+    fn send(&self, job: Job) -> Result<(), StoreError> {
+        self.jobs
+            .as_ref()
+            .and_then(|jobs| jobs.send(job).ok())
+            .ok_or_else(stopped)
+    }
+
+    /// Waits until every write made before this call is on disk.
+    pub(super) async fn flush(&self) -> Result<(), StoreError> {
+        let (answer, done) = oneshot::channel();
+        self.send(Job::Flush(answer))?;
+        done.await.map_err(|_| stopped())?
+    }
+
+    /// Applies a debit in the next batch; answers once it is on disk.
+    pub(super) async fn debit(&self, charge: Charge, now: u64) -> Result<Debit, StoreError> {
+        let (answer, done) = oneshot::channel();
+        self.send(Job::Debit {
+            charge: Box::new(charge),
+            now,
+            answer,
+        })?;
+        done.await.map_err(|_| stopped())?
+    }
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        drop(self.jobs.take());
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+fn stopped() -> StoreError {
+    StoreError("the store's writer thread stopped".into())
+}
+
+/// One batch per turn: everything queued since the last turn, until every handle is dropped.
+fn run(trees: &Trees, queue: &mpsc::Receiver<Job>) {
+    while let Ok(first) = queue.recv() {
+        let mut flushes = Vec::new();
+        let mut debits = Vec::new();
+        let mut answers = Vec::new();
+        for job in std::iter::once(first).chain(queue.try_iter()) {
+            match job {
+                Job::Flush(answer) => flushes.push(answer),
+                Job::Debit {
+                    charge,
+                    now,
+                    answer,
+                } => {
+                    debits.push((*charge, now));
+                    answers.push(answer);
+                }
+            }
+        }
+        let mut results = trees.debit_batch(&debits);
+        let flushed = trees.db.flush().map(drop).map_err(|e| e.to_string());
+        if let Err(e) = &flushed {
+            for (result, (_, now)) in results.iter_mut().zip(&debits) {
+                if let Ok(Debit::Charged(fact)) = result {
+                    tracing::error!(error = %e, debit = fact.seq, "a debit could not be flushed; taking it back");
+                    let _ = trees.refund(fact.seq, *now);
+                    *result = Err(StoreError(e.clone()));
+                }
+            }
+        }
+        for (answer, result) in answers.into_iter().zip(results) {
+            let _ = answer.send(result);
+        }
+        for answer in flushes {
+            let _ = answer.send(flushed.clone().map_err(StoreError));
+        }
+    }
+}
