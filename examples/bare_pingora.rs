@@ -1,11 +1,12 @@
 //! The floor for the load test: a Pingora 0.9 reverse proxy that does nothing but forward, with
-//! tollgate's server settings. `tests/load/run.sh` runs it beside nginx and tollgate so the
+//! tollgate's server settings and allocator. `tests/load/run.sh` runs it beside nginx and tollgate so the
 //! report shows how much of tollgate's cost is Pingora's and how much is tollgate's own.
 //!
 //! Usage: `bare_pingora LISTEN UPSTREAM` (both `host:port`).
 
+/// The allocator tollgate's binary uses (src/main.rs), so the floor is measured like for like.
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use async_trait::async_trait;
 use pingora::prelude::*;

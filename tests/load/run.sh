@@ -4,6 +4,8 @@
 #   framework's floor) | tollgate free route | tollgate paid route (x402 v2,
 #   pre-signed unique payments, verified, nonce recorded durably, settled with a stub facilitator)
 #   | tollgate prepaid route (an API key debited one credit per call, durably)
+# at saturation (wrk, N connections), then the latency of direct, free, paid and prepaid at a
+# moderate paced load (4 connections, one request every 2 ms each: ~2,000 req/s offered),
 # all against the same trivial upstream, in one run (everything shares the machine's cores, so
 # compare ratios within a run, never absolute figures across runs).
 #
@@ -13,7 +15,8 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 DURATION=${1:-10}
 CONNS=${2:-50}
-MODERATE=4   # connections for the latency-at-moderate-load row
+MODERATE=4   # connections for the moderate-load rows, each sending one request every PACE ms
+PACE=2       # so about 4 × 500 = 2,000 req/s offered: a tenth of what the free route serves
 WORK=$(mktemp -d)
 cleanup() {
   kill $(jobs -p) 2>/dev/null || true
@@ -96,17 +99,25 @@ request = function()
   return wrk.format("GET", "/paid", { ["PAYMENT-SIGNATURE"] = headers[i] })
 end
 LUA
+# Moderate load: wrk's delay() paces each connection, so the offered rate stays fixed and the
+# latency is the route's own, not queueing behind a saturated CPU.
+echo "delay = function() return $PACE end" > "$WORK/pace.lua"
+cat "$WORK/paid.lua" "$WORK/pace.lua" > "$WORK/paid-paced.lua"
 
-run() { # name url conns [--key KEY | lua args...]
+run() { # name url conns [--key KEY | --payments FILE] [--paced]
   local name=$1 url=$2 conns=$3; shift 3
+  local args=(-t1 -c"$conns" -d"${DURATION}s" --latency) script="" payments=""
+  while [ $# -gt 0 ]; do
+    case $1 in
+      --key) args+=(-H "x-api-key: $2"); shift 2 ;;
+      --payments) payments=$2; shift 2 ;;
+      --paced) script=pace; shift ;;
+    esac
+  done
+  if [ -n "$payments" ]; then script=paid${script:+-paced}; fi
+  if [ -n "$script" ]; then args+=(-s "$WORK/$script.lua"); fi
   local out
-  if [ "${1:-}" = "--key" ]; then
-    out=$(wrk -t1 -c"$conns" -d"${DURATION}s" --latency -H "x-api-key: $2" "$url")
-  elif [ $# -gt 0 ]; then
-    out=$(wrk -t1 -c"$conns" -d"${DURATION}s" --latency -s "$WORK/paid.lua" "$url" -- "$@")
-  else
-    out=$(wrk -t1 -c"$conns" -d"${DURATION}s" --latency "$url")
-  fi
+  out=$(wrk "${args[@]}" "$url" ${payments:+-- "$payments"})
   local rps p50 p99 errors
   rps=$(awk '/Requests\/sec/ {print $2}' <<<"$out")
   p50=$(awk '$1=="50%" {print $2}' <<<"$out")
@@ -122,11 +133,11 @@ run "nginx reverse proxy"         "http://$NGINX/free" "$CONNS"
 run "bare Pingora proxy"          "http://$BARE/free"  "$CONNS"
 run "tollgate free route"         "http://$GATE/free"  "$CONNS"
 split -n l/2 "$WORK/payments.txt" "$WORK/pay."
-run "tollgate paid route (x402)"  "http://$GATE/paid"  "$CONNS" "$WORK/pay.aa"
+run "tollgate paid route (x402)"  "http://$GATE/paid"  "$CONNS" --payments "$WORK/pay.aa"
 run "tollgate prepaid route"      "http://$GATE/prepaid" "$CONNS" --key "$KEY"
-run "direct upstream"             "http://$UP/free"    "$MODERATE"
-run "tollgate free route"         "http://$GATE/free"  "$MODERATE"
-run "tollgate paid route (x402)"  "http://$GATE/paid"  "$MODERATE" "$WORK/pay.ab"
-run "tollgate prepaid route"      "http://$GATE/prepaid" "$MODERATE" --key "$KEY"
+run "direct upstream, paced"      "http://$UP/free"    "$MODERATE" --paced
+run "tollgate free route, paced"  "http://$GATE/free"  "$MODERATE" --paced
+run "tollgate paid route, paced"  "http://$GATE/paid"  "$MODERATE" --payments "$WORK/pay.ab" --paced
+run "tollgate prepaid, paced"     "http://$GATE/prepaid" "$MODERATE" --key "$KEY" --paced
 echo
 echo "tollgate RSS after the run: $(ps -o rss= -p "$(pgrep -f "tollgate run --config $WORK")" | awk '{printf "%.1f MiB", $1/1024}')"
