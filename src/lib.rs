@@ -53,7 +53,8 @@
 //!   headers, refusals.
 //! - [`store`] — the only module that touches sled: the durable nonce set, and
 //!   [`store::accounts`] (accounts, key hashes, balances, the append-only credit ledger,
-//!   idempotency keys, refunds) and spend-limit counters.
+//!   idempotency keys, refunds) and spend-limit counters. One writer thread owns every flush
+//!   and every debit: concurrent debits share one transaction and one fsync (group commit).
 //! - [`limits`] — buyer limits at run time (windows, counters, what a request holds).
 //! - [`reload`] — the policy in force ([`reload::Live`], swapped whole on reload; each request
 //!   keeps the one it started with) and the watcher (file content, SIGHUP).

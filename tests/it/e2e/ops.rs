@@ -1,5 +1,5 @@
 //! Operations: metrics that follow each kind of request, hot reload under load, SIGTERM under
-//! load, and the access log.
+//! load, the access log, and the idle memory footprint.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -379,4 +379,25 @@ async fn a_configmap_symlink_swap_is_picked_up() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+/// The sidecar's resident memory in KiB, from `/proc/<pid>/status`.
+fn resident_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or_else(|| panic!("no VmRSS in {status}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_sidecar_stays_under_50_mib() {
+    // Caught a real regression: mimalloc with transparent huge pages idled at 55 MiB.
+    let w = World::start("idle-rss").await;
+    let response = w.get("/free/warm").send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let kib = resident_kib(w.sidecar.child.id());
+    assert!(kib < 50 * 1024, "idle RSS is {kib} KiB");
 }
