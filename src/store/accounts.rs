@@ -605,23 +605,32 @@ impl Trees {
     /// Applies a batch of debits in order, in one transaction: a debit sees the balance the
     /// ones before it left. One answer per debit, in the same order. Not yet flushed.
     pub(super) fn debit_batch(&self, debits: &[(Charge, u64)]) -> Vec<Result<Debit, StoreError>> {
+        if debits.is_empty() {
+            return Vec::new();
+        }
         match self.debit_all(debits) {
             Ok(done) => done.into_iter().map(Ok).collect(),
-            // A broken record must not refuse the debits batched with it: one at a time.
-            Err(_) if debits.len() > 1 => debits
+            // A record that cannot be read aborts the batch before anything is written; one at
+            // a time, it refuses only its own debit.
+            Err(BatchFailed::Record(_)) if debits.len() > 1 => debits
                 .iter()
-                .map(|debit| {
-                    let done = self.debit_all(std::slice::from_ref(debit))?;
-                    done.into_iter()
+                .map(|debit| match self.debit_all(std::slice::from_ref(debit)) {
+                    Ok(done) => done
+                        .into_iter()
                         .next()
-                        .ok_or_else(|| StoreError("a debit got no answer".into()))
+                        .ok_or_else(|| StoreError("a debit got no answer".into())),
+                    Err(BatchFailed::Record(e) | BatchFailed::Storage(e)) => Err(e),
                 })
                 .collect(),
-            Err(e) => vec![Err(e)],
+            // A storage failure may have stopped the commit half-way: never retried.
+            Err(BatchFailed::Record(e) | BatchFailed::Storage(e)) => debits
+                .iter()
+                .map(|_| Err(StoreError(e.0.clone())))
+                .collect(),
         }
     }
 
-    fn debit_all(&self, debits: &[(Charge, u64)]) -> Result<Vec<Debit>, StoreError> {
+    fn debit_all(&self, debits: &[(Charge, u64)]) -> Result<Vec<Debit>, BatchFailed> {
         let result = (
             &self.meta,
             &self.balances,
@@ -642,7 +651,12 @@ impl Trees {
                     .map(|(charge, now)| debit_one(&books, idempotency, keys, charge, *now))
                     .collect::<Tx<Vec<Debit>, Infallible>>()
             });
-        Ok(settle_tx::<_, Infallible>(result)?.unwrap_or_else(|never| match never {}))
+        match result {
+            Ok(done) => Ok(done),
+            Err(TransactionError::Abort(Abort::Store(e))) => Err(BatchFailed::Record(e)),
+            Err(TransactionError::Abort(Abort::Answer(never))) => match never {},
+            Err(TransactionError::Storage(e)) => Err(BatchFailed::Storage(e.into())),
+        }
     }
 
     /// Refunds a debit (see [`Store::refund`]); not yet flushed.
@@ -695,6 +709,14 @@ impl Trees {
             });
         Ok(settle_tx::<_, Infallible>(result)?.unwrap_or_else(|never| match never {}))
     }
+}
+
+/// Why a batch of debits wrote nothing.
+enum BatchFailed {
+    /// A record could not be read: the transaction aborted before its commit.
+    Record(StoreError),
+    /// sled failed, possibly during the commit.
+    Storage(StoreError),
 }
 
 /// One debit inside a batch's transaction.
@@ -920,16 +942,47 @@ mod tests {
         assert_eq!(answers[2], Debit::Short { balance: 2 });
         assert!(matches!(&answers[3], Debit::Charged(f) if f.balance == 0 && f.seq == 4));
 
-        // A key record that cannot be read fails its own debit, not its neighbours'.
+        // A key record that cannot be read fails its own debit, not its neighbours': the batch
+        // is thrown away and replayed one debit at a time, each applied exactly once.
+        store.top_up(1, 10, "more", 3).await.unwrap().unwrap();
         store
             .trees
             .keys
             .insert(b.id.as_bytes(), &b"{broken"[..])
             .unwrap();
-        let batch = [(charge(&b, 1, None), 3), (charge(&a, 0, None), 3)];
+        let batch = [
+            (charge(&a, 2, None), 3),
+            (charge(&b, 1, None), 3),
+            (charge(&a, 3, None), 3),
+        ];
         let answers = store.trees.debit_batch(&batch);
-        assert!(answers[0].is_err());
-        assert!(matches!(&answers[1], Ok(Debit::Charged(f)) if f.seq == 5));
+        assert!(matches!(&answers[0], Ok(Debit::Charged(f)) if f.balance == 8));
+        assert!(answers[1].is_err());
+        assert!(matches!(&answers[2], Ok(Debit::Charged(f)) if f.balance == 5));
+        assert_eq!(store.account(1).unwrap().unwrap().1, 5);
+        assert_eq!(store.account(2).unwrap().unwrap().1, 5);
+        assert_eq!(store.usage(1, 0, 100).unwrap().len(), 6);
+        assert_eq!(store.audit().unwrap().discrepancies, vec![]);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_debit_cancelled_in_flight_leaves_the_account_as_it_was() {
+        let (store, dir) = temp_store("cancel");
+        store.create_account("", 1).await.unwrap();
+        let (_, key) = store.issue_key(1, "", None, 1).await.unwrap().unwrap();
+        store.top_up(1, 10, "seed", 1).await.unwrap().unwrap();
+        for _ in 0..20 {
+            // Polled once (queued), then dropped: the request is gone before its answer.
+            let mut debit = std::pin::pin!(store.debit(charge(&key, 1, None), 2));
+            tokio::select! {
+                biased;
+                _ = &mut debit => panic!("answered within one poll"),
+                () = std::future::ready(()) => {}
+            }
+        }
+        store.durable().await.unwrap();
+        assert_eq!(store.account(1).unwrap().unwrap().1, 10);
         assert_eq!(store.audit().unwrap().discrepancies, vec![]);
         let _ = std::fs::remove_dir_all(&dir);
     }

@@ -19,9 +19,9 @@ use alloy::primitives::{Address, B256};
 /// The sled directory, opened once per process. Clones share it.
 #[derive(Clone)]
 pub struct Store {
-    // Field order matters on drop: the trees go first, then the writer joins its thread, which
-    // holds the last `Trees` — so the directory is unlocked when the last `Store` is gone (a
-    // restart in the same process can reopen it).
+    // The writer thread holds its own `Trees`; dropping the last `Store` joins it, so the
+    // directory is unlocked when the last `Store` is gone (a restart in the same process can
+    // reopen it).
     trees: Arc<Trees>,
     writer: Arc<writer::Writer>,
 }

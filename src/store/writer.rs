@@ -7,17 +7,18 @@
 //! transaction under a process-wide lock (README, Performance). Other writes (nonce claims,
 //! top-ups, refunds, keys) are made by their callers, which then queue a flush and await it.
 //!
-//! A charged debit is answered only after its flush succeeded. When the flush fails, the
-//! batch's debits are taken back (in memory at least; the refund becomes durable with the next
-//! flush that succeeds) and every caller gets the error, so a refused request is never left
-//! charged. One flusher also keeps tollgate off sled 0.34's `flush_async`, which deadlocks when
+//! A charged debit is answered only after its flush succeeded. When the flush fails (or the turn
+//! fails unexpectedly), every debit of the batch gets the error and those charged are taken
+//! back (in memory at least; the refund becomes durable with the next flush that succeeds), so
+//! a refused request is never left charged. A request cancelled while queued is not charged;
+//! one cancelled while its debit was applied gets it taken back. One flusher also keeps tollgate off sled 0.34's `flush_async`, which deadlocks when
 //! called concurrently (sled issue #1308, fixed only on its unreleased main branch).
 
 use std::sync::{Arc, mpsc};
 
 use tokio::sync::oneshot;
 
-use super::accounts::{Charge, Debit};
+use super::accounts::{Charge, Debit, Fact};
 use super::{StoreError, Trees};
 
 enum Job {
@@ -89,15 +90,20 @@ fn stopped() -> StoreError {
     StoreError("the store's writer thread stopped".into())
 }
 
+/// Most debits applied in one transaction: a transaction holds sled's process-wide lock.
+const MAX_BATCH: usize = 512;
+
 /// One batch per turn: everything queued since the last turn, until every handle is dropped.
 fn run(trees: &Trees, queue: &mpsc::Receiver<Job>) {
     while let Ok(first) = queue.recv() {
         let mut flushes = Vec::new();
         let mut debits = Vec::new();
         let mut answers = Vec::new();
-        for job in std::iter::once(first).chain(queue.try_iter()) {
+        for job in std::iter::once(first).chain(queue.try_iter().take(MAX_BATCH - 1)) {
             match job {
                 Job::Flush(answer) => flushes.push(answer),
+                // A request cancelled while queued is not charged.
+                Job::Debit { answer, .. } if answer.is_closed() => {}
                 Job::Debit {
                     charge,
                     now,
@@ -108,22 +114,53 @@ fn run(trees: &Trees, queue: &mpsc::Receiver<Job>) {
                 }
             }
         }
-        let mut results = trees.debit_batch(&debits);
-        let flushed = trees.db.flush().map(drop).map_err(|e| e.to_string());
+        let mut results = Vec::new();
+        let turn = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            results = trees.debit_batch(&debits);
+            trees.db.flush().map(drop).map_err(|e| e.to_string())
+        }));
+        let flushed = turn.unwrap_or_else(|_| Err("the store's writer failed unexpectedly".into()));
         if let Err(e) = &flushed {
-            for (result, (_, now)) in results.iter_mut().zip(&debits) {
+            // Fail closed: every debit of the batch gets the error; those charged are taken back.
+            for (result, (_, now)) in results.iter().zip(&debits) {
                 if let Ok(Debit::Charged(fact)) = result {
-                    tracing::error!(error = %e, debit = fact.seq, "a debit could not be flushed; taking it back");
-                    let _ = trees.refund(fact.seq, *now);
-                    *result = Err(StoreError(e.clone()));
+                    take_back(trees, fact, *now, e);
                 }
             }
+            results = debits.iter().map(|_| Err(StoreError(e.clone()))).collect();
         }
-        for (answer, result) in answers.into_iter().zip(results) {
-            let _ = answer.send(result);
+        for ((answer, (_, now)), result) in answers.into_iter().zip(&debits).zip(results) {
+            if let Err(Ok(Debit::Charged(fact))) = answer.send(result) {
+                take_back(
+                    trees,
+                    &fact,
+                    *now,
+                    "the request was cancelled while it was debited",
+                );
+            }
         }
         for answer in flushes {
             let _ = answer.send(flushed.clone().map_err(StoreError));
         }
+    }
+}
+
+/// Refunds a debit whose request will not be served (durable with the next flush that
+/// succeeds).
+fn take_back(trees: &Trees, fact: &Fact, now: u64, why: &str) {
+    match trees.refund(fact.seq, now) {
+        Ok(_) => tracing::warn!(
+            debit = fact.seq,
+            account = fact.account,
+            why,
+            "a debit was taken back"
+        ),
+        Err(e) => tracing::error!(
+            debit = fact.seq,
+            account = fact.account,
+            why,
+            error = %e,
+            "a debit could not be taken back: the account stays charged for a request that was not served"
+        ),
     }
 }
