@@ -793,6 +793,14 @@ mod tests {
         (Store::open(&dir).unwrap(), dir)
     }
 
+    /// Account 1 of a fresh store, funded with `credits`, and a key for it.
+    async fn funded_key(store: &Store, credits: u128) -> KeyRecord {
+        store.create_account("", 1).await.unwrap();
+        let (_, key) = store.issue_key(1, "", None, 1).await.unwrap().unwrap();
+        store.top_up(1, credits, "seed", 1).await.unwrap().unwrap();
+        key
+    }
+
     fn charge(key: &KeyRecord, credits: u128, idem: Option<(&str, &str)>) -> Charge {
         Charge {
             key: key.clone(),
@@ -969,9 +977,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_debit_cancelled_in_flight_leaves_the_account_as_it_was() {
         let (store, dir) = temp_store("cancel");
-        store.create_account("", 1).await.unwrap();
-        let (_, key) = store.issue_key(1, "", None, 1).await.unwrap().unwrap();
-        store.top_up(1, 10, "seed", 1).await.unwrap().unwrap();
+        let key = funded_key(&store, 10).await;
         for _ in 0..20 {
             // Polled once (queued), then dropped: the request is gone before its answer.
             let mut debit = std::pin::pin!(store.debit(charge(&key, 1, None), 2));
@@ -990,9 +996,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
     async fn concurrent_debits_never_overspend() {
         let (store, dir) = temp_store("race");
-        store.create_account("", 1).await.unwrap();
-        let (_, key) = store.issue_key(1, "", None, 1).await.unwrap().unwrap();
-        store.top_up(1, 100, "seed", 1).await.unwrap().unwrap();
+        let key = funded_key(&store, 100).await;
         let mut tasks = Vec::new();
         for _ in 0..300 {
             let (store, key) = (store.clone(), key.clone());
