@@ -1,6 +1,7 @@
 //! The floor for the load test: a Pingora 0.9 reverse proxy that does nothing but forward, with
-//! tollgate's server settings and allocator. `tests/load/run.sh` runs it beside nginx and tollgate so the
-//! report shows how much of tollgate's cost is Pingora's and how much is tollgate's own.
+//! tollgate's server settings and allocator. `tests/load/run.sh` runs it beside nginx and
+//! tollgate so the report shows how much of tollgate's cost is Pingora's and how much is
+//! tollgate's own.
 //!
 //! Usage: `bare_pingora LISTEN UPSTREAM` (both `host:port`).
 

@@ -79,7 +79,8 @@ impl Gate {
         let buyer = BuyerId::Account(key.account);
         let mut holds = self.hold_limits(loaded, route, &buyer, Spent::Credits(credits), now)?;
         let charge = Charge {
-            key: key.clone(),
+            key_id: key.id.clone(),
+            account: key.account,
             credits,
             request_id: request_id.to_string(),
             route: loaded.label(route.id).to_string(),

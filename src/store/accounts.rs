@@ -116,7 +116,10 @@ pub enum FactKind {
 /// What a debit is asked to do.
 #[derive(Debug, Clone)]
 pub struct Charge {
-    pub key: KeyRecord,
+    /// The paying key's id and account; the debit re-reads the key's record, so a key revoked
+    /// since it was resolved does not pay.
+    pub key_id: String,
+    pub account: AccountId,
     pub credits: u128,
     pub request_id: String,
     pub route: String,
@@ -727,9 +730,9 @@ fn debit_one<A>(
     charge: &Charge,
     now: u64,
 ) -> Tx<Debit, A> {
-    let account = charge.key.account;
+    let account = charge.account;
     let id = account.to_be_bytes();
-    let current: KeyRecord = match keys.get(charge.key.id.as_bytes())? {
+    let current: KeyRecord = match keys.get(charge.key_id.as_bytes())? {
         Some(bytes) => parse_tx(&bytes)?,
         None => return Ok(Debit::KeyUnusable(KeyProblem::Unknown)),
     };
@@ -761,7 +764,7 @@ fn debit_one<A>(
     let mut fact = Fact::new(account, FactKind::Debit, charge.credits, left, now);
     fact.request_id = Some(charge.request_id.clone());
     fact.route = Some(charge.route.clone());
-    fact.key = Some(charge.key.id.clone());
+    fact.key = Some(charge.key_id.clone());
     fact.idempotency_key = charge.idempotency.as_ref().map(|(key, _)| key.clone());
     let fact = append(books, fact)?;
     if let (Some(idem_key), Some((_, request))) = (idem_key, &charge.idempotency) {
@@ -803,7 +806,8 @@ mod tests {
 
     fn charge(key: &KeyRecord, credits: u128, idem: Option<(&str, &str)>) -> Charge {
         Charge {
-            key: key.clone(),
+            key_id: key.id.clone(),
+            account: key.account,
             credits,
             request_id: "req".into(),
             route: "GET /x".into(),

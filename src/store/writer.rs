@@ -11,8 +11,10 @@
 //! fails unexpectedly), every debit of the batch gets the error and those charged are taken
 //! back (in memory at least; the refund becomes durable with the next flush that succeeds), so
 //! a refused request is never left charged. A request cancelled while queued is not charged;
-//! one cancelled while its debit was applied gets it taken back. One flusher also keeps tollgate off sled 0.34's `flush_async`, which deadlocks when
-//! called concurrently (sled issue #1308, fixed only on its unreleased main branch).
+//! one cancelled while its debit was applied gets it taken back.
+//!
+//! One flusher also keeps tollgate off sled 0.34's `flush_async`, which deadlocks when called
+//! concurrently (sled issue #1308, fixed only on its unreleased main branch).
 
 use std::sync::{Arc, mpsc};
 

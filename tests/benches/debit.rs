@@ -37,7 +37,8 @@ fn bench(c: &mut Criterion) {
         b.iter(|| store.resolve_key(black_box(&secret), 2))
     });
     let charge = || Charge {
-        key: key.clone(),
+        key_id: key.id.clone(),
+        account: key.account,
         credits: 1,
         request_id: "bench".into(),
         route: "GET /bench".into(),
