@@ -66,6 +66,42 @@ pub struct Config {
     pub admin: AdminConfig,
     /// Logging.
     pub log: LogConfig,
+    /// How many client connections, and how long they may idle or dawdle.
+    pub connections: ConnectionLimits,
+}
+
+/// Protection of the proxy listener against idle and slow clients (README "Security").
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConnectionLimits {
+    /// Concurrent client connections; more are answered `503 connection_limit` and closed.
+    /// `None` (`auto`, the default): as many as the file-descriptor limit allows, at most
+    /// [`DEFAULT_MAX_CONNECTIONS`] (each client connection may need an upstream one too).
+    pub max: Option<usize>,
+    /// Seconds a kept-alive connection may wait for its next request. Default 60.
+    pub idle_timeout_secs: u64,
+    /// Seconds to receive a whole request head, from its first byte (from the connection's
+    /// start for the first request). Default 10.
+    pub head_timeout_secs: u64,
+    /// Seconds the request body may pause between two reads. Default 30.
+    pub body_timeout_secs: u64,
+    /// Bytes per second a request body must average once it has taken longer than
+    /// `body_timeout`. Default 1024.
+    pub body_min_rate: u64,
+}
+
+/// The cap on client connections when `connections.max` is `auto`.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 4096;
+
+impl Default for ConnectionLimits {
+    fn default() -> Self {
+        ConnectionLimits {
+            max: None,
+            idle_timeout_secs: 60,
+            head_timeout_secs: 10,
+            body_timeout_secs: 30,
+            body_min_rate: 1024,
+        }
+    }
 }
 
 /// The upstream service, a base URL without path, query or fragment.
@@ -233,6 +269,7 @@ impl Default for Config {
             ops: OpsConfig::default(),
             admin: AdminConfig::default(),
             log: LogConfig::default(),
+            connections: ConnectionLimits::default(),
         }
     }
 }
@@ -329,10 +366,15 @@ enum Field {
     AdminToken,
     LogFormat,
     LogLevel,
+    ConnectionsMax,
+    IdleTimeout,
+    HeadTimeout,
+    BodyTimeout,
+    BodyMinRate,
 }
 
 impl Field {
-    const ALL: [Field; 10] = [
+    const ALL: [Field; 15] = [
         Field::Listen,
         Field::Upstream,
         Field::PublicUrl,
@@ -343,6 +385,11 @@ impl Field {
         Field::AdminToken,
         Field::LogFormat,
         Field::LogLevel,
+        Field::ConnectionsMax,
+        Field::IdleTimeout,
+        Field::HeadTimeout,
+        Field::BodyTimeout,
+        Field::BodyMinRate,
     ];
 
     fn path(self) -> &'static str {
@@ -357,6 +404,11 @@ impl Field {
             Field::AdminToken => "admin.token",
             Field::LogFormat => "log.format",
             Field::LogLevel => "log.level",
+            Field::ConnectionsMax => "connections.max",
+            Field::IdleTimeout => "connections.idle_timeout",
+            Field::HeadTimeout => "connections.head_timeout",
+            Field::BodyTimeout => "connections.body_timeout",
+            Field::BodyMinRate => "connections.body_min_rate",
         }
     }
 
@@ -372,13 +424,27 @@ impl Field {
             Field::AdminToken => "TOLLGATE_ADMIN_TOKEN",
             Field::LogFormat => "TOLLGATE_LOG_FORMAT",
             Field::LogLevel => "TOLLGATE_LOG_LEVEL",
+            Field::ConnectionsMax => "TOLLGATE_CONNECTIONS_MAX",
+            Field::IdleTimeout => "TOLLGATE_CONNECTIONS_IDLE_TIMEOUT",
+            Field::HeadTimeout => "TOLLGATE_CONNECTIONS_HEAD_TIMEOUT",
+            Field::BodyTimeout => "TOLLGATE_CONNECTIONS_BODY_TIMEOUT",
+            Field::BodyMinRate => "TOLLGATE_CONNECTIONS_BODY_MIN_RATE",
         }
     }
 
     /// Whether a YAML number is taken as text (a directory called `2024` is plausible; a
     /// number where an address, URL or name is expected is a mistake).
     fn accepts_numbers(self) -> bool {
-        matches!(self, Field::Policies | Field::Store)
+        matches!(
+            self,
+            Field::Policies
+                | Field::Store
+                | Field::ConnectionsMax
+                | Field::IdleTimeout
+                | Field::HeadTimeout
+                | Field::BodyTimeout
+                | Field::BodyMinRate
+        )
     }
 }
 
@@ -396,11 +462,19 @@ const TOP_KEYS: &[(&str, Node)] = &[
     ("ops", Node::Section(OPS_KEYS)),
     ("admin", Node::Section(ADMIN_KEYS)),
     ("log", Node::Section(LOG_KEYS)),
+    ("connections", Node::Section(CONNECTION_KEYS)),
 ];
 const OPS_KEYS: &[(&str, Node)] = &[("listen", Node::Leaf(Field::OpsListen))];
 const ADMIN_KEYS: &[(&str, Node)] = &[
     ("listen", Node::Leaf(Field::AdminListen)),
     ("token", Node::Leaf(Field::AdminToken)),
+];
+const CONNECTION_KEYS: &[(&str, Node)] = &[
+    ("max", Node::Leaf(Field::ConnectionsMax)),
+    ("idle_timeout", Node::Leaf(Field::IdleTimeout)),
+    ("head_timeout", Node::Leaf(Field::HeadTimeout)),
+    ("body_timeout", Node::Leaf(Field::BodyTimeout)),
+    ("body_min_rate", Node::Leaf(Field::BodyMinRate)),
 ];
 const LOG_KEYS: &[(&str, Node)] = &[
     ("format", Node::Leaf(Field::LogFormat)),
@@ -765,6 +839,22 @@ fn build(raw: &Raw, errors: &mut Vec<ConfigError>, warnings: &mut Vec<String>) -
     if let Some(v) = r.scalar(Field::LogLevel, parse_log_level) {
         config.log.level = v;
     }
+    let limits = &mut config.connections;
+    if let Some(v) = r.scalar(Field::ConnectionsMax, parse_max_connections) {
+        limits.max = v;
+    }
+    for (field, slot) in [
+        (Field::IdleTimeout, &mut limits.idle_timeout_secs),
+        (Field::HeadTimeout, &mut limits.head_timeout_secs),
+        (Field::BodyTimeout, &mut limits.body_timeout_secs),
+    ] {
+        if let Some(v) = r.scalar(field, parse_timeout) {
+            *slot = v;
+        }
+    }
+    if let Some(v) = r.scalar(Field::BodyMinRate, |s| parse_count(s, "bytes per second")) {
+        limits.body_min_rate = v;
+    }
 
     // Cross-field checks only on fully valid values (an invalid field holds its default).
     if errors.len() == errors_before {
@@ -819,6 +909,32 @@ fn parse_socket_addr(text: &str, example: SocketAddr) -> Result<SocketAddr, Stri
     text.parse().map_err(|_| {
         format!("invalid socket address {text:?} (expected host:port such as {example})")
     })
+}
+
+/// `auto` or a positive number of connections.
+fn parse_max_connections(text: &str) -> Result<Option<usize>, String> {
+    if text == "auto" {
+        return Ok(None);
+    }
+    match text.parse::<usize>() {
+        Ok(n) if n > 0 => Ok(Some(n)),
+        _ => Err(format!(
+            "expected `auto` or a positive number of connections, found {text:?}"
+        )),
+    }
+}
+
+/// A duration such as `30s`, `2m` (a bare number is seconds); at least one second.
+fn parse_timeout(text: &str) -> Result<u64, String> {
+    match crate::admin::parse_duration_secs(text)? {
+        0 => Err(format!("{text:?} is too short: a timeout is at least 1s")),
+        secs => Ok(secs),
+    }
+}
+
+fn parse_count(text: &str, what: &str) -> Result<u64, String> {
+    text.parse::<u64>()
+        .map_err(|_| format!("expected a whole number of {what}, found {text:?}"))
 }
 
 fn parse_store(text: &str) -> Result<PathBuf, String> {
@@ -1087,6 +1203,36 @@ impl Config {
                 mapping(vec![
                     ("format", text(self.log.format.as_str())),
                     ("level", text(&self.log.level)),
+                ]),
+            ),
+            (
+                "connections",
+                mapping(vec![
+                    (
+                        "max",
+                        text(
+                            &self
+                                .connections
+                                .max
+                                .map_or("auto".to_string(), |n| n.to_string()),
+                        ),
+                    ),
+                    (
+                        "idle_timeout",
+                        text(&format!("{}s", self.connections.idle_timeout_secs)),
+                    ),
+                    (
+                        "head_timeout",
+                        text(&format!("{}s", self.connections.head_timeout_secs)),
+                    ),
+                    (
+                        "body_timeout",
+                        text(&format!("{}s", self.connections.body_timeout_secs)),
+                    ),
+                    (
+                        "body_min_rate",
+                        text(&self.connections.body_min_rate.to_string()),
+                    ),
                 ]),
             ),
         ]);

@@ -118,6 +118,7 @@ pub mod reload;
 pub mod server;
 pub mod settle;
 pub mod store;
+pub mod target;
 pub mod x402;
 
 /// Seconds since the Unix epoch: the clock the I/O layers pass to pure code.

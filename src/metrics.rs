@@ -48,6 +48,13 @@ pub struct Metrics {
     pub policy_info: IntGaugeVec,
     /// `tollgate_store_size_bytes`, refreshed at each scrape.
     pub store_bytes: IntGauge,
+    /// `tollgate_connections_open`: client connections on the proxy listener.
+    pub connections_open: IntGauge,
+    /// `tollgate_connections_rejected_total`: connections refused at `connections.max`.
+    pub connections_rejected: IntCounter,
+    /// `tollgate_client_timeouts_total{phase}`: requests cut off for a head (`head`) or a
+    /// body (`body`) that arrived too slowly.
+    pub client_timeouts: IntCounterVec,
 }
 
 impl Metrics {
@@ -151,6 +158,19 @@ impl Metrics {
                 "tollgate_store_size_bytes",
                 "Size of the embedded store on disk.",
             )?,
+            connections_open: gauge(
+                "tollgate_connections_open",
+                "Client connections open on the proxy listener.",
+            )?,
+            connections_rejected: single(
+                "tollgate_connections_rejected_total",
+                "Client connections refused because connections.max were open.",
+            )?,
+            client_timeouts: counter(
+                "tollgate_client_timeouts_total",
+                "Requests cut off because their head or body arrived too slowly, by phase (head, body).",
+                &["phase"],
+            )?,
             policy_info,
             registry,
         })
@@ -165,6 +185,9 @@ impl Metrics {
         }
         for result in ["ok", "unchanged", "failed"] {
             self.reloads.with_label_values(&[result]);
+        }
+        for phase in ["head", "body"] {
+            self.client_timeouts.with_label_values(&[phase]);
         }
         for limit in [
             "rate_limited",

@@ -30,7 +30,8 @@ use crate::admin::{self, service::Admin};
 use crate::config::{Config, LogFormat, Scheme};
 use crate::limits::Limiter;
 use crate::metrics::Metrics;
-use crate::proxy::Gate;
+use crate::proxy::listener::Listener;
+use crate::proxy::{BodyPace, Gate};
 use crate::reload::{Live, Watcher};
 use crate::store::Store;
 
@@ -80,6 +81,7 @@ pub fn run(config: &Config) -> Result<(), String> {
         "tollgate starting"
     );
     let limiter = Arc::new(Limiter::default());
+    let limits = &config.connections;
     let gate = Gate::new(
         live.clone(),
         store.clone(),
@@ -87,8 +89,21 @@ pub fn run(config: &Config) -> Result<(), String> {
         config.public_url.clone(),
         limiter.clone(),
         metrics.clone(),
+        BodyPace {
+            timeout: Duration::from_secs(limits.body_timeout_secs),
+            min_rate: limits.body_min_rate,
+        },
     );
-    let mut proxy = pingora::proxy::http_proxy_service_with_name(&conf, gate, "tollgate proxy");
+    let ids = gate.request_ids();
+    let listener = Listener::new(
+        pingora::proxy::http_proxy(&conf, gate),
+        limits.clone(),
+        connection_cap(limits),
+        ids,
+        live.clone(),
+        metrics.clone(),
+    );
+    let mut proxy = Service::new("tollgate proxy".to_string(), listener);
     proxy.add_tcp(&config.listen.to_string());
 
     let ready = Arc::new(AtomicBool::new(true));
@@ -153,6 +168,44 @@ fn init_logging(config: &Config) {
         LogFormat::Json => builder.json().try_init(),
         LogFormat::Text => builder.try_init(),
     };
+}
+
+/// File descriptors kept out of the connection cap: listeners, the store, logs, the admin API.
+const RESERVED_FDS: u64 = 64;
+
+/// The effective `connections.max`. The soft file-descriptor limit is raised to the hard one
+/// first (as nginx's `worker_rlimit_nofile` and Go's runtime do); `auto` then allows what the
+/// limit can hold with an upstream connection per client, at most
+/// [`crate::config::DEFAULT_MAX_CONNECTIONS`]. An explicit `max` above that is kept, and warned
+/// about: past it, accepting fails with `Too many open files`.
+fn connection_cap(limits: &crate::config::ConnectionLimits) -> usize {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let mut nofile = getrlimit(Resource::Nofile);
+    if nofile.current < nofile.maximum {
+        nofile.current = nofile.maximum;
+        if let Err(e) = setrlimit(Resource::Nofile, nofile) {
+            tracing::debug!(error = %e, "cannot raise the file-descriptor limit");
+        }
+        nofile = getrlimit(Resource::Nofile);
+    }
+    let fits = nofile.current.map_or(usize::MAX, |n| {
+        usize::try_from(n.saturating_sub(RESERVED_FDS) / 2).unwrap_or(usize::MAX)
+    });
+    let cap = match limits.max {
+        None => crate::config::DEFAULT_MAX_CONNECTIONS.min(fits).max(1),
+        Some(max) => {
+            if max > fits {
+                tracing::warn!(
+                    connections_max = max,
+                    file_descriptors = ?nofile.current,
+                    "connections.max is more than the file-descriptor limit can hold (each client connection may need an upstream one); raise `ulimit -n`"
+                );
+            }
+            max
+        }
+    };
+    tracing::info!(connections_max = cap, file_descriptors = ?nofile.current, "connection limit");
+    cap
 }
 
 /// The upstream as a Pingora peer, resolved once at startup.

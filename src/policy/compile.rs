@@ -570,9 +570,17 @@ impl Cx<'_> {
                 Err(first) => {
                     let first_span = route_spans.get(first).copied().unwrap_or_default();
                     let header = Span::new(span.start, decl.path.span.end);
+                    let same_case = compiled
+                        .get(first)
+                        .is_some_and(|f| f.pattern.shape() == route.pattern.shape());
+                    let label = if same_case {
+                        "same method and path shape as an earlier route"
+                    } else {
+                        "same method and path as an earlier route when letter case is ignored (many upstreams ignore it)"
+                    };
                     self.push(
                         Diagnostic::error("duplicate_route", header, format!("duplicate route `{}`", route.display()))
-                        .label("same method and path shape as an earlier route")
+                        .label(label)
                         .related(Span::new(first_span.start, first_span.start + 5), "first defined here")
                         .help("both routes match exactly the same requests, so neither is more specific: merge them or change one"),
                     );
@@ -1453,6 +1461,7 @@ impl Cx<'_> {
             timeout_secs: timeout.map_or(up.timeout_secs, |(_, t)| t),
             prefer: prefer.map_or(Rail::Prepaid, |(_, r)| r),
             refund_on_5xx: refund.is_some(),
+            upgrade: Vec::new(),
             sells: sells.map(|(_, n)| n),
             settle: settle_timing.map_or_else(|| up.settle.clone(), |(_, t)| t),
             limits,

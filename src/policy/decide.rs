@@ -23,7 +23,8 @@ use super::routes::{Malformed, check_method, split_path};
 #[derive(Debug, Clone, Copy)]
 pub struct Request<'a> {
     pub method: &'a str,
-    /// Path with optional query: `/v1/forecast/paris?days=3`.
+    /// Path with optional query, `/v1/forecast/paris?days=3`, or `*` (`OPTIONS *`): the
+    /// canonical target from [`crate::target::parse`], which is also what the upstream gets.
     pub target: &'a str,
     /// The policy's prepaid header is present.
     pub api_key: bool,
@@ -127,21 +128,30 @@ pub struct Decision<'p> {
 
 /// Decides what a request gets.
 pub fn decide<'p>(policy: &'p Policy, request: &Request<'_>, buyer: &Buyer) -> Decision<'p> {
-    let segments = match check_method(request.method).and_then(|()| split_path(request.target)) {
-        Ok(s) => s,
-        Err(e) => {
-            return Decision {
-                route: None,
-                outcome: Outcome::BadRequest(e),
-                why: Why::Malformed,
-            };
-        }
+    let malformed = |e| Decision {
+        route: None,
+        outcome: Outcome::BadRequest(e),
+        why: Why::Malformed,
     };
-    let Some(route) = policy
-        .matcher
-        .find(request.method, &segments)
-        .and_then(|id| policy.route(id))
-    else {
+    if let Err(e) = check_method(request.method) {
+        return malformed(e);
+    }
+    // `OPTIONS *` names the server, not a path: no route matches it.
+    let found = if request.target == "*" {
+        if request.method == "OPTIONS" {
+            Ok(None)
+        } else {
+            Err(Malformed::Asterisk)
+        }
+    } else {
+        split_path(request.target)
+            .and_then(|segments| policy.matcher.find(request.method, &segments))
+    };
+    let id = match found {
+        Ok(id) => id,
+        Err(e) => return malformed(e),
+    };
+    let Some(route) = id.and_then(|id| policy.route(id)) else {
         let outcome = match policy.default {
             DefaultAction::Deny => Outcome::Deny,
             DefaultAction::Pass => Outcome::Pass,

@@ -228,6 +228,21 @@ pub enum Malformed {
     Fragment,
     /// A method that is not upper case (`get`): methods are case-sensitive, frameworks are not.
     Method,
+    /// A request target that is not origin-form, an `http(s)` URL of this host, or `OPTIONS *`.
+    TargetForm,
+    /// An absolute-form target naming another host than `Host`, or carrying userinfo.
+    Authority,
+    /// `*` as the target of a method other than `OPTIONS`.
+    Asterisk,
+    /// Bytes in the target that are not printable ASCII (they must be percent-encoded).
+    TargetBytes,
+    /// A backslash in the path, plain or percent-encoded: some servers read it as `/`.
+    Backslash,
+    /// A `;` in the path: servlet containers strip `;…` path parameters before routing.
+    PathParameter,
+    /// The path's letter case decides the route: matched exactly it reaches one route,
+    /// ignoring case another (upstreams disagree on case, so neither can be priced safely).
+    AmbiguousCase,
 }
 
 impl fmt::Display for Malformed {
@@ -238,7 +253,24 @@ impl fmt::Display for Malformed {
             Malformed::Method => "the request method must be upper case",
             Malformed::DotSegment => "the request path contains a `.` or `..` segment",
             Malformed::BadEncoding => {
-                "the request path contains an encoded `/` or invalid percent-encoding"
+                "the request path contains an encoded `/`, an encoded control character or invalid percent-encoding"
+            }
+            Malformed::TargetForm => {
+                "the request target must be a path starting with `/` (or an http URL of this host)"
+            }
+            Malformed::Authority => {
+                "an absolute request URL must name this host, as the Host header does, without userinfo"
+            }
+            Malformed::Asterisk => "`*` is a request target for OPTIONS only",
+            Malformed::TargetBytes => {
+                "the request target contains bytes that are not printable ASCII; percent-encode them"
+            }
+            Malformed::Backslash => "the request path contains a backslash",
+            Malformed::PathParameter => {
+                "the request path contains `;` (path parameters are not accepted)"
+            }
+            Malformed::AmbiguousCase => {
+                "the request path's letter case makes it match a different route than its lower-case form"
             }
         })
     }
@@ -268,8 +300,11 @@ pub fn split_path(target: &str) -> Result<Vec<Cow<'_, str>>, Malformed> {
             let decoded = percent_encoding::percent_decode_str(raw)
                 .decode_utf8()
                 .map_err(|_| Malformed::BadEncoding)?;
-            if decoded.contains('/') {
+            if decoded.contains('/') || decoded.chars().any(char::is_control) {
                 return Err(Malformed::BadEncoding);
+            }
+            if decoded.contains('\\') {
+                return Err(Malformed::Backslash);
             }
             Cow::Owned(decoded.into_owned())
         } else {
@@ -342,9 +377,17 @@ struct Node {
 }
 
 /// The precomputed route table of one policy.
+///
+/// Two tries: the routes as written, and the same routes with their literals in lower case.
+/// Many upstreams route without regard to letter case (Express by default, ASP.NET, IIS), so
+/// a request whose case decides its route (`/PAID/1` reaching `/**` exactly but `/paid/{id}`
+/// ignoring case) is refused rather than priced by the cheaper reading.
 #[derive(Debug, Default, Clone)]
 pub struct RouteMatcher {
     root: Node,
+    folded: Node,
+    /// Some pattern has an upper-case literal: every lookup is checked against `folded`.
+    upper_literals: bool,
 }
 
 impl RouteMatcher {
@@ -355,15 +398,15 @@ impl RouteMatcher {
         pattern: &PathPattern,
         id: RouteId,
     ) -> Result<(), RouteId> {
-        let mut node = &mut self.root;
-        for segment in &pattern.segments {
-            node = match segment {
-                Segment::Literal(l) => node.literals.entry(l.clone()).or_default(),
-                Segment::Param(_) => node.param.get_or_insert_with(Box::default),
-                Segment::CatchAll => return node.catch_all.insert(method, id),
-            };
-        }
-        node.end.insert(method, id)
+        // Folded first: a shape taken up to letter case is refused before anything is stored
+        // (and every exact duplicate is one up to case too).
+        insert_in(&mut self.folded, method, pattern, id, true)?;
+        insert_in(&mut self.root, method, pattern, id, false)?;
+        self.upper_literals |= pattern
+            .segments
+            .iter()
+            .any(|s| matches!(s, Segment::Literal(l) if l.bytes().any(|b| b.is_ascii_uppercase())));
+        Ok(())
     }
 
     /// Routes ending in `**` that can never be chosen: more specific routes take every path
@@ -374,10 +417,51 @@ impl RouteMatcher {
         out
     }
 
-    /// The most specific route for a method and a split request path.
-    pub fn find<S: AsRef<str>>(&self, method: &str, segments: &[S]) -> Option<RouteId> {
-        find_in(&self.root, method, segments)
+    /// The most specific route for a method and a split request path, or
+    /// [`Malformed::AmbiguousCase`] when ignoring letter case would choose another route.
+    pub fn find<S: AsRef<str>>(
+        &self,
+        method: &str,
+        segments: &[S],
+    ) -> Result<Option<RouteId>, Malformed> {
+        let exact = find_in(&self.root, method, segments);
+        let has_upper = || {
+            segments
+                .iter()
+                .any(|s| s.as_ref().bytes().any(|b| b.is_ascii_uppercase()))
+        };
+        if !self.upper_literals && !has_upper() {
+            return Ok(exact);
+        }
+        let lower: Vec<String> = segments
+            .iter()
+            .map(|s| s.as_ref().to_ascii_lowercase())
+            .collect();
+        if find_in(&self.folded, method, &lower) == exact {
+            Ok(exact)
+        } else {
+            Err(Malformed::AmbiguousCase)
+        }
     }
+}
+
+fn insert_in(
+    root: &mut Node,
+    method: Option<&str>,
+    pattern: &PathPattern,
+    id: RouteId,
+    fold: bool,
+) -> Result<(), RouteId> {
+    let mut node = root;
+    for segment in &pattern.segments {
+        node = match segment {
+            Segment::Literal(l) if fold => node.literals.entry(l.to_ascii_lowercase()).or_default(),
+            Segment::Literal(l) => node.literals.entry(l.clone()).or_default(),
+            Segment::Param(_) => node.param.get_or_insert_with(Box::default),
+            Segment::CatchAll => return node.catch_all.insert(method, id),
+        };
+    }
+    node.end.insert(method, id)
 }
 
 fn shadowed_in(node: &Node, out: &mut Vec<RouteId>) {
@@ -444,7 +528,7 @@ mod tests {
     }
 
     fn find(m: &RouteMatcher, method: &str, path: &str) -> Option<RouteId> {
-        m.find(method, &split_path(path).unwrap())
+        m.find(method, &split_path(path).unwrap()).unwrap()
     }
 
     #[test]
@@ -462,6 +546,36 @@ mod tests {
         assert_eq!(find(&m, "GET", "/z/b"), Some(2));
         assert_eq!(find(&m, "GET", "/z/z"), Some(0));
         assert_eq!(find(&m, "GET", "/"), Some(0));
+    }
+
+    #[test]
+    fn letter_case_that_decides_the_route_is_refused() {
+        let m = matcher(&[("*", "/**"), ("GET", "/paid/{id}")]);
+        let split = |p| split_path(p).unwrap();
+        assert_eq!(m.find("GET", &split("/paid/1")), Ok(Some(1)));
+        assert_eq!(
+            m.find("GET", &split("/PAID/1")),
+            Err(Malformed::AmbiguousCase)
+        );
+        assert_eq!(
+            m.find("GET", &split("/Paid/X")),
+            Err(Malformed::AmbiguousCase)
+        );
+        // Case that does not change the route is fine (the parameter keeps its case).
+        assert_eq!(m.find("GET", &split("/paid/ABC")), Ok(Some(1)));
+        assert_eq!(m.find("GET", &split("/Other")), Ok(Some(0)));
+        // An upper-case pattern is checked even for a lower-case request.
+        let m = matcher(&[("*", "/**"), ("GET", "/Paid/{id}")]);
+        assert_eq!(
+            m.find("GET", &split("/paid/1")),
+            Err(Malformed::AmbiguousCase)
+        );
+        assert_eq!(m.find("GET", &split("/Paid/1")), Ok(Some(1)));
+        // Two routes that differ only in case are one route to a case-blind upstream.
+        let mut m = matcher(&[("GET", "/a")]);
+        let upper = PathPattern::parse("/A").unwrap();
+        assert_eq!(m.insert(Some("GET"), &upper, 1), Err(0));
+        assert_eq!(m.find("GET", &split("/a")), Ok(Some(0)));
     }
 
     #[test]

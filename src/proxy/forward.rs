@@ -1,10 +1,14 @@
 //! The request the upstream sees: the client's, minus what is not the upstream's business,
 //! plus what tollgate knows.
 //!
+//! The target is the one that was priced ([`crate::target`]), never the client's bytes.
+//!
 //! Removed: hop-by-hop headers (RFC 9110 §7.6.1: `Connection` and the headers it names,
-//! `Keep-Alive`, `Proxy-Connection`, `Proxy-Authorization`, `TE`, `Trailer`; an `Upgrade`
-//! handshake is kept), the payment headers (`X-PAYMENT`, `PAYMENT-SIGNATURE`), the prepaid key
-//! header, and any `x-tollgate-*` header the client sent (they cannot be spoofed).
+//! `Keep-Alive`, `Proxy-Connection`, `Proxy-Authorization`, `TE`, `Trailer`), `Upgrade` unless
+//! the route allows that protocol (`upgrade websocket`; then `Connection: upgrade` is sent), the
+//! payment headers (`X-PAYMENT`, `PAYMENT-SIGNATURE`), the prepaid key header, any
+//! `x-tollgate-*` header the client sent (they cannot be spoofed), and every header whose name
+//! contains `_` (some servers read `X_Tollgate_Account` as `x-tollgate-account`).
 //!
 //! Added (README "Headers the upstream receives"):
 //! - `x-request-id` — the client's, or one tollgate made.
@@ -28,7 +32,8 @@ const HOP_BY_HOP: [&str; 5] = [
     "trailer",
 ];
 
-pub fn prepare(upstream: &mut RequestHeader, ctx: &Ctx) -> pingora::Result<()> {
+/// Rewrites the upstream request; `Ok(true)` when it carries a protocol upgrade the route allows.
+pub fn prepare(upstream: &mut RequestHeader, ctx: &Ctx) -> pingora::Result<bool> {
     let Some(loaded) = ctx.loaded.as_ref() else {
         return Err(pingora::Error::explain(
             pingora::ErrorType::InternalError,
@@ -36,6 +41,16 @@ pub fn prepare(upstream: &mut RequestHeader, ctx: &Ctx) -> pingora::Result<()> {
         ));
     };
     let policy = &loaded.policy;
+    // The target that was priced, never the client's bytes (crate::target).
+    let Some(target) = ctx.target.as_ref() else {
+        return Err(pingora::Error::explain(
+            pingora::ErrorType::InternalError,
+            "a request without a decided target reached the upstream phase",
+        ));
+    };
+    if upstream.raw_path() != target.as_str().as_bytes() {
+        upstream.set_raw_path(target.as_str().as_bytes())?;
+    }
     // Names that depend on the request (owned); the fixed ones are removed directly below.
     let mut named: Vec<String> = upstream
         .headers
@@ -44,17 +59,30 @@ pub fn prepare(upstream: &mut RequestHeader, ctx: &Ctx) -> pingora::Result<()> {
         .filter(|name| name.starts_with("x-tollgate-"))
         .map(str::to_string)
         .collect();
-    if !upstream.headers.contains_key("upgrade") {
-        for value in upstream.headers.get_all("connection") {
-            if let Ok(text) = value.to_str() {
-                named.extend(
-                    text.split(',')
-                        .map(|t| t.trim().to_ascii_lowercase())
-                        .filter(|t| !t.is_empty()),
-                );
-            }
+    // Names some servers read with `_` as `-` (`X_Tollgate_Account`): dropped, as nginx does.
+    named.extend(
+        upstream
+            .headers
+            .keys()
+            .map(|name| name.as_str())
+            .filter(|name| name.contains('_'))
+            .map(str::to_string),
+    );
+    for value in upstream.headers.get_all("connection") {
+        if let Ok(text) = value.to_str() {
+            named.extend(
+                text.split(',')
+                    .map(|t| t.trim().to_ascii_lowercase())
+                    .filter(|t| !t.is_empty() && t != "upgrade"),
+            );
         }
-        upstream.remove_header("connection");
+    }
+    upstream.remove_header("connection");
+    let upgrade = upgrade_allowed(ctx, upstream);
+    if upgrade {
+        upstream.insert_header("connection", "upgrade")?;
+    } else {
+        upstream.remove_header("upgrade");
     }
     for name in &named {
         upstream.remove_header(name.as_str());
@@ -90,5 +118,32 @@ pub fn prepare(upstream: &mut RequestHeader, ctx: &Ctx) -> pingora::Result<()> {
         upstream.insert_header("x-tollgate-key-id", debited.key.as_str())?;
         upstream.insert_header("x-tollgate-credits", debited.charged.to_string())?;
     }
-    Ok(())
+    Ok(upgrade)
+}
+
+/// Whether the request asks for a protocol upgrade that its route allows (`upgrade websocket`):
+/// every protocol named in `Upgrade` must be on the route's list. Anything else is not
+/// forwarded, so no upstream can turn the connection into an unpriced tunnel.
+fn upgrade_allowed(ctx: &Ctx, request: &RequestHeader) -> bool {
+    let Some(requested) = request.headers.get("upgrade").and_then(|v| v.to_str().ok()) else {
+        return false;
+    };
+    let Some(route) = ctx
+        .loaded
+        .as_ref()
+        .and_then(|l| ctx.route.and_then(|id| l.policy.route(id)))
+    else {
+        return false;
+    };
+    let allowed: &[String] = &route.upgrade;
+    let mut protocols = requested
+        .split(',')
+        .map(|p| p.trim())
+        .filter(|p| !p.is_empty())
+        .peekable();
+    protocols.peek().is_some()
+        && protocols.all(|p| {
+            let name = p.split('/').next().unwrap_or(p);
+            allowed.iter().any(|a| a.eq_ignore_ascii_case(name))
+        })
 }

@@ -21,6 +21,7 @@
 
 mod admit;
 mod forward;
+pub mod listener;
 mod prepaid;
 pub mod refusal;
 mod sell;
@@ -41,6 +42,7 @@ use crate::metrics::Metrics;
 use crate::policy::{self, Buyer, Outcome, PaymentHeader, Request, Why};
 use crate::reload::{Live, Loaded};
 use crate::store::Store;
+use crate::target::Target;
 use crate::x402::RouteTerms;
 use crate::x402::wire::{PAYMENT_SIGNATURE, X_PAYMENT};
 pub use admit::Admitted;
@@ -60,9 +62,20 @@ pub struct Gate {
     /// Absolute base URL for x402 `resource` URLs.
     public_url: String,
     clock: fn() -> u64,
-    ids: RequestIds,
+    ids: Arc<RequestIds>,
     limiter: Arc<Limiter>,
     metrics: Arc<Metrics>,
+    /// How slowly a request body may arrive.
+    body_pace: BodyPace,
+}
+
+/// The pace a request body must keep (`connections.body_timeout`, `connections.body_min_rate`).
+#[derive(Debug, Clone, Copy)]
+pub struct BodyPace {
+    /// The longest pause between two reads; also the grace before the rate counts.
+    pub timeout: Duration,
+    /// Bytes per second, averaged since the head arrived.
+    pub min_rate: u64,
 }
 
 /// Per-request state, owned by Pingora between phases.
@@ -73,6 +86,9 @@ pub struct Ctx {
     /// The policy this request is decided by, taken when it arrived.
     loaded: Option<Arc<Loaded>>,
     request_id: String,
+    /// The request target as priced and forwarded ([`crate::target`]); `None` until decided,
+    /// and for a target that was refused.
+    target: Option<Target>,
     outcome: &'static str,
     route: Option<usize>,
     /// A verified payment whose request was forwarded.
@@ -88,6 +104,11 @@ pub struct Ctx {
     forwarded_at: Option<std::time::Instant>,
     /// Counted in `tollgate_settlement_queue_depth` (admitted, settlement not decided yet).
     queued: bool,
+    /// The upstream request carries an `Upgrade` the route allows: a 101 may open a tunnel.
+    upgrade: bool,
+    /// When the request head was taken, and the body bytes received since.
+    body_started: Option<std::time::Instant>,
+    body_bytes: u64,
 }
 
 impl Gate {
@@ -98,6 +119,7 @@ impl Gate {
         public_url: String,
         limiter: Arc<Limiter>,
         metrics: Arc<Metrics>,
+        body_pace: BodyPace,
     ) -> Gate {
         Gate {
             live,
@@ -105,10 +127,16 @@ impl Gate {
             upstream,
             public_url,
             clock: crate::unix_now,
-            ids: RequestIds::new(),
+            ids: Arc::new(RequestIds::new()),
             limiter,
             metrics,
+            body_pace,
         }
+    }
+
+    /// The request id source, shared with the [`listener`] for the requests it refuses.
+    pub fn request_ids(&self) -> Arc<RequestIds> {
+        self.ids.clone()
     }
 
     fn route_terms(loaded: &Loaded, route: Option<usize>) -> Option<Arc<RouteTerms>> {
@@ -183,10 +211,48 @@ impl ProxyHttp for Gate {
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> pingora::Result<bool> {
         ctx.request_id = self.ids.take_or_make(session.req_header());
+        ctx.body_started = Some(std::time::Instant::now());
+        session.set_read_timeout(Some(self.body_pace.timeout));
         // Every log line of this request's work carries its id.
         let span = tracing::info_span!("request", request_id = %ctx.request_id);
         ctx.span = Some(span.clone());
         self.admission(session, ctx).instrument(span).await
+    }
+
+    async fn request_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<bytes::Bytes>,
+        _end_of_stream: bool,
+        ctx: &mut Ctx,
+    ) -> pingora::Result<()> {
+        ctx.body_bytes += body.as_ref().map_or(0, |b| b.len() as u64);
+        let Some(started) = ctx.body_started else {
+            return Ok(());
+        };
+        let elapsed = started.elapsed();
+        if elapsed > self.body_pace.timeout
+            && u128::from(ctx.body_bytes) * 1000
+                < u128::from(self.body_pace.min_rate) * elapsed.as_millis()
+        {
+            self.metrics
+                .client_timeouts
+                .with_label_values(&["body"])
+                .inc();
+            ctx.refusal = Some(Refusal::new(
+                408,
+                "request_timeout",
+                format!(
+                    "the request body arrives slower than {} bytes per second",
+                    self.body_pace.min_rate
+                ),
+            ));
+            return Err(Error::explain(
+                ErrorType::HTTPStatus(408),
+                "request body too slow",
+            ));
+        }
+        Ok(())
     }
 
     async fn upstream_peer(
@@ -207,12 +273,17 @@ impl ProxyHttp for Gate {
 
     async fn upstream_request_filter(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         upstream: &mut RequestHeader,
         ctx: &mut Ctx,
     ) -> pingora::Result<()> {
         ctx.forwarded_at = Some(std::time::Instant::now());
-        forward::prepare(upstream, ctx)
+        ctx.upgrade = forward::prepare(upstream, ctx)?;
+        if !ctx.upgrade {
+            // Pingora decides from the client's header whether a 101 opens a tunnel.
+            session.req_header_mut().remove_header("upgrade");
+        }
+        Ok(())
     }
 
     async fn response_filter(
@@ -223,6 +294,18 @@ impl ProxyHttp for Gate {
     ) -> pingora::Result<()> {
         // `100 Continue` and other interim answers are not the response: nothing is settled,
         // refunded or measured on them (101 Switching Protocols is final).
+        if response.status == http::StatusCode::SWITCHING_PROTOCOLS && !ctx.upgrade {
+            // A tunnel nobody priced: every later byte would bypass the policy.
+            ctx.refusal = Some(Refusal::new(
+                502,
+                "upstream_protocol_switch",
+                "the upstream switched protocols, which this route does not allow",
+            ));
+            return Err(Error::explain(
+                ErrorType::HTTPStatus(502),
+                "the upstream answered 101 to a request without an allowed upgrade",
+            ));
+        }
         if response.status.is_informational()
             && response.status != http::StatusCode::SWITCHING_PROTOCOLS
         {
@@ -355,21 +438,20 @@ impl ProxyHttp for Gate {
             }
             _ => {}
         }
-        tracing::info!(
-            target: "tollgate::access",
-            request_id = %ctx.request_id,
-            method = %session.req_header().method,
-            path = session.req_header().uri.path(),
+        Access {
+            request_id: &ctx.request_id,
+            method: session.req_header().method.as_str(),
+            path: &LoggedPath(ctx.target.as_ref(), session.req_header().raw_path()),
             route,
             rail,
             outcome,
             status,
-            upstream_status = ctx.upstream_status,
-            payer = ctx.paid.as_ref().map(|p| p.payment.payer.to_string()),
-            account = ctx.prepaid.as_ref().map(|d| d.account),
-            error = error.map(|e| e.etype().as_str()),
-            "request"
-        );
+            upstream_status: ctx.upstream_status,
+            payer: ctx.paid.as_ref().map(|p| p.payment.payer.to_string()),
+            account: ctx.prepaid.as_ref().map(|d| d.account),
+            error: error.map(|e| e.etype().as_str()),
+        }
+        .log();
     }
 }
 
@@ -379,11 +461,19 @@ impl Gate {
         let loaded = self.live.current();
         ctx.loaded = Some(loaded.clone());
         let header = session.req_header();
-        let target = header.uri.path_and_query().map_or_else(
-            || header.uri.path().to_string(),
-            |pq| pq.as_str().to_string(),
-        );
-        if header.uri.path() == DISCOVERY_PATH {
+        // What is priced is what the upstream gets: the target, decided once from its bytes.
+        let host = header.headers.get(http::header::HOST).map(|h| h.as_bytes());
+        let parsed = match crate::target::parse(header.method.as_str(), header.raw_path(), host) {
+            Ok(parsed) => parsed,
+            Err(malformed) => {
+                let refusal = Refusal::new(400, "malformed_request", malformed.to_string());
+                return self.refuse(session, ctx, refusal).await;
+            }
+        };
+        let target = parsed.as_str().to_string();
+        let discovery = parsed.path() == DISCOVERY_PATH;
+        ctx.target = Some(parsed);
+        if discovery {
             return self.discovery(session, ctx, &loaded).await;
         }
         let payment = if header.headers.contains_key(PAYMENT_SIGNATURE) {
@@ -534,6 +624,57 @@ impl Gate {
     }
 }
 
+/// One access-log line (`tollgate::access`): every request gets exactly one, refused,
+/// forwarded, or refused by the [`listener`] before a session existed.
+pub struct Access<'a> {
+    pub request_id: &'a str,
+    pub method: &'a str,
+    pub path: &'a dyn std::fmt::Display,
+    pub route: &'a str,
+    pub rail: &'a str,
+    pub outcome: &'a str,
+    pub status: u16,
+    pub upstream_status: u16,
+    pub payer: Option<String>,
+    pub account: Option<u64>,
+    pub error: Option<&'a str>,
+}
+
+impl Access<'_> {
+    pub fn log(&self) {
+        tracing::info!(
+            target: "tollgate::access",
+            request_id = %self.request_id,
+            method = %self.method,
+            path = %self.path,
+            route = self.route,
+            rail = self.rail,
+            outcome = self.outcome,
+            status = self.status,
+            upstream_status = self.upstream_status,
+            payer = self.payer,
+            account = self.account,
+            error = self.error,
+            "request"
+        );
+    }
+}
+
+/// The access log's `path`: the priced path, or the start of a refused target's bytes.
+struct LoggedPath<'a>(Option<&'a Target>, &'a [u8]);
+
+impl std::fmt::Display for LoggedPath<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            Some(target) => f.write_str(target.path()),
+            None => {
+                let raw = self.1.get(..self.1.len().min(200)).unwrap_or_default();
+                f.write_str(&String::from_utf8_lossy(raw).escape_debug().to_string())
+            }
+        }
+    }
+}
+
 /// A request header's value as text (lossy: a key with invalid bytes simply matches nothing).
 fn header_text(header: &RequestHeader, name: &str) -> Option<String> {
     header
@@ -566,6 +707,11 @@ fn upstream_failure(e: &Error) -> Refusal {
                 "the upstream service is unreachable or closed the connection",
             )
         }
+        (ErrorSource::Downstream, ErrorType::ReadTimedout) => Refusal::new(
+            408,
+            "request_timeout",
+            "the request body paused for longer than tollgate waits",
+        ),
         (ErrorSource::Downstream, _) => {
             Refusal::new(400, "bad_request", "the request could not be read")
         }
@@ -640,7 +786,7 @@ impl Gate {
 
 /// Request ids: the client's `x-request-id` when it is short printable ASCII, else a fresh
 /// one (process start time and a counter, hex: unique per process, sortable).
-struct RequestIds {
+pub struct RequestIds {
     prefix: String,
     next: AtomicU64,
 }
@@ -657,10 +803,17 @@ impl RequestIds {
     }
 
     fn take_or_make(&self, header: &RequestHeader) -> String {
-        if let Some(given) = header
-            .headers
-            .get("x-request-id")
-            .and_then(|v| v.to_str().ok())
+        self.take_or_make_from(
+            header
+                .headers
+                .get("x-request-id")
+                .and_then(|v| v.to_str().ok()),
+        )
+    }
+
+    /// The client's id when it is acceptable, else a fresh one.
+    pub fn take_or_make_from(&self, given: Option<&str>) -> String {
+        if let Some(given) = given
             && !given.is_empty()
             && given.len() <= 128
             && given.bytes().all(|b| b.is_ascii_graphic())

@@ -28,9 +28,12 @@ pub enum Rejection {
     NotYetValid { valid_after: u64, now: u64 },
     /// 402: `validBefore` is past, or too close to settle (< now + 6 s).
     Expired { valid_before: u64, now: u64 },
+    /// 402: `validBefore` is further ahead than the route's timeout allows (plus 600 s of clock
+    /// skew): its nonce would have to be kept that long.
+    ValidTooLong { valid_before: u64, latest: u64 },
     /// 402: not a 65-byte ECDSA signature (smart-wallet signatures are not accepted).
     UnsupportedSignature { bytes: usize },
-    /// 402: a high-s signature, which USDC refuses on chain.
+    /// 402: a high-s signature, or a recovery byte other than 27/28, which USDC refuses on chain.
     NonCanonicalSignature,
     /// 402: the signature does not recover to `authorization.from`.
     InvalidSignature,
@@ -52,6 +55,7 @@ impl Rejection {
             Rejection::AmountMismatch { .. } => "amount_mismatch",
             Rejection::NotYetValid { .. } => "authorization_not_yet_valid",
             Rejection::Expired { .. } => "authorization_expired",
+            Rejection::ValidTooLong { .. } => "authorization_too_long",
             Rejection::UnsupportedSignature { .. } => "unsupported_signature",
             Rejection::NonCanonicalSignature => "non_canonical_signature",
             Rejection::InvalidSignature => "invalid_signature",
@@ -70,7 +74,7 @@ impl Rejection {
     }
 
     /// Every code with its status, for the README table and tests.
-    pub const CODES: [(&'static str, u16); 14] = [
+    pub const CODES: [(&'static str, u16); 15] = [
         ("payment_malformed", 400),
         ("payment_too_large", 400),
         ("unsupported_x402_version", 400),
@@ -81,6 +85,7 @@ impl Rejection {
         ("amount_mismatch", 402),
         ("authorization_not_yet_valid", 402),
         ("authorization_expired", 402),
+        ("authorization_too_long", 402),
         ("unsupported_signature", 402),
         ("non_canonical_signature", 402),
         ("invalid_signature", 402),
@@ -124,12 +129,16 @@ impl fmt::Display for Rejection {
                 f,
                 "the authorization expires at {valid_before}; it must stay valid at least 6 s past now ({now})"
             ),
+            Rejection::ValidTooLong { valid_before, latest } => write!(
+                f,
+                "the authorization stays valid until {valid_before}; this route accepts at most {latest} (now + maxTimeoutSeconds + 600 s)"
+            ),
             Rejection::UnsupportedSignature { bytes } => write!(
                 f,
                 "the signature is {bytes} bytes; only 65-byte ECDSA signatures (EOA wallets) are accepted"
             ),
             Rejection::NonCanonicalSignature => {
-                f.write_str("the signature has a high s value, which USDC refuses; normalize it (EIP-2)")
+                f.write_str("the signature is not canonical (v must be 27 or 28 and s in the lower half), which USDC refuses; normalize it (EIP-2)")
             }
             Rejection::InvalidSignature => f.write_str(
                 "the signature does not match the authorization's `from` under the offered EIP-712 domain",

@@ -9,10 +9,15 @@
 //!   facilitators require equality; an over-payment would be refused at settlement by them, and
 //!   no official client ever signs more than asked.
 //! - **Time: `validAfter <= now` with no slack, `validBefore >= now + 6 s`** (the reference
-//!   margin: an authorization must stay valid long enough to be settled).
-//! - **Signature: 65-byte ECDSA only, low-s only.** Recovery would accept a high-s signature
-//!   after normalising it, but USDC refuses s > n/2 on chain: admitting one would serve a call
-//!   that can never be paid. Smart-wallet (ERC-1271/6492) signatures need a chain to verify and
+//!   margin: an authorization must stay valid long enough to be settled), and
+//!   **`validBefore <= now + maxTimeoutSeconds + 600 s`**: clients sign now + maxTimeoutSeconds,
+//!   600 s absorbs their clock running ahead (they back-date `validAfter` by as much). A nonce
+//!   is kept until its `validBefore`, so without this cap an unfunded wallet could fill the
+//!   store with records that are never collected.
+//! - **Signature: 65-byte ECDSA only, low-s only, `v` = 27 or 28.** Recovery would accept a
+//!   high-s signature after normalising it, and a `v` of 0, 1 or 36 after reducing it, but
+//!   USDC's `ecrecover` refuses both on chain: admitting one would serve a call that can never
+//!   be paid. Smart-wallet (ERC-1271/6492) signatures need a chain to verify and
 //!   are refused with `unsupported_signature`.
 
 use alloy::primitives::{Address, B256, Keccak256, Signature, U256};
@@ -38,6 +43,9 @@ alloy::sol! {
 
 /// `validBefore` must be at least this far in the future (the reference "3 blocks" margin).
 pub const VALID_BEFORE_MARGIN_SECS: u64 = 6;
+/// Seconds a buyer's clock may run ahead of ours: `validBefore` may exceed now +
+/// `maxTimeoutSeconds` by this much (the reference clients back-date `validAfter` by as much).
+pub const CLOCK_SKEW_SECS: u64 = 600;
 
 /// The x402 protocol version a payment speaks; the receipt header follows it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -202,6 +210,15 @@ pub fn check(signed: &Signed, offer: &Offer, now: u64) -> Result<Address, Reject
             now,
         });
     }
+    let latest = now
+        .saturating_add(offer.timeout_secs)
+        .saturating_add(CLOCK_SKEW_SECS);
+    if signed.valid_before > latest {
+        return Err(Rejection::ValidTooLong {
+            valid_before: signed.valid_before,
+            latest,
+        });
+    }
     let signer = recover(signed, offer.domain_separator)?;
     if signer != signed.from {
         return Err(Rejection::InvalidSignature);
@@ -232,6 +249,10 @@ fn recover(signed: &Signed, domain_separator: B256) -> Result<Address, Rejection
         return Err(Rejection::UnsupportedSignature {
             bytes: signed.signature.len(),
         });
+    }
+    // `ecrecover` on chain takes v = 27 or 28 only; `from_raw` would also take 0, 1, 35+.
+    if !matches!(signed.signature.last(), Some(27 | 28)) {
+        return Err(Rejection::NonCanonicalSignature);
     }
     let signature =
         Signature::from_raw(&signed.signature).map_err(|_| Rejection::InvalidSignature)?;

@@ -395,11 +395,17 @@ impl Sidecar {
 
     /// [`Sidecar::start`] with a log level (`debug` logs one line per request).
     pub async fn start_logging(dir: &Path, upstream: &str, level: &str) -> Sidecar {
+        Sidecar::start_configured(dir, upstream, level, "").await
+    }
+
+    /// [`Sidecar::start_logging`] with more `tollgate.yaml` (top-level sections, e.g.
+    /// `connections:\n  max: 5\n`).
+    pub async fn start_configured(dir: &Path, upstream: &str, level: &str, extra: &str) -> Sidecar {
         let port = free_port();
         let ops_port = free_port();
         let admin_port = free_port();
         let config = format!(
-            "listen: 127.0.0.1:{port}\nupstream: {upstream}\npublic_url: https://api.example.com\npolicies: [policy.toll]\nstore: data\nops:\n  listen: 127.0.0.1:{ops_port}\nadmin:\n  listen: 127.0.0.1:{admin_port}\nlog:\n  level: {level}\n",
+            "listen: 127.0.0.1:{port}\nupstream: {upstream}\npublic_url: https://api.example.com\npolicies: [policy.toll]\nstore: data\nops:\n  listen: 127.0.0.1:{ops_port}\nadmin:\n  listen: 127.0.0.1:{admin_port}\nlog:\n  level: {level}\n{extra}",
         );
         std::fs::write(dir.join("tollgate.yaml"), config).unwrap();
         let log = std::fs::OpenOptions::new()
