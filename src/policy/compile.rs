@@ -1194,6 +1194,7 @@ impl Cx<'_> {
         let mut prefer: Option<(Span, Rail)> = None;
         let mut refund: Option<(Span, ())> = None;
         let mut sells: Option<(Span, u128)> = None;
+        let mut upgrade: Option<(Span, Vec<String>)> = None;
         let mut description = None;
         let mut mime = None;
         let mut timeout = None;
@@ -1299,6 +1300,10 @@ impl Cx<'_> {
                     }
                     price_related.push((cs, "sells"));
                 }
+                ast::RouteClause::Upgrade(protocols) => {
+                    let protocols = self.protocols(protocols);
+                    self.once(&mut upgrade, cs, protocols, "upgrade");
+                }
                 ast::RouteClause::Description(d) => {
                     self.once(&mut description, cs, d.node.clone(), "description")
                 }
@@ -1353,6 +1358,43 @@ impl Cx<'_> {
                     }
                     price_related.push((cs, "settle"));
                 }
+            }
+        }
+
+        if let Some((s, _)) = &upgrade {
+            let s = *s;
+            let sells_at = decl
+                .clauses
+                .iter()
+                .find(|c| matches!(c.node, ast::RouteClause::Sells(_)))
+                .map(|c| c.span);
+            match (&action, sells_at) {
+                (Some((deny, Action::Deny)), _) => {
+                    let deny = *deny;
+                    self.push(
+                        Diagnostic::error(
+                            "upgrade_on_deny",
+                            s,
+                            "`upgrade` on a route that is denied",
+                        )
+                        .label("no request reaches the upstream here")
+                        .related(deny, "the route is denied here")
+                        .help("remove `upgrade`, or give the route `free` or a `price`"),
+                    );
+                }
+                (_, Some(sells_at)) => {
+                    self.push(
+                        Diagnostic::error(
+                            "upgrade_on_sells",
+                            s,
+                            "`upgrade` on a route that sells credits",
+                        )
+                        .label("never forwarded")
+                        .related(sells_at, "tollgate answers this route itself")
+                        .help("a route that sells credits never reaches the upstream, so there is no connection to upgrade: remove `upgrade`, or put it on another route"),
+                    );
+                }
+                _ => {}
             }
         }
 
@@ -1454,10 +1496,52 @@ impl Cx<'_> {
             prefer: prefer.map_or(Rail::Prepaid, |(_, r)| r),
             refund_on_5xx: refund.is_some(),
             sells: sells.map(|(_, n)| n),
+            upgrade: upgrade.map(|(_, p)| p).unwrap_or_default(),
             settle: settle_timing.map_or_else(|| up.settle.clone(), |(_, t)| t),
             limits,
             payers,
         })
+    }
+
+    /// The protocols of an `upgrade` clause: HTTP tokens, lower case, each once.
+    fn protocols(&mut self, written: &[Text]) -> Vec<String> {
+        let mut out: Vec<(String, Span)> = Vec::new();
+        for protocol in written {
+            if !is_token(&protocol.node) {
+                let help = if protocol.node.contains('/') {
+                    "write the protocol's name without a version, e.g. `websocket` or `h2c`"
+                } else {
+                    "a protocol name is letters, digits and `-` (an HTTP token), e.g. `websocket` or `h2c`"
+                };
+                self.push(
+                    Diagnostic::error(
+                        "bad_protocol",
+                        protocol.span,
+                        format!("`{}` is not a protocol name", protocol.node),
+                    )
+                    .label("not an HTTP token")
+                    .help(help),
+                );
+                continue;
+            }
+            let name = protocol.node.to_ascii_lowercase();
+            if let Some((_, first)) = out.iter().find(|(n, _)| *n == name) {
+                let first = *first;
+                self.push(
+                    Diagnostic::error(
+                        "duplicate_protocol",
+                        protocol.span,
+                        format!("protocol `{name}` is listed twice"),
+                    )
+                    .label("second one")
+                    .related(first, "first one here")
+                    .help("list each protocol once (names are compared ignoring case)"),
+                );
+                continue;
+            }
+            out.push((name, protocol.span));
+        }
+        out.into_iter().map(|(n, _)| n).collect()
     }
 
     /// The span of `len` bytes at byte `at` of a string's unescaped value. When the source
@@ -1609,6 +1693,13 @@ impl Cx<'_> {
         }
         ok.then_some(price)
     }
+}
+
+/// Whether `s` is an HTTP token (RFC 9110 §5.6.2): one or more `tchar`s.
+fn is_token(s: &str) -> bool {
+    !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
 }
 
 /// Whether a unit names prepaid credits.

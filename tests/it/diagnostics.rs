@@ -246,3 +246,47 @@ fn inline_relayer_key_is_refused() {
         },
     );
 }
+
+#[test]
+fn upgrade_on_a_denied_route_points_at_the_clause() {
+    assert_diagnostic(
+        "upgrade_on_deny.toll",
+        include_str!("../fixtures/policy/err/upgrade_on_deny.toll"),
+        &Expected {
+            code: "upgrade_on_deny",
+            message: "`upgrade` on a route that is denied",
+            help: Some("remove `upgrade`, or give the route `free` or a `price`"),
+            underlined: "upgrade websocket",
+        },
+    );
+}
+
+#[test]
+fn bad_protocol_underlines_the_protocol() {
+    assert_diagnostic(
+        "p.toll",
+        "service \"s\" {\n  default deny\n  route GET \"/ws\" {\n    free\n    upgrade web@socket\n  }\n}\n",
+        &Expected {
+            code: "bad_protocol",
+            message: "`web@socket` is not a protocol name",
+            help: Some(
+                "a protocol name is letters, digits and `-` (an HTTP token), e.g. `websocket` or `h2c`",
+            ),
+            underlined: "web@socket",
+        },
+    );
+}
+
+#[test]
+fn upgrade_compiles_to_lower_case_protocols_in_order() {
+    let text = "service \"s\" {\n  accept prepaid\n  default deny\n  route GET \"/ws\" {\n    price 1 credit\n    upgrade WebSocket, h2c\n  }\n  route GET \"/plain\" { free }\n}\n";
+    let checked = policy::check(Source::new("s.toll", text));
+    assert!(
+        checked.diagnostics.is_empty(),
+        "{}",
+        checked.render(Style::Plain)
+    );
+    let policy = checked.policy.unwrap();
+    assert_eq!(policy.routes[0].upgrade, ["websocket", "h2c"]);
+    assert!(policy.routes[1].upgrade.is_empty(), "off by default");
+}
