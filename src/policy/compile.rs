@@ -296,6 +296,7 @@ impl Cx<'_> {
                         name,
                         chain_id,
                         assets: assets.into_iter().map(|(_, a)| a).collect(),
+                        testnet: networks::is_testnet_chain(chain_id),
                     });
                 }
             }
@@ -596,6 +597,10 @@ impl Cx<'_> {
             );
         }
 
+        if let Some((accept_span, _)) = &accept_x402 {
+            self.mixed_networks(*accept_span, &networks, &compiled, &route_spans);
+        }
+
         let takes_credits = decl.clauses.iter().any(|c| match &c.node {
             ast::ServiceClause::Route(r) => r.clauses.iter().any(|rc| match &rc.node {
                 ast::RouteClause::Price(terms) => terms.iter().any(|t| is_credits(&t.unit.node)),
@@ -628,6 +633,65 @@ impl Cx<'_> {
             routes: compiled,
             matcher,
         })
+    }
+
+    /// Warns when a route can be paid on a testnet and on a mainnet: test tokens are free, so
+    /// a buyer could pay the mainnet price with them. Reported once, at `accept x402`.
+    fn mixed_networks(
+        &mut self,
+        accept: Span,
+        networks: &[Network],
+        routes: &[Route],
+        route_spans: &[Span],
+    ) {
+        let mixed: Vec<(usize, &Network, &Network)> = routes
+            .iter()
+            .enumerate()
+            .filter_map(|(i, route)| {
+                let offered = route
+                    .price()?
+                    .offers
+                    .iter()
+                    .map(|o| networks.get(o.network));
+                let mut test = None;
+                let mut main = None;
+                for network in offered.flatten() {
+                    let slot = if network.testnet {
+                        &mut test
+                    } else {
+                        &mut main
+                    };
+                    slot.get_or_insert(network);
+                }
+                Some((i, test?, main?))
+            })
+            .collect();
+        let Some((first, test, main)) = mixed.first().copied() else {
+            return;
+        };
+        let mut d = Diagnostic::warning(
+            "mixed_networks",
+            accept,
+            format!(
+                "routes can be paid on testnet `{}` and on mainnet `{}`",
+                test.name, main.name
+            ),
+        )
+        .label("test and real money in one list")
+        .help(format!(
+            "test tokens cost nothing, so a buyer could pick the `{}` offer and pay the mainnet price with free test money: accept testnets and mainnets in separate policies (e.g. staging and production)",
+            test.name
+        ));
+        if let Some(span) = route_spans.get(first) {
+            let others = mixed.len() - 1;
+            let label = match others {
+                0 => "offered on both".to_string(),
+                1 => "offered on both, as is 1 more route".to_string(),
+                n => format!("offered on both, as are {n} more routes"),
+            };
+            d = d.related(Span::new(span.start, span.start + 5), label);
+        }
+        self.push(d);
     }
 
     fn settlement(

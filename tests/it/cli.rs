@@ -298,6 +298,33 @@ fn check_reports_upgrade_mistakes() {
 }
 
 #[test]
+fn check_warns_when_a_route_takes_testnet_and_mainnet_but_passes() {
+    let dir = scratch();
+    write(
+        &dir.join("mixed.toll"),
+        &UPGRADES.replace(
+            "accept x402 on base-sepolia",
+            "accept x402 on base-sepolia, base",
+        ),
+    );
+    let o = tollgate_in(&dir, &["check", "mixed.toll"]);
+    assert_eq!(o.status.code(), Some(0), "{}{}", stdout(&o), stderr(&o));
+    let err = stderr(&o);
+    assert!(
+        err.contains(
+            "warning[mixed_networks]: routes can be paid on testnet `base-sepolia` and on mainnet `base`"
+        ),
+        "{err}"
+    );
+    assert!(err.contains("mixed.toll:3:3"), "{err}");
+    assert!(err.contains("offered on both, as is 1 more route"), "{err}");
+    assert!(stdout(&o).contains("0 errors, 1 warning"), "{}", stdout(&o));
+    // A warning never keeps the sidecar from starting: `tollgate run` loads the policy.
+    let loaded = tollgate::reload::load(&[dir.join("mixed.toll")]);
+    assert!(loaded.is_ok(), "{loaded:?}");
+}
+
+#[test]
 fn explain_rejects_bad_input_clearly() {
     let o = tollgate(&["explain", "--policy", WEATHER, "GET", "v1/x"]);
     assert_eq!(o.status.code(), Some(2));

@@ -290,3 +290,49 @@ fn upgrade_compiles_to_lower_case_protocols_in_order() {
     assert_eq!(policy.routes[0].upgrade, ["websocket", "h2c"]);
     assert!(policy.routes[1].upgrade.is_empty(), "off by default");
 }
+
+#[test]
+fn mixed_networks_warn_at_the_accept_clause() {
+    let text = "service \"s\" {\n  pay_to 0x209693Bc6afc0C5328bA36FaF03C514EF312287C\n  accept x402 on base-sepolia, base\n  settle via facilitator \"https://x402.org/facilitator\"\n  default deny\n  route GET \"/x\" { price 0.01 USDC }\n}\n";
+    assert_diagnostic(
+        "mixed.toll",
+        text,
+        &Expected {
+            code: "mixed_networks",
+            message: "routes can be paid on testnet `base-sepolia` and on mainnet `base`",
+            help: Some(
+                "test tokens cost nothing, so a buyer could pick the `base-sepolia` offer and pay \
+                 the mainnet price with free test money: accept testnets and mainnets in separate \
+                 policies (e.g. staging and production)",
+            ),
+            underlined: "accept x402 on base-sepolia, base",
+        },
+    );
+    let checked = policy::check(Source::new("mixed.toll", text));
+    assert_eq!(checked.errors(), 0);
+    assert!(
+        checked.policy.is_some(),
+        "a warning: the policy still compiles"
+    );
+}
+
+#[test]
+fn networks_of_one_kind_do_not_warn() {
+    let devnet = "network devnet {\n  chain 31337\n  asset USDC at 0x5FbDB2315678afecb367f032d93F642f64180aa3 name \"USD Coin\" version \"2\" decimals 6\n}\n";
+    let mainnet = "network other {\n  chain 10\n  asset USDC at 0x0b2c639c533813f4aa9d7837caf62653d097ff85 name \"USD Coin\" version \"2\" decimals 6\n}\n";
+    for (networks, extra) in [
+        ("base-sepolia, devnet", devnet),
+        ("base, other", mainnet),
+        ("base", ""),
+    ] {
+        let text = format!(
+            "{extra}service \"s\" {{\n  pay_to 0x209693Bc6afc0C5328bA36FaF03C514EF312287C\n  accept x402 on {networks}\n  settle via facilitator \"https://x402.org/facilitator\"\n  default deny\n  route GET \"/x\" {{ price 0.01 USDC }}\n}}\n"
+        );
+        let checked = policy::check(Source::new("s.toll", text));
+        assert!(
+            checked.diagnostics.is_empty(),
+            "{networks}: {}",
+            checked.render(Style::Plain)
+        );
+    }
+}
