@@ -25,14 +25,51 @@ use crate::networks::{self, Asset, Network};
 pub const DEFAULT_TIMEOUT_SECS: u64 = 60;
 /// Default header that carries an API key.
 pub const DEFAULT_KEY_HEADER: &str = "x-api-key";
-/// x402 headers: a key header may not reuse them.
-const RESERVED_HEADERS: [&str; 5] = [
-    "x-payment",
-    "payment-signature",
-    "payment-required",
-    "payment-response",
-    "x-payment-response",
+/// Headers an API key may not travel in (lower case), each with the reason. Prefix matches
+/// are in [`RESERVED_HEADER_PREFIXES`].
+const RESERVED_HEADERS: [(&str, &str); 18] = [
+    ("content-length", FRAMING),
+    ("transfer-encoding", FRAMING),
+    (
+        "host",
+        "it names the server a request is for, and the upstream routes on it",
+    ),
+    ("connection", HOP_BY_HOP),
+    ("keep-alive", HOP_BY_HOP),
+    ("te", HOP_BY_HOP),
+    ("trailer", HOP_BY_HOP),
+    ("upgrade", HOP_BY_HOP),
+    ("proxy-connection", HOP_BY_HOP),
+    (
+        "proxy-authorization",
+        "it carries credentials for a proxy, which consumes it (tollgate strips it too)",
+    ),
+    (
+        "expect",
+        "it asks the HTTP layer to act (`100-continue`) before the body is sent",
+    ),
+    (
+        "idempotency-key",
+        "tollgate reads it to charge a retried prepaid request once",
+    ),
+    (
+        "x-request-id",
+        "tollgate uses it as the request id and sets it on the forwarded request and the answer",
+    ),
+    ("x-payment", X402),
+    ("payment-signature", X402),
+    ("payment-required", X402),
+    ("payment-response", X402),
+    ("x-payment-response", X402),
 ];
+const RESERVED_HEADER_PREFIXES: [(&str, &str); 1] = [(
+    "x-tollgate-",
+    "tollgate sets the `x-tollgate-*` headers itself and removes any a client sends",
+)];
+const FRAMING: &str =
+    "it frames the request body: the HTTP layer reads it, and a key in it would break the request";
+const HOP_BY_HOP: &str = "it is a hop-by-hop header: proxies consume or remove it, so a key in it would not arrive (tollgate strips it too)";
+const X402: &str = "it is an x402 header: payments and their receipts travel in it";
 const METHODS: [&str; 9] = [
     "GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "CONNECT", "TRACE",
 ];
@@ -461,25 +498,10 @@ impl Cx<'_> {
                     let name = match header {
                         None => DEFAULT_KEY_HEADER.to_string(),
                         Some(h) => {
-                            if h.node.is_empty()
-                                || !h.node.bytes().all(|b| {
-                                    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
-                                })
-                            {
-                                self.push(Diagnostic::error("bad_header_name", h.span, format!("`{}` is not a valid header name", h.node)).help("header names are letters, digits and `-`, e.g. `x-api-key`"));
+                            if let Err(d) = check_key_header(h) {
+                                self.push(*d);
                             }
-                            let name = h.node.to_ascii_lowercase();
-                            if RESERVED_HEADERS.contains(&name.as_str()) {
-                                self.push(
-                                    Diagnostic::error(
-                                        "reserved_header",
-                                        h.span,
-                                        format!("`{}` carries x402 payments, not API keys", h.node),
-                                    )
-                                    .help("choose another header for keys, e.g. `x-api-key`"),
-                                );
-                            }
-                            name
+                            h.node.to_ascii_lowercase()
                         }
                     };
                     self.once(&mut accept_prepaid, span, name, "accept prepaid");
@@ -1822,6 +1844,57 @@ pub(crate) fn check_address(text: &Text) -> Result<Address, Box<Diagnostic>> {
             ))));
     }
     Ok(address)
+}
+
+/// A header that may carry API keys: an HTTP token without `_`, and none of the headers HTTP,
+/// proxies, x402 or tollgate itself give a meaning (compared ignoring case).
+fn check_key_header(header: &Text) -> Result<(), Box<Diagnostic>> {
+    let written = header.node.as_str();
+    if !is_token(written) {
+        return Err(Box::new(
+            Diagnostic::error(
+                "bad_header_name",
+                header.span,
+                format!("`{written}` is not a valid header name"),
+            )
+            .help("header names are letters, digits and `-`, e.g. `x-api-key`"),
+        ));
+    }
+    let name = written.to_ascii_lowercase();
+    let reason = RESERVED_HEADERS
+        .iter()
+        .find(|(reserved, _)| *reserved == name)
+        .or_else(|| {
+            RESERVED_HEADER_PREFIXES
+                .iter()
+                .find(|(prefix, _)| name.starts_with(prefix))
+        })
+        .map(|(_, reason)| *reason);
+    if let Some(reason) = reason {
+        return Err(Box::new(
+            Diagnostic::error(
+                "reserved_header",
+                header.span,
+                format!("`{written}` cannot carry API keys"),
+            )
+            .label("a reserved header")
+            .help(format!(
+                "{reason}; choose another header for keys, e.g. `x-api-key`"
+            )),
+        ));
+    }
+    if name.contains('_') {
+        return Err(Box::new(
+            Diagnostic::error(
+                "bad_header_name",
+                header.span,
+                format!("`{written}` contains `_`"),
+            )
+            .label("`_` in a header name")
+            .help("some servers treat `_` as `-` (and nginx drops such headers), so another header could pass for this one: use `-`, e.g. `x-api-key`"),
+        ));
+    }
+    Ok(())
 }
 
 /// An upper-case HTTP method (not `*`).

@@ -291,6 +291,94 @@ fn upgrade_compiles_to_lower_case_protocols_in_order() {
     assert!(policy.routes[1].upgrade.is_empty(), "off by default");
 }
 
+/// A policy whose only prepaid header is `name`.
+fn with_key_header(name: &str) -> String {
+    format!(
+        "service \"s\" {{\n  accept prepaid header \"{name}\"\n  default deny\n  route GET \"/x\" {{ price 1 credit }}\n}}\n"
+    )
+}
+
+#[test]
+fn reserved_key_headers_are_refused_whatever_their_case() {
+    for name in [
+        "content-length",
+        "Transfer-Encoding",
+        "HOST",
+        "connection",
+        "keep-alive",
+        "TE",
+        "trailer",
+        "Upgrade",
+        "proxy-authorization",
+        "proxy-connection",
+        "expect",
+        "Idempotency-Key",
+        "x-request-id",
+        "x-tollgate-account",
+        "X-Tollgate-Anything",
+        "X-PAYMENT",
+        "payment-signature",
+        "payment-required",
+        "payment-response",
+        "x-payment-response",
+    ] {
+        let text = with_key_header(name);
+        let checked = policy::check(Source::new("s.toll", text.as_str()));
+        let codes: Vec<&str> = checked.diagnostics.iter().map(|d| d.code).collect();
+        assert_eq!(codes, ["reserved_header"], "{name}");
+        let d = &checked.diagnostics[0];
+        assert_eq!(
+            text.get(d.span.start..d.span.end),
+            Some(format!("\"{name}\"").as_str()),
+            "{name}: underlined text"
+        );
+        let help = d.help.as_deref().unwrap_or("");
+        assert!(
+            help.ends_with("; choose another header for keys, e.g. `x-api-key`") && help.len() > 60,
+            "{name}: the hint says why: {help}"
+        );
+        assert!(checked.policy.is_none(), "{name}: an error, not a warning");
+    }
+}
+
+#[test]
+fn key_headers_with_underscores_or_outside_http_tokens_are_refused() {
+    for (name, message) in [
+        ("x_api_key", "`x_api_key` contains `_`"),
+        ("X-Api_Key", "`X-Api_Key` contains `_`"),
+        ("x api key", "`x api key` is not a valid header name"),
+        ("x-api-key:", "`x-api-key:` is not a valid header name"),
+        ("clé", "`clé` is not a valid header name"),
+        ("", "`` is not a valid header name"),
+    ] {
+        let checked = policy::check(Source::new("s.toll", with_key_header(name)));
+        let found: Vec<(&str, &str)> = checked
+            .diagnostics
+            .iter()
+            .map(|d| (d.code, d.message.as_str()))
+            .collect();
+        assert_eq!(found, [("bad_header_name", message)], "{name}");
+    }
+}
+
+#[test]
+fn ordinary_key_headers_are_accepted() {
+    for name in [
+        "x-api-key",
+        "X-Key",
+        "authorization",
+        "api-key",
+        "x-tollgate",
+    ] {
+        let checked = policy::check(Source::new("s.toll", with_key_header(name)));
+        assert!(
+            checked.diagnostics.is_empty(),
+            "{name}: {}",
+            checked.render(Style::Plain)
+        );
+    }
+}
+
 #[test]
 fn mixed_networks_warn_at_the_accept_clause() {
     let text = "service \"s\" {\n  pay_to 0x209693Bc6afc0C5328bA36FaF03C514EF312287C\n  accept x402 on base-sepolia, base\n  settle via facilitator \"https://x402.org/facilitator\"\n  default deny\n  route GET \"/x\" { price 0.01 USDC }\n}\n";
