@@ -163,7 +163,18 @@ fn describe_route(
             ));
         }
     }
-    let Some(price) = route.price() else { return };
+    let Some(price) = route.price() else {
+        if !route.upgrade.is_empty() {
+            out.push((
+                "upgrade",
+                format!(
+                    "{} allowed; the upgraded connection is free",
+                    route.upgrade.join(", ")
+                ),
+            ));
+        }
+        return;
+    };
     let mut lines = Vec::new();
     for offer in &price.offers {
         let Some(network) = policy.networks.get(offer.network) else {
@@ -187,6 +198,15 @@ fn describe_route(
         ));
     }
     out.push(("price", lines.join("\n")));
+    if !route.upgrade.is_empty() {
+        out.push((
+            "upgrade",
+            format!(
+                "{} allowed, priced per connection: the price pays for the whole upgraded connection, however long it stays open",
+                route.upgrade.join(", ")
+            ),
+        ));
+    }
     if let Some(credits) = route.sells {
         out.push((
             "sells",

@@ -170,6 +170,8 @@ pub enum RouteClause {
     Limit(Limit),
     Payers(Payers),
     Settle(Settle),
+    /// `upgrade websocket, h2c`: protocols as written, checked by `policy::compile`.
+    Upgrade(Vec<Text>),
 }
 
 /// `test "name" { request … expect … }`.

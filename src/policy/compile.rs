@@ -25,14 +25,51 @@ use crate::networks::{self, Asset, Network};
 pub const DEFAULT_TIMEOUT_SECS: u64 = 60;
 /// Default header that carries an API key.
 pub const DEFAULT_KEY_HEADER: &str = "x-api-key";
-/// x402 headers: a key header may not reuse them.
-const RESERVED_HEADERS: [&str; 5] = [
-    "x-payment",
-    "payment-signature",
-    "payment-required",
-    "payment-response",
-    "x-payment-response",
+/// Headers an API key may not travel in (lower case), each with the reason. Prefix matches
+/// are in [`RESERVED_HEADER_PREFIXES`].
+const RESERVED_HEADERS: [(&str, &str); 18] = [
+    ("content-length", FRAMING),
+    ("transfer-encoding", FRAMING),
+    (
+        "host",
+        "it names the server a request is for, and the upstream routes on it",
+    ),
+    ("connection", HOP_BY_HOP),
+    ("keep-alive", HOP_BY_HOP),
+    ("te", HOP_BY_HOP),
+    ("trailer", HOP_BY_HOP),
+    ("upgrade", HOP_BY_HOP),
+    ("proxy-connection", HOP_BY_HOP),
+    (
+        "proxy-authorization",
+        "it carries credentials for a proxy, which consumes it (tollgate strips it too)",
+    ),
+    (
+        "expect",
+        "it asks the HTTP layer to act (`100-continue`) before the body is sent",
+    ),
+    (
+        "idempotency-key",
+        "tollgate reads it to charge a retried prepaid request once",
+    ),
+    (
+        "x-request-id",
+        "tollgate uses it as the request id and sets it on the forwarded request and the answer",
+    ),
+    ("x-payment", X402),
+    ("payment-signature", X402),
+    ("payment-required", X402),
+    ("payment-response", X402),
+    ("x-payment-response", X402),
 ];
+const RESERVED_HEADER_PREFIXES: [(&str, &str); 1] = [(
+    "x-tollgate-",
+    "tollgate sets the `x-tollgate-*` headers itself and removes any a client sends",
+)];
+const FRAMING: &str =
+    "it frames the request body: the HTTP layer reads it, and a key in it would break the request";
+const HOP_BY_HOP: &str = "it is a hop-by-hop header: proxies consume or remove it, so a key in it would not arrive (tollgate strips it too)";
+const X402: &str = "it is an x402 header: payments and their receipts travel in it";
 const METHODS: [&str; 9] = [
     "GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "CONNECT", "TRACE",
 ];
@@ -296,6 +333,7 @@ impl Cx<'_> {
                         name,
                         chain_id,
                         assets: assets.into_iter().map(|(_, a)| a).collect(),
+                        testnet: networks::is_testnet_chain(chain_id),
                     });
                 }
             }
@@ -460,25 +498,10 @@ impl Cx<'_> {
                     let name = match header {
                         None => DEFAULT_KEY_HEADER.to_string(),
                         Some(h) => {
-                            if h.node.is_empty()
-                                || !h.node.bytes().all(|b| {
-                                    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
-                                })
-                            {
-                                self.push(Diagnostic::error("bad_header_name", h.span, format!("`{}` is not a valid header name", h.node)).help("header names are letters, digits and `-`, e.g. `x-api-key`"));
+                            if let Err(d) = check_key_header(h) {
+                                self.push(*d);
                             }
-                            let name = h.node.to_ascii_lowercase();
-                            if RESERVED_HEADERS.contains(&name.as_str()) {
-                                self.push(
-                                    Diagnostic::error(
-                                        "reserved_header",
-                                        h.span,
-                                        format!("`{}` carries x402 payments, not API keys", h.node),
-                                    )
-                                    .help("choose another header for keys, e.g. `x-api-key`"),
-                                );
-                            }
-                            name
+                            h.node.to_ascii_lowercase()
                         }
                     };
                     self.once(&mut accept_prepaid, span, name, "accept prepaid");
@@ -604,6 +627,10 @@ impl Cx<'_> {
             );
         }
 
+        if let Some((accept_span, _)) = &accept_x402 {
+            self.mixed_networks(*accept_span, &networks, &compiled, &route_spans);
+        }
+
         let takes_credits = decl.clauses.iter().any(|c| match &c.node {
             ast::ServiceClause::Route(r) => r.clauses.iter().any(|rc| match &rc.node {
                 ast::RouteClause::Price(terms) => terms.iter().any(|t| is_credits(&t.unit.node)),
@@ -636,6 +663,65 @@ impl Cx<'_> {
             routes: compiled,
             matcher,
         })
+    }
+
+    /// Warns when a route can be paid on a testnet and on a mainnet: test tokens are free, so
+    /// a buyer could pay the mainnet price with them. Reported once, at `accept x402`.
+    fn mixed_networks(
+        &mut self,
+        accept: Span,
+        networks: &[Network],
+        routes: &[Route],
+        route_spans: &[Span],
+    ) {
+        let mixed: Vec<(usize, &Network, &Network)> = routes
+            .iter()
+            .enumerate()
+            .filter_map(|(i, route)| {
+                let offered = route
+                    .price()?
+                    .offers
+                    .iter()
+                    .map(|o| networks.get(o.network));
+                let mut test = None;
+                let mut main = None;
+                for network in offered.flatten() {
+                    let slot = if network.testnet {
+                        &mut test
+                    } else {
+                        &mut main
+                    };
+                    slot.get_or_insert(network);
+                }
+                Some((i, test?, main?))
+            })
+            .collect();
+        let Some((first, test, main)) = mixed.first().copied() else {
+            return;
+        };
+        let mut d = Diagnostic::warning(
+            "mixed_networks",
+            accept,
+            format!(
+                "routes can be paid on testnet `{}` and on mainnet `{}`",
+                test.name, main.name
+            ),
+        )
+        .label("test and real money in one list")
+        .help(format!(
+            "test tokens cost nothing, so a buyer could pick the `{}` offer and pay the mainnet price with free test money: accept testnets and mainnets in separate policies (e.g. staging and production)",
+            test.name
+        ));
+        if let Some(span) = route_spans.get(first) {
+            let others = mixed.len() - 1;
+            let label = match others {
+                0 => "offered on both".to_string(),
+                1 => "offered on both, as is 1 more route".to_string(),
+                n => format!("offered on both, as are {n} more routes"),
+            };
+            d = d.related(Span::new(span.start, span.start + 5), label);
+        }
+        self.push(d);
     }
 
     fn settlement(
@@ -1202,6 +1288,7 @@ impl Cx<'_> {
         let mut prefer: Option<(Span, Rail)> = None;
         let mut refund: Option<(Span, ())> = None;
         let mut sells: Option<(Span, u128)> = None;
+        let mut upgrade: Option<(Span, Vec<String>)> = None;
         let mut description = None;
         let mut mime = None;
         let mut timeout = None;
@@ -1307,6 +1394,10 @@ impl Cx<'_> {
                     }
                     price_related.push((cs, "sells"));
                 }
+                ast::RouteClause::Upgrade(protocols) => {
+                    let protocols = self.protocols(protocols);
+                    self.once(&mut upgrade, cs, protocols, "upgrade");
+                }
                 ast::RouteClause::Description(d) => {
                     self.once(&mut description, cs, d.node.clone(), "description")
                 }
@@ -1361,6 +1452,43 @@ impl Cx<'_> {
                     }
                     price_related.push((cs, "settle"));
                 }
+            }
+        }
+
+        if let Some((s, _)) = &upgrade {
+            let s = *s;
+            let sells_at = decl
+                .clauses
+                .iter()
+                .find(|c| matches!(c.node, ast::RouteClause::Sells(_)))
+                .map(|c| c.span);
+            match (&action, sells_at) {
+                (Some((deny, Action::Deny)), _) => {
+                    let deny = *deny;
+                    self.push(
+                        Diagnostic::error(
+                            "upgrade_on_deny",
+                            s,
+                            "`upgrade` on a route that is denied",
+                        )
+                        .label("no request reaches the upstream here")
+                        .related(deny, "the route is denied here")
+                        .help("remove `upgrade`, or give the route `free` or a `price`"),
+                    );
+                }
+                (_, Some(sells_at)) => {
+                    self.push(
+                        Diagnostic::error(
+                            "upgrade_on_sells",
+                            s,
+                            "`upgrade` on a route that sells credits",
+                        )
+                        .label("never forwarded")
+                        .related(sells_at, "tollgate answers this route itself")
+                        .help("a route that sells credits never reaches the upstream, so there is no connection to upgrade: remove `upgrade`, or put it on another route"),
+                    );
+                }
+                _ => {}
             }
         }
 
@@ -1463,10 +1591,52 @@ impl Cx<'_> {
             refund_on_5xx: refund.is_some(),
             upgrade: Vec::new(),
             sells: sells.map(|(_, n)| n),
+            upgrade: upgrade.map(|(_, p)| p).unwrap_or_default(),
             settle: settle_timing.map_or_else(|| up.settle.clone(), |(_, t)| t),
             limits,
             payers,
         })
+    }
+
+    /// The protocols of an `upgrade` clause: HTTP tokens, lower case, each once.
+    fn protocols(&mut self, written: &[Text]) -> Vec<String> {
+        let mut out: Vec<(String, Span)> = Vec::new();
+        for protocol in written {
+            if !is_token(&protocol.node) {
+                let help = if protocol.node.contains('/') {
+                    "write the protocol's name without a version, e.g. `websocket` or `h2c`"
+                } else {
+                    "a protocol name is letters, digits and `-` (an HTTP token), e.g. `websocket` or `h2c`"
+                };
+                self.push(
+                    Diagnostic::error(
+                        "bad_protocol",
+                        protocol.span,
+                        format!("`{}` is not a protocol name", protocol.node),
+                    )
+                    .label("not an HTTP token")
+                    .help(help),
+                );
+                continue;
+            }
+            let name = protocol.node.to_ascii_lowercase();
+            if let Some((_, first)) = out.iter().find(|(n, _)| *n == name) {
+                let first = *first;
+                self.push(
+                    Diagnostic::error(
+                        "duplicate_protocol",
+                        protocol.span,
+                        format!("protocol `{name}` is listed twice"),
+                    )
+                    .label("second one")
+                    .related(first, "first one here")
+                    .help("list each protocol once (names are compared ignoring case)"),
+                );
+                continue;
+            }
+            out.push((name, protocol.span));
+        }
+        out.into_iter().map(|(n, _)| n).collect()
     }
 
     /// The span of `len` bytes at byte `at` of a string's unescaped value. When the source
@@ -1620,6 +1790,13 @@ impl Cx<'_> {
     }
 }
 
+/// Whether `s` is an HTTP token (RFC 9110 §5.6.2): one or more `tchar`s.
+fn is_token(s: &str) -> bool {
+    !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+}
+
 /// Whether a unit names prepaid credits.
 pub(crate) fn is_credits(unit: &str) -> bool {
     unit == "credit" || unit == "credits"
@@ -1676,6 +1853,57 @@ pub(crate) fn check_address(text: &Text) -> Result<Address, Box<Diagnostic>> {
             ))));
     }
     Ok(address)
+}
+
+/// A header that may carry API keys: an HTTP token without `_`, and none of the headers HTTP,
+/// proxies, x402 or tollgate itself give a meaning (compared ignoring case).
+fn check_key_header(header: &Text) -> Result<(), Box<Diagnostic>> {
+    let written = header.node.as_str();
+    if !is_token(written) {
+        return Err(Box::new(
+            Diagnostic::error(
+                "bad_header_name",
+                header.span,
+                format!("`{written}` is not a valid header name"),
+            )
+            .help("header names are letters, digits and `-`, e.g. `x-api-key`"),
+        ));
+    }
+    let name = written.to_ascii_lowercase();
+    let reason = RESERVED_HEADERS
+        .iter()
+        .find(|(reserved, _)| *reserved == name)
+        .or_else(|| {
+            RESERVED_HEADER_PREFIXES
+                .iter()
+                .find(|(prefix, _)| name.starts_with(prefix))
+        })
+        .map(|(_, reason)| *reason);
+    if let Some(reason) = reason {
+        return Err(Box::new(
+            Diagnostic::error(
+                "reserved_header",
+                header.span,
+                format!("`{written}` cannot carry API keys"),
+            )
+            .label("a reserved header")
+            .help(format!(
+                "{reason}; choose another header for keys, e.g. `x-api-key`"
+            )),
+        ));
+    }
+    if name.contains('_') {
+        return Err(Box::new(
+            Diagnostic::error(
+                "bad_header_name",
+                header.span,
+                format!("`{written}` contains `_`"),
+            )
+            .label("`_` in a header name")
+            .help("some servers treat `_` as `-` (and nginx drops such headers), so another header could pass for this one: use `-`, e.g. `x-api-key`"),
+        ));
+    }
+    Ok(())
 }
 
 /// An upper-case HTTP method (not `*`).

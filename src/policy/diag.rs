@@ -97,7 +97,7 @@ impl Paint {
 /// error[unknown_network]: unknown network `base-sepolai`
 ///   --> policies/weather.toll:3:18
 ///    |
-///  3 |   accept x402 on base-sepolai, base
+///  3 |   accept x402 on base-sepolai
 ///    |                  ^^^^^^^^^^^^ not a known network
 ///    |
 ///    = help: did you mean `base-sepolia`?

@@ -299,6 +299,14 @@ fn route_clause_text(clause: &RouteClause) -> String {
         RouteClause::Limit(l) => limit_text(l),
         RouteClause::Payers(pl) => payers_text(pl),
         RouteClause::Settle(s) => settle_text(s),
+        RouteClause::Upgrade(protocols) => format!(
+            "upgrade {}",
+            protocols
+                .iter()
+                .map(|p| p.node.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
     }
 }
 

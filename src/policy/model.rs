@@ -115,6 +115,11 @@ pub struct Route {
     /// `sells N credits`: a paid call credits the caller's prepaid account (tollgate answers
     /// it; the upstream never sees it).
     pub sells: Option<u128>,
+    /// `upgrade websocket, h2c`: the protocols a request on this route may switch to with
+    /// `Upgrade` (answered `101 Switching Protocols`), lower case, in policy order, each once.
+    /// Empty (the default): upgrades are not allowed on this route. On a paid route the price
+    /// pays for the whole upgraded connection (priced per connection, not per message).
+    pub upgrade: Vec<String>,
     pub settle: Timing,
     /// Service limits with this route's overrides applied.
     pub limits: Limits,

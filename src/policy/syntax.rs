@@ -103,6 +103,7 @@ impl Context {
                 "limit",
                 "allow",
                 "settle",
+                "upgrade",
             ],
             Context::Network => &["chain", "asset"],
             Context::Test => &["request", "header", "payer", "balance", "expect"],
@@ -384,6 +385,14 @@ impl Lower {
                 Rule::limit_clause => RouteClause::Limit(limit(p)?),
                 Rule::payers_clause => RouteClause::Payers(payers(p)?),
                 Rule::settle_clause => RouteClause::Settle(settle(p)?),
+                Rule::upgrade_clause => {
+                    let mut kids = Kids::of(p);
+                    let mut protocols = Vec::new();
+                    while let Some(protocol) = kids.maybe(Rule::protocol) {
+                        protocols.push(text(&protocol));
+                    }
+                    RouteClause::Upgrade(protocols)
+                }
                 _ => return Err(Shape(span(&p))),
             })
         });
@@ -845,6 +854,7 @@ fn describe(rules: &[Rule], single_line: bool) -> String {
             Rule::ident => "a name".to_string(),
             Rule::env_ref => "`env:NAME`".to_string(),
             Rule::status_class => "`5xx`".to_string(),
+            Rule::protocol => "a protocol such as `websocket`".to_string(),
             Rule::window => "a window such as `per minute`".to_string(),
             Rule::EOI if single_line => "end of line".to_string(),
             Rule::EOI => "end of file".to_string(),

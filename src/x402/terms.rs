@@ -249,6 +249,20 @@ struct DiscoveredRoute<'a> {
     /// Credits a payment on this route buys (`sells N credits`).
     #[serde(skip_serializing_if = "Option::is_none")]
     sells_credits: Option<String>,
+    /// The protocols a request may upgrade to (`upgrade websocket`); absent when upgrades are
+    /// not allowed. Kept out of `accepts`, whose entries clients compare for equality.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    upgrade: Option<DiscoveredUpgrade<'a>>,
+}
+
+/// How an upgraded connection is paid for.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct DiscoveredUpgrade<'a> {
+    /// Lower-case protocol names, e.g. `["websocket"]`.
+    protocols: &'a [String],
+    /// Always `"connection"`: one payment (or debit) pays for the whole upgraded connection.
+    priced_per: &'static str,
 }
 
 fn discovery(policy: &Policy, terms: &[Option<Arc<RouteTerms>>]) -> Vec<u8> {
@@ -266,6 +280,10 @@ fn discovery(policy: &Policy, terms: &[Option<Arc<RouteTerms>>]) -> Vec<u8> {
                 accepts: terms.as_ref().map_or(&[], |t| t.accepts.as_slice()),
                 credits: price.credits.map(|c| c.to_string()),
                 sells_credits: route.sells.map(|c| c.to_string()),
+                upgrade: (!route.upgrade.is_empty()).then_some(DiscoveredUpgrade {
+                    protocols: &route.upgrade,
+                    priced_per: "connection",
+                }),
             })
         })
         .collect();
@@ -277,4 +295,50 @@ fn discovery(policy: &Policy, terms: &[Option<Arc<RouteTerms>>]) -> Vec<u8> {
         routes,
     })
     .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::{self, Source};
+
+    fn terms(routes: &str) -> Terms {
+        let text = format!(
+            "service \"ws\" {{\n  pay_to 0x209693Bc6afc0C5328bA36FaF03C514EF312287C\n  accept x402 on base-sepolia\n  settle via facilitator \"https://x402.org/facilitator\"\n  default deny\n{routes}}}\n"
+        );
+        let checked = policy::check(Source::new("ws.toll", text));
+        let rendered = checked.render(policy::Style::Plain);
+        let policy = checked.policy.unwrap_or_else(|| panic!("{rendered}"));
+        Terms::new(&policy)
+    }
+
+    fn discovered(terms: &Terms) -> Value {
+        serde_json::from_slice(&terms.discovery()).unwrap()
+    }
+
+    #[test]
+    fn discovery_lists_upgrades_priced_per_connection() {
+        let t = terms(
+            "  route GET \"/stream\" {\n    price 0.01 USDC\n    upgrade WebSocket, h2c\n  }\n",
+        );
+        let doc = discovered(&t);
+        let route = &doc["routes"][0];
+        assert_eq!(
+            route["upgrade"],
+            serde_json::json!({"protocols": ["websocket", "h2c"], "pricedPer": "connection"})
+        );
+        // The accepts entries stay exactly what a 402 offers: clients compare them.
+        let plain = terms("  route GET \"/stream\" {\n    price 0.01 USDC\n  }\n");
+        assert_eq!(route["accepts"], discovered(&plain)["routes"][0]["accepts"]);
+        assert_eq!(
+            t.route(0).unwrap().accepts_json,
+            plain.route(0).unwrap().accepts_json
+        );
+    }
+
+    #[test]
+    fn discovery_omits_upgrade_when_not_allowed() {
+        let doc = discovered(&terms("  route GET \"/x\" {\n    price 0.01 USDC\n  }\n"));
+        assert!(doc["routes"][0].get("upgrade").is_none(), "{doc}");
+    }
 }

@@ -243,6 +243,87 @@ fn explain_shows_route_prices_limits_and_reasons() {
     assert!(stdout(&o).contains("`default deny`"), "{}", stdout(&o));
 }
 
+/// A service with an upgradable paid route, an upgradable free one, and a plain paid one.
+const UPGRADES: &str = "service \"chat\" {\n  pay_to 0x209693Bc6afc0C5328bA36FaF03C514EF312287C\n  accept x402 on base-sepolia\n  settle via facilitator \"https://x402.org/facilitator\"\n  default deny\n  route GET \"/v1/stream\" {\n    price 0.01 USDC\n    upgrade WebSocket\n  }\n  route GET \"/v1/echo\" {\n    free\n    upgrade websocket, h2c\n  }\n  route GET \"/v1/plain\" { price 0.01 USDC }\n}\n";
+
+#[test]
+fn explain_shows_upgrades_priced_per_connection() {
+    let dir = scratch();
+    write(&dir.join("chat.toll"), UPGRADES);
+    let o = tollgate_in(
+        &dir,
+        &["explain", "--policy", "chat.toll", "GET", "/v1/stream"],
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert!(
+        stdout(&o).contains(
+            "upgrade   websocket allowed, priced per connection: the price pays for the whole upgraded connection"
+        ),
+        "{}",
+        stdout(&o)
+    );
+
+    let o = tollgate_in(
+        &dir,
+        &["explain", "--policy", "chat.toll", "GET", "/v1/echo"],
+    );
+    assert!(
+        stdout(&o).contains("upgrade   websocket, h2c allowed; the upgraded connection is free"),
+        "{}",
+        stdout(&o)
+    );
+
+    let o = tollgate_in(
+        &dir,
+        &["explain", "--policy", "chat.toll", "GET", "/v1/plain"],
+    );
+    assert!(!stdout(&o).contains("upgrade"), "{}", stdout(&o));
+}
+
+#[test]
+fn check_reports_upgrade_mistakes() {
+    let dir = scratch();
+    write(
+        &dir.join("bad.toll"),
+        "service \"s\" {\n  default deny\n  route GET \"/ws\" {\n    deny\n    upgrade websocket\n  }\n}\n",
+    );
+    let o = tollgate_in(&dir, &["check", "bad.toll"]);
+    assert_eq!(o.status.code(), Some(1));
+    let err = stderr(&o);
+    assert!(
+        err.contains("error[upgrade_on_deny]: `upgrade` on a route that is denied"),
+        "{err}"
+    );
+    assert!(err.contains("bad.toll:5:5"), "{err}");
+}
+
+#[test]
+fn check_warns_when_a_route_takes_testnet_and_mainnet_but_passes() {
+    let dir = scratch();
+    write(
+        &dir.join("mixed.toll"),
+        &UPGRADES.replace(
+            "accept x402 on base-sepolia",
+            "accept x402 on base-sepolia, base",
+        ),
+    );
+    let o = tollgate_in(&dir, &["check", "mixed.toll"]);
+    assert_eq!(o.status.code(), Some(0), "{}{}", stdout(&o), stderr(&o));
+    let err = stderr(&o);
+    assert!(
+        err.contains(
+            "warning[mixed_networks]: routes can be paid on testnet `base-sepolia` and on mainnet `base`"
+        ),
+        "{err}"
+    );
+    assert!(err.contains("mixed.toll:3:3"), "{err}");
+    assert!(err.contains("offered on both, as is 1 more route"), "{err}");
+    assert!(stdout(&o).contains("0 errors, 1 warning"), "{}", stdout(&o));
+    // A warning never keeps the sidecar from starting: `tollgate run` loads the policy.
+    let loaded = tollgate::reload::load(&[dir.join("mixed.toll")]);
+    assert!(loaded.is_ok(), "{loaded:?}");
+}
+
 #[test]
 fn explain_rejects_bad_input_clearly() {
     let o = tollgate(&["explain", "--policy", WEATHER, "GET", "v1/x"]);

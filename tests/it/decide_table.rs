@@ -6,9 +6,14 @@
 use tollgate::policy::{self, Buyer, PaymentHeader, Policy, Request, Source, Why};
 
 const SHOP: &str = r#"
+network devnet {
+  chain 31337
+  asset USDC at 0x5FbDB2315678afecb367f032d93F642f64180aa3 name "USD Coin" version "2" decimals 6
+}
+
 service "shop" {
   pay_to 0x209693Bc6afc0C5328bA36FaF03C514EF312287C
-  accept x402 on base-sepolia, base
+  accept x402 on base-sepolia, devnet
   accept prepaid header "X-Key"
   settle via facilitator "https://x402.org/facilitator"
   deny payers 0x000000000000000000000000000000000000dEaD
@@ -414,7 +419,7 @@ fn prices_are_integer_atomic_units_per_network() {
         offers,
         vec![
             ("eip155:84532".to_string(), 1000),
-            ("eip155:8453".to_string(), 1000)
+            ("eip155:31337".to_string(), 1000)
         ]
     );
     assert_eq!(price.credits, Some(2));

@@ -246,3 +246,181 @@ fn inline_relayer_key_is_refused() {
         },
     );
 }
+
+#[test]
+fn upgrade_on_a_denied_route_points_at_the_clause() {
+    assert_diagnostic(
+        "upgrade_on_deny.toll",
+        include_str!("../fixtures/policy/err/upgrade_on_deny.toll"),
+        &Expected {
+            code: "upgrade_on_deny",
+            message: "`upgrade` on a route that is denied",
+            help: Some("remove `upgrade`, or give the route `free` or a `price`"),
+            underlined: "upgrade websocket",
+        },
+    );
+}
+
+#[test]
+fn bad_protocol_underlines_the_protocol() {
+    assert_diagnostic(
+        "p.toll",
+        "service \"s\" {\n  default deny\n  route GET \"/ws\" {\n    free\n    upgrade web@socket\n  }\n}\n",
+        &Expected {
+            code: "bad_protocol",
+            message: "`web@socket` is not a protocol name",
+            help: Some(
+                "a protocol name is letters, digits and `-` (an HTTP token), e.g. `websocket` or `h2c`",
+            ),
+            underlined: "web@socket",
+        },
+    );
+}
+
+#[test]
+fn upgrade_compiles_to_lower_case_protocols_in_order() {
+    let text = "service \"s\" {\n  accept prepaid\n  default deny\n  route GET \"/ws\" {\n    price 1 credit\n    upgrade WebSocket, h2c\n  }\n  route GET \"/plain\" { free }\n}\n";
+    let checked = policy::check(Source::new("s.toll", text));
+    assert!(
+        checked.diagnostics.is_empty(),
+        "{}",
+        checked.render(Style::Plain)
+    );
+    let policy = checked.policy.unwrap();
+    assert_eq!(policy.routes[0].upgrade, ["websocket", "h2c"]);
+    assert!(policy.routes[1].upgrade.is_empty(), "off by default");
+}
+
+/// A policy whose only prepaid header is `name`.
+fn with_key_header(name: &str) -> String {
+    format!(
+        "service \"s\" {{\n  accept prepaid header \"{name}\"\n  default deny\n  route GET \"/x\" {{ price 1 credit }}\n}}\n"
+    )
+}
+
+#[test]
+fn reserved_key_headers_are_refused_whatever_their_case() {
+    for name in [
+        "content-length",
+        "Transfer-Encoding",
+        "HOST",
+        "connection",
+        "keep-alive",
+        "TE",
+        "trailer",
+        "Upgrade",
+        "proxy-authorization",
+        "proxy-connection",
+        "expect",
+        "Idempotency-Key",
+        "x-request-id",
+        "x-tollgate-account",
+        "X-Tollgate-Anything",
+        "X-PAYMENT",
+        "payment-signature",
+        "payment-required",
+        "payment-response",
+        "x-payment-response",
+    ] {
+        let text = with_key_header(name);
+        let checked = policy::check(Source::new("s.toll", text.as_str()));
+        let codes: Vec<&str> = checked.diagnostics.iter().map(|d| d.code).collect();
+        assert_eq!(codes, ["reserved_header"], "{name}");
+        let d = &checked.diagnostics[0];
+        assert_eq!(
+            text.get(d.span.start..d.span.end),
+            Some(format!("\"{name}\"").as_str()),
+            "{name}: underlined text"
+        );
+        let help = d.help.as_deref().unwrap_or("");
+        assert!(
+            help.ends_with("; choose another header for keys, e.g. `x-api-key`") && help.len() > 60,
+            "{name}: the hint says why: {help}"
+        );
+        assert!(checked.policy.is_none(), "{name}: an error, not a warning");
+    }
+}
+
+#[test]
+fn key_headers_with_underscores_or_outside_http_tokens_are_refused() {
+    for (name, message) in [
+        ("x_api_key", "`x_api_key` contains `_`"),
+        ("X-Api_Key", "`X-Api_Key` contains `_`"),
+        ("x api key", "`x api key` is not a valid header name"),
+        ("x-api-key:", "`x-api-key:` is not a valid header name"),
+        ("clé", "`clé` is not a valid header name"),
+        ("", "`` is not a valid header name"),
+    ] {
+        let checked = policy::check(Source::new("s.toll", with_key_header(name)));
+        let found: Vec<(&str, &str)> = checked
+            .diagnostics
+            .iter()
+            .map(|d| (d.code, d.message.as_str()))
+            .collect();
+        assert_eq!(found, [("bad_header_name", message)], "{name}");
+    }
+}
+
+#[test]
+fn ordinary_key_headers_are_accepted() {
+    for name in [
+        "x-api-key",
+        "X-Key",
+        "authorization",
+        "api-key",
+        "x-tollgate",
+    ] {
+        let checked = policy::check(Source::new("s.toll", with_key_header(name)));
+        assert!(
+            checked.diagnostics.is_empty(),
+            "{name}: {}",
+            checked.render(Style::Plain)
+        );
+    }
+}
+
+#[test]
+fn mixed_networks_warn_at_the_accept_clause() {
+    let text = "service \"s\" {\n  pay_to 0x209693Bc6afc0C5328bA36FaF03C514EF312287C\n  accept x402 on base-sepolia, base\n  settle via facilitator \"https://x402.org/facilitator\"\n  default deny\n  route GET \"/x\" { price 0.01 USDC }\n}\n";
+    assert_diagnostic(
+        "mixed.toll",
+        text,
+        &Expected {
+            code: "mixed_networks",
+            message: "routes can be paid on testnet `base-sepolia` and on mainnet `base`",
+            help: Some(
+                "test tokens cost nothing, so a buyer could pick the `base-sepolia` offer and pay \
+                 the mainnet price with free test money: accept testnets and mainnets in separate \
+                 policies (e.g. staging and production)",
+            ),
+            underlined: "accept x402 on base-sepolia, base",
+        },
+    );
+    let checked = policy::check(Source::new("mixed.toll", text));
+    assert_eq!(checked.errors(), 0);
+    assert!(
+        checked.policy.is_some(),
+        "a warning: the policy still compiles"
+    );
+}
+
+#[test]
+fn networks_of_one_kind_do_not_warn() {
+    let devnet = "network devnet {\n  chain 31337\n  asset USDC at 0x5FbDB2315678afecb367f032d93F642f64180aa3 name \"USD Coin\" version \"2\" decimals 6\n}\n";
+    let mainnet = "network other {\n  chain 10\n  asset USDC at 0x0b2c639c533813f4aa9d7837caf62653d097ff85 name \"USD Coin\" version \"2\" decimals 6\n}\n";
+    for (networks, extra) in [
+        ("base-sepolia, devnet", devnet),
+        ("base, other", mainnet),
+        ("base", ""),
+    ] {
+        let text = format!(
+            "{extra}service \"s\" {{\n  pay_to 0x209693Bc6afc0C5328bA36FaF03C514EF312287C\n  accept x402 on {networks}\n  settle via facilitator \"https://x402.org/facilitator\"\n  default deny\n  route GET \"/x\" {{ price 0.01 USDC }}\n}}\n"
+        );
+        let checked = policy::check(Source::new("s.toll", text));
+        assert!(
+            checked.diagnostics.is_empty(),
+            "{networks}: {}",
+            checked.render(Style::Plain)
+        );
+    }
+}

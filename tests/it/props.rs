@@ -286,8 +286,28 @@ fn route_clause() -> impl Strategy<Value = Node> + Clone {
         1 => limit(),
         1 => payers(),
         1 => settle(),
+        1 => vec(protocol(), 1..4).prop_map(|protocols| {
+            let mut t = words(&["upgrade"]);
+            for (i, p) in protocols.into_iter().enumerate() {
+                if i > 0 {
+                    t.push(",".to_string());
+                }
+                t.push(p);
+            }
+            t
+        }),
     ]
     .prop_map(Node::Line)
+}
+
+/// A protocol of an `upgrade` clause: usually a name, sometimes one `compile` refuses (a
+/// version, a character outside HTTP tokens). Never a space, `,`, `#`, brace or quote.
+fn protocol() -> impl Strategy<Value = String> + Clone {
+    prop_oneof![
+        3 => select(&["websocket", "WebSocket", "h2c", "HTTP/2.0", "TLS"][..])
+            .prop_map(str::to_string),
+        2 => "[a-zA-Z0-9!$%\\&'*+.^_`|\\~/@é-]{1,8}",
+    ]
 }
 
 fn route() -> impl Strategy<Value = Node> + Clone {
@@ -851,6 +871,7 @@ const PIECES: &[&str] = &[
     "refund on",
     "description",
     "mime",
+    "upgrade websocket",
 ];
 
 fn piece() -> impl Strategy<Value = String> + Clone {
