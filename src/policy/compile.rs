@@ -1589,7 +1589,6 @@ impl Cx<'_> {
             timeout_secs: timeout.map_or(up.timeout_secs, |(_, t)| t),
             prefer: prefer.map_or(Rail::Prepaid, |(_, r)| r),
             refund_on_5xx: refund.is_some(),
-            upgrade: Vec::new(),
             sells: sells.map(|(_, n)| n),
             upgrade: upgrade.map(|(_, p)| p).unwrap_or_default(),
             settle: settle_timing.map_or_else(|| up.settle.clone(), |(_, t)| t),

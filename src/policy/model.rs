@@ -110,8 +110,6 @@ pub struct Route {
     /// Which rail wins when a request carries both an API key and an x402 payment.
     pub prefer: Rail,
     pub refund_on_5xx: bool,
-    /// Protocols a client may switch to (`upgrade websocket`), lower case; empty: none.
-    pub upgrade: Vec<String>,
     /// `sells N credits`: a paid call credits the caller's prepaid account (tollgate answers
     /// it; the upstream never sees it).
     pub sells: Option<u128>,

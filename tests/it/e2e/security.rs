@@ -148,6 +148,10 @@ const POLICY: &str = r#"service "sec" {
   route GET "/free/**" { free }
   route * "/paid/**" { price 0.01 USDC }
   route GET "/chat/ws" { free }
+  route GET "/live" {
+    free
+    upgrade websocket
+  }
 }
 "#;
 
@@ -321,6 +325,45 @@ async fn an_upstream_cannot_open_a_tunnel_the_route_does_not_allow() {
             "a tunnelled request reached the upstream: {head}"
         );
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_route_that_allows_an_upgrade_relays_it_and_only_that_protocol() {
+    let upstream = Lenient::start().await;
+    let (sidecar, _f) = sidecar("upgrade-allowed", &upstream.url(), "").await;
+    let mut stream = TcpStream::connect(("127.0.0.1", sidecar.port))
+        .await
+        .unwrap();
+    stream
+        .write_all(b"GET /live HTTP/1.1\r\nHost: x\r\nUpgrade: WebSocket\r\nConnection: keep-alive, Upgrade\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut answer))
+        .await
+        .unwrap()
+        .unwrap();
+    let answer = String::from_utf8_lossy(&answer[..n]).into_owned();
+    assert!(answer.starts_with("HTTP/1.1 101 "), "{answer}");
+    let head = upstream.heads()[0].to_ascii_lowercase();
+    assert!(head.contains("upgrade: websocket"), "{head}");
+    assert!(head.contains("connection: upgrade"), "{head}");
+    assert!(!head.contains("keep-alive"), "{head}");
+
+    // Another protocol on the same route is not forwarded, so a 101 is refused.
+    let answer = exchange(
+        sidecar.port,
+        b"GET /live HTTP/1.1\r\nHost: x\r\nUpgrade: h2c\r\nConnection: Upgrade\r\n\r\n",
+    )
+    .await;
+    assert_refused(
+        &answer,
+        502,
+        "upstream_protocol_switch",
+        "an upgrade to h2c",
+    );
+    let head = upstream.heads()[1].to_ascii_lowercase();
+    assert!(!head.contains("upgrade:"), "{head}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
