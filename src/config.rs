@@ -1210,11 +1210,9 @@ impl Config {
                 mapping(vec![
                     (
                         "max",
-                        text(
-                            &self
-                                .connections
-                                .max
-                                .map_or("auto".to_string(), |n| n.to_string()),
+                        self.connections.max.map_or_else(
+                            || text("auto"),
+                            |n| Value::Number(u64::try_from(n).unwrap_or(u64::MAX).into()),
                         ),
                     ),
                     (
@@ -1231,7 +1229,7 @@ impl Config {
                     ),
                     (
                         "body_min_rate",
-                        text(&self.connections.body_min_rate.to_string()),
+                        Value::Number(self.connections.body_min_rate.into()),
                     ),
                 ]),
             ),

@@ -20,7 +20,10 @@
 //! # Request flow (one owner per step)
 //!
 //! ```text
-//! client ─▶ proxy (Pingora session, request id)
+//! client ─▶ proxy::listener ──────────────── connection cap, head deadline, idle timeout
+//!            │                                 (heads Pingora would refuse: JSON 400/414/431)
+//!          proxy (Pingora session, request id)
+//!            ├─ target::parse ──────────────── pure: the one target priced and forwarded
 //!            ├─ policy::decide ─────────────── pure: route, rail, outcome
 //!            ├─ x402::verify ───────────────── pure: decode, match offer, window, signature
 //!            │    or store resolve_key ─────── prepaid: SHA-256 lookup, revoked/expired
@@ -43,14 +46,17 @@
 //! - [`networks`] — the built-in x402 network registry (Base, Base Sepolia USDC and their
 //!   EIP-712 domains).
 //! - [`money`] — decimal text ↔ integer atomic units.
+//! - [`target`] — the request target, pure: raw bytes → the canonical origin form that is both
+//!   priced and forwarded, or a refusal (other forms, foreign hosts, backslashes, `;`).
 //! - [`config`] — `tollgate.yaml` + `TOLLGATE_*` environment → resolved [`config::Config`].
 //! - [`x402`] — the protocol, pure: [`x402::wire`] (v1/v2 JSON shapes, base64 headers),
 //!   [`x402::terms`] (the deterministic `accepts` entries per route, the 402 challenge, the
 //!   discovery document), [`x402::verify`] (local EIP-3009 verification), [`x402::Rejection`]
 //!   (stable error codes).
-//! - [`proxy`] — the only module that touches Pingora sessions: the request phases, admission of
-//!   a payment (`admit`) or a key (`prepaid`), credit sales (`sell`), the forwarded request's
-//!   headers, refusals.
+//! - [`proxy`] — the only module that touches Pingora sessions: the listener's connection loop
+//!   ([`proxy::listener`]: cap, deadlines, heads read and checked before Pingora parses them),
+//!   the request phases, admission of a payment (`admit`) or a key (`prepaid`), credit sales
+//!   (`sell`), the forwarded request (target and headers), refusals.
 //! - [`store`] — the only module that touches sled: the durable nonce set, and
 //!   [`store::accounts`] (accounts, key hashes, balances, the append-only credit ledger,
 //!   idempotency keys, refunds) and spend-limit counters. One writer thread owns every flush
@@ -79,6 +85,10 @@
 //! - **A compiled policy is immutable**; changing a policy means compiling a new one.
 //! - **Secrets are references** (`env:NAME` or a file path), never values, in policies and in
 //!   the config; a key pasted into a policy is an error.
+//! - **What is priced is what is served.** The upstream receives exactly the target the
+//!   decision matched ([`target`]), never the client's bytes; a target that could be read two
+//!   ways (other forms, backslashes, `;`, letter case that changes the route) is refused.
+//!   Protocol upgrades pass only where the route allows them; an unrequested `101` is refused.
 //! - **Paid content is never served unpaid.** A paid route forwards only after the payment
 //!   verified locally and its nonce was claimed durably; every error on that path refuses the
 //!   call (400/402/403/503). With `after response`, settlement happens before any byte of the

@@ -140,7 +140,43 @@ admin:
 log:
   format: text
   level: info
+connections:
+  max: auto
+  idle_timeout: 60s
+  head_timeout: 10s
+  body_timeout: 30s
+  body_min_rate: 1024
 "
+    );
+}
+
+#[test]
+fn connection_limits_from_file_and_environment() {
+    let file =
+        "connections:\n  max: 500\n  idle_timeout: 2m\n  head_timeout: 5\n  body_min_rate: 0\n";
+    let config = ok(Some(file), &[("TOLLGATE_CONNECTIONS_BODY_TIMEOUT", "45s")]).config;
+    let limits = &config.connections;
+    assert_eq!(limits.max, Some(500));
+    assert_eq!(limits.idle_timeout_secs, 120);
+    assert_eq!(limits.head_timeout_secs, 5);
+    assert_eq!(limits.body_timeout_secs, 45);
+    assert_eq!(limits.body_min_rate, 0);
+    let config = ok(Some("connections:\n  max: auto\n"), &[]).config;
+    assert_eq!(config.connections.max, None);
+    let text = config.to_yaml();
+    assert_eq!(ok(Some(&text), &[]).config, config, "{text}");
+
+    assert_eq!(
+        errors(
+            Some(
+                "connections:\n  max: 0\n  head_timeout: 0s\n  idle_timeout: soon\n  body_min_rate: fast\n"
+            ),
+            &[]
+        ),
+        "tollgate.yaml: connections.max: expected `auto` or a positive number of connections, found \"0\"\n\
+tollgate.yaml: connections.idle_timeout: `soon` is not a duration such as 90s, 30m, 12h or 30d\n\
+tollgate.yaml: connections.head_timeout: \"0s\" is too short: a timeout is at least 1s\n\
+tollgate.yaml: connections.body_min_rate: expected a whole number of bytes per second, found \"fast\""
     );
 }
 
@@ -476,7 +512,7 @@ fn unknown_keys_are_errors_with_suggestions() {
     );
     assert_eq!(
         errors(Some("storage: x"), &[]),
-        "tollgate.yaml: storage: unknown field (expected one of: listen, upstream, public_url, policies, store, ops, admin, log); did you mean store?"
+        "tollgate.yaml: storage: unknown field (expected one of: listen, upstream, public_url, policies, store, ops, admin, log, connections); did you mean store?"
     );
     assert_eq!(
         errors(Some("log:\n  colour: true"), &[]),

@@ -532,6 +532,9 @@ pub struct Tweak {
     pub high_s: bool,
     /// Sign with this other key but claim to be the wallet.
     pub impostor: bool,
+    /// Send the recovery byte as `base + y_parity` instead of `27 + y_parity` (0, 35, 254…):
+    /// the same signer to a lenient recovery, refused by USDC's `ecrecover`.
+    pub v_base: Option<u8>,
 }
 
 impl Wallet {
@@ -607,6 +610,9 @@ impl Wallet {
             let s = U256::from_be_slice(&signature[32..64]);
             signature[32..64].copy_from_slice(&(n - s).to_be_bytes::<32>());
             signature[64] = if signature[64] == 27 { 28 } else { 27 };
+        }
+        if let Some(base) = tweak.v_base {
+            signature[64] = base.wrapping_add(signature[64] - 27);
         }
         json!({
             "signature": format!("0x{}", alloy::hex::encode(signature)),

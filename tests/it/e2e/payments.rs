@@ -203,6 +203,46 @@ async fn invalid_payments_are_refused_with_their_codes() {
             },
             "non_canonical_signature",
         ),
+        (
+            "v = 0 or 1",
+            Tweak {
+                v_base: Some(0),
+                ..Tweak::default()
+            },
+            "non_canonical_signature",
+        ),
+        (
+            "v = 35 or 36 (EIP-155 style)",
+            Tweak {
+                v_base: Some(35),
+                ..Tweak::default()
+            },
+            "non_canonical_signature",
+        ),
+        (
+            "v = 254 or 255",
+            Tweak {
+                v_base: Some(254),
+                ..Tweak::default()
+            },
+            "non_canonical_signature",
+        ),
+        (
+            "valid for a day (its nonce would be kept that long)",
+            Tweak {
+                valid_before: Some(t + 86_400),
+                ..Tweak::default()
+            },
+            "authorization_too_long",
+        ),
+        (
+            "valid until u64::MAX",
+            Tweak {
+                valid_before: Some(u64::MAX),
+                ..Tweak::default()
+            },
+            "authorization_too_long",
+        ),
     ];
     for (name, tweak, code) in &cases {
         for version in [1, 2] {
