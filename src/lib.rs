@@ -63,7 +63,8 @@
 //!   ([`admin::service`], bearer token from [`admin::token`]) and the CLI.
 //! - [`settle`] — the facilitator client (`POST /settle`).
 //! - [`logging`] — log setup and the one `log` → `tracing` bridge: what Pingora and other
-//!   libraries log is redacted (header values, credentials, API keys, bodies) at every level.
+//!   libraries log is redacted (header values, credentials, API keys, bodies) at every level,
+//!   and client mistakes are warnings, rate-limited.
 //! - [`server`] — `tollgate run`: startup checks, the Pingora server (proxy, ops listener with
 //!   `/healthz`, `/readyz` and `/metrics`, admin API, policy watcher, housekeeping), signals
 //!   and shutdown.

@@ -10,18 +10,24 @@
 //! 1. drops it unless the tracing filter enables its level and target — before the message is
 //!    formatted, so a filtered-out record costs one filter check; `log`'s global maximum level
 //!    is set from the filter, so most never reach the bridge at all;
-//! 2. redacts secrets from the message ([`redact`]): every header value in a header dump
+//! 2. downgrades an ERROR or WARN that a client caused (a malformed request, a disconnect:
+//!    what Pingora calls a downstream error) to WARN, at most [`BURST`] lines per second per
+//!    call site, then one line saying how many were suppressed ([`Noise`]);
+//! 3. redacts secrets from the message ([`redact`]): every header value in a header dump
 //!    except a few harmless headers ([`HARMLESS`]), credentials after `Bearer`/`Basic`/
 //!    `Digest`, anything shaped like a tollgate API key or admin token (`tg_…`, `tga_…`),
 //!    user information and query values in URLs, and request and response bodies (reduced to
 //!    a marker);
-//! 3. hands it to the tracing subscriber with its original target, so filters such as
+//! 4. hands it to the tracing subscriber with its original target, so filters such as
 //!    `pingora_proxy=trace` keep working and the text and JSON formats show it as before.
 //!
 //! The redaction is deny-by-default because the prepaid key header is whatever the policy
 //! names: a header not in [`HARMLESS`] is redacted, whatever it is called.
 
 use std::borrow::Cow;
+use std::collections::BTreeMap;
+use std::sync::{Mutex, Once, PoisonError};
+use std::time::{Duration, Instant};
 
 use tracing_log::AsTrace as _;
 
@@ -65,6 +71,12 @@ pub const HARMLESS: [&str; 24] = [
     "x-tollgate-credits",
 ];
 
+/// Client-caused lines let through per call site and [`WINDOW`].
+pub const BURST: u32 = 5;
+
+/// The rate limit's window.
+pub const WINDOW: Duration = Duration::from_secs(1);
+
 /// Installs the subscriber (`log.format`, `log.level` or `RUST_LOG`) and the bridge. A second
 /// call (tests embedding the server twice) keeps the first subscriber and bridge.
 pub fn init(config: &Config) {
@@ -106,10 +118,14 @@ fn log_level_filter(filter: tracing::level_filters::LevelFilter) -> log::LevelFi
     }
 }
 
-static BRIDGE: Bridge = Bridge;
+static BRIDGE: Bridge = Bridge {
+    noise: Noise::new(),
+};
 
-/// The `log` → `tracing` bridge: filter, redact.
-pub struct Bridge;
+/// The `log` → `tracing` bridge: filter, downgrade and rate-limit client noise, redact.
+pub struct Bridge {
+    noise: Noise,
+}
 
 /// Whether the tracing subscriber wants a record with this level and target.
 fn wanted(metadata: &log::Metadata<'_>) -> bool {
@@ -122,15 +138,35 @@ impl log::Log for Bridge {
     }
 
     fn log(&self, record: &log::Record<'_>) {
+        // Downgrading only ever lowers a level: what is not wanted as is is not wanted at all.
         if !wanted(record.metadata()) {
             return;
         }
         let message = record.args().to_string();
+        let mut level = record.level();
+        if level <= log::Level::Warn && from_client(record.target(), &message) {
+            level = log::Level::Warn;
+            let warn = log::Metadata::builder()
+                .level(level)
+                .target(record.target())
+                .build();
+            if !wanted(&warn) {
+                return;
+            }
+            let site = (
+                record.module_path_static().unwrap_or("?"),
+                record.line().unwrap_or(0),
+            );
+            if !self.noise.admit(site, Instant::now()) {
+                start_reporter();
+                return;
+            }
+        }
         let clean = redact(&message);
         let _ = tracing_log::format_trace(
             &log::Record::builder()
                 .args(format_args!("{clean}"))
-                .level(record.level())
+                .level(level)
                 .target(record.target())
                 .module_path(record.module_path())
                 .file(record.file())
@@ -140,6 +176,123 @@ impl log::Log for Bridge {
     }
 
     fn flush(&self) {}
+}
+
+/// Reports suppressed lines once per [`WINDOW`], from a thread started at the first
+/// suppression.
+fn start_reporter() {
+    static STARTED: Once = Once::new();
+    STARTED.call_once(|| {
+        let spawned = std::thread::Builder::new()
+            .name("log-noise".into())
+            .spawn(|| {
+                loop {
+                    std::thread::sleep(WINDOW);
+                    for ((module, line), suppressed) in BRIDGE.noise.take_suppressed() {
+                        tracing::warn!(
+                            target: "tollgate::logging",
+                            site = %format_args!("{module}:{line}"),
+                            suppressed,
+                            "suppressed client-error log lines (at most {BURST} per second per site)"
+                        );
+                    }
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::warn!(error = %e, "cannot start the log rate limit's reporter");
+        }
+    });
+}
+
+/// Where a record was logged: module path and line.
+pub type Site = (&'static str, u32);
+
+#[derive(Debug, Clone, Copy)]
+struct Bucket {
+    window: Instant,
+    lines: u32,
+    suppressed: u64,
+}
+
+/// The rate limit on client-caused lines: [`BURST`] per call site and [`WINDOW`]; the rest
+/// are counted until [`Noise::take_suppressed`] reports them.
+#[derive(Debug)]
+pub struct Noise {
+    // One entry per call site that ever logged a client mistake: a handful.
+    sites: Mutex<BTreeMap<Site, Bucket>>,
+}
+
+impl Noise {
+    pub const fn new() -> Noise {
+        Noise {
+            sites: Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    /// Whether a line from `site` may be written at `now`.
+    pub fn admit(&self, site: Site, now: Instant) -> bool {
+        let mut sites = self.sites.lock().unwrap_or_else(PoisonError::into_inner);
+        let bucket = sites.entry(site).or_insert(Bucket {
+            window: now,
+            lines: 0,
+            suppressed: 0,
+        });
+        if now.saturating_duration_since(bucket.window) >= WINDOW {
+            bucket.window = now;
+            bucket.lines = 0;
+        }
+        if bucket.lines < BURST {
+            bucket.lines += 1;
+            true
+        } else {
+            bucket.suppressed += 1;
+            false
+        }
+    }
+
+    /// The sites with suppressed lines and how many, since the last call.
+    pub fn take_suppressed(&self) -> Vec<(Site, u64)> {
+        let mut sites = self.sites.lock().unwrap_or_else(PoisonError::into_inner);
+        sites
+            .iter_mut()
+            .filter(|(_, bucket)| bucket.suppressed > 0)
+            .map(|(site, bucket)| (*site, std::mem::take(&mut bucket.suppressed)))
+            .collect()
+    }
+}
+
+impl Default for Noise {
+    fn default() -> Noise {
+        Noise::new()
+    }
+}
+
+/// Whether a Pingora ERROR/WARN record is about the client (a malformed request, a client
+/// that went away) rather than the upstream or tollgate itself.
+///
+/// Pingora names the side in its fixed text ("failed to send error response to downstream",
+/// "Downstream handshake error") and in its errors' display, whose first word is the error's
+/// source ("Fail to proxy: Downstream ReadError …", "Fail to proxy: Upstream ConnectRefused
+/// …"): the first side a message names is the one at fault. A few framing warnings name no
+/// side and are counted as the client's.
+pub fn from_client(target: &str, message: &str) -> bool {
+    if !target.starts_with("pingora") {
+        return false;
+    }
+    let lower = message.to_ascii_lowercase();
+    let first = |word: &str| lower.find(word).unwrap_or(usize::MAX);
+    let downstream = first("downstream");
+    let elsewhere = first("upstream").min(first("internal"));
+    if downstream != elsewhere {
+        return downstream < elsewhere;
+    }
+    [
+        "peer sent more data than expected",
+        "content-length header",
+        "h2 handshake error",
+    ]
+    .iter()
+    .any(|needle| lower.contains(needle))
 }
 
 /// `message` with every secret replaced (see the module docs).
@@ -702,5 +855,50 @@ mod tests {
         ] {
             assert!(!harmless(name), "{name}");
         }
+    }
+
+    #[test]
+    fn client_mistakes_are_told_from_real_errors() {
+        for message in [
+            "Fail to proxy: Downstream ConnectionClosed context: while reading request headers, bytes already read: 69, downstream session type: h1",
+            "Fail to proxy: Downstream ReadError context: while reading request headers cause: Connection reset by peer (os error 104), downstream session type: h1",
+            "HTTP server fails to read from downstream:  ReadError context: while reading request headers cause: Connection reset by peer (os error 104)",
+            "failed to send error response to downstream: Downstream WriteError context: writing response header cause: Broken pipe (os error 32)",
+            "HTTP server fails to write to downstream: Downstream WriteError, GET /readyz, Host: h",
+            "Downstream handshake error from 127.0.0.1:5000: TLSHandshakeFailure",
+            "Fail to proxy: Downstream WriteError context: writing response body, status: 0, tries: 1, retry: false, GET /x, Host: h",
+            "Peer sent more data than expected: extra 3 bytes",
+        ] {
+            assert!(from_client("pingora_proxy", message), "{message}");
+        }
+        for message in [
+            "Fail to proxy: Upstream ConnectRefused context: Fail to connect to addr: 127.0.0.1:1, status: 502, tries: 1, retry: false, GET /x, Host: h",
+            "Fail to proxy: Internal InternalError context: a request without a policy reached the upstream phase cause: Downstream ReadError",
+            "Accept() failed Too many open files (os error 24)",
+            "send error, draining read buf: Upstream WriteError",
+        ] {
+            assert!(!from_client("pingora_proxy", message), "{message}");
+        }
+        assert!(!from_client(
+            "sled::pagecache",
+            "failed to send error response to downstream"
+        ));
+    }
+
+    #[test]
+    fn the_rate_limit_lets_a_burst_through_per_site_and_second_then_counts() {
+        let noise = Noise::new();
+        let (a, b) = (("pingora_proxy", 363), ("pingora_core::apps::http_app", 66));
+        let t0 = Instant::now();
+        let admitted = (0..20).filter(|_| noise.admit(a, t0)).count();
+        assert_eq!(admitted, BURST as usize);
+        assert!(noise.admit(b, t0), "another site has its own budget");
+        assert!(!noise.admit(a, t0 + WINDOW / 2));
+        assert_eq!(noise.take_suppressed(), vec![(a, 16)]);
+        assert_eq!(noise.take_suppressed(), vec![], "counted once");
+        let t1 = t0 + WINDOW;
+        let admitted = (0..20).filter(|_| noise.admit(a, t1)).count();
+        assert_eq!(admitted, BURST as usize, "a new second, a new burst");
+        assert_eq!(noise.take_suppressed(), vec![(a, 15)]);
     }
 }
