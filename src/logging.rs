@@ -640,6 +640,38 @@ fn api_keys(text: &str) -> Option<String> {
     splice(text, &ranges)
 }
 
+/// `text` with every run of exactly 64 hex digits (`0x`-prefixed or not) — the shape of a
+/// private key or another 256-bit secret — replaced. For tollgate's own lines that quote a
+/// policy: a relayer key pasted into it is refused (`inline_secret`), and the diagnostic
+/// shows the line it is on.
+pub fn redact_hex_secrets(text: &str) -> Cow<'_, str> {
+    let bytes = text.as_bytes();
+    let mut ranges = Vec::new();
+    let mut i = 0;
+    while i < bytes.len() {
+        if !at(bytes, i).is_ascii_alphanumeric() {
+            i += 1;
+            continue;
+        }
+        // A word starts here; words are skipped whole.
+        let mut end = i;
+        while at(bytes, end).is_ascii_alphanumeric() {
+            end += 1;
+        }
+        let word = bytes.get(i..end).unwrap_or_default();
+        let digits = if word.starts_with(b"0x") { i + 2 } else { i };
+        if end - digits == 64
+            && bytes
+                .get(digits..end)
+                .is_some_and(|run| run.iter().all(u8::is_ascii_hexdigit))
+        {
+            ranges.push((digits, end, REDACTED));
+        }
+        i = end;
+    }
+    splice(text, &ranges).map_or(Cow::Borrowed(text), Cow::Owned)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -900,5 +932,30 @@ mod tests {
         let admitted = (0..20).filter(|_| noise.admit(a, t1)).count();
         assert_eq!(admitted, BURST as usize, "a new second, a new burst");
         assert_eq!(noise.take_suppressed(), vec![(a, 15)]);
+    }
+
+    #[test]
+    fn a_pasted_private_key_is_masked_where_tollgate_quotes_a_policy() {
+        // `inline_secret`, as `tollgate check` renders it (the golden snapshot).
+        let key = "ac0974bec39a17e36ba4a6b4d238ff944bacb478cbed5efcae784d7bf4f2ff80";
+        let rendered = format!(
+            "error[inline_secret]: a relayer key must not be written in the policy\n --> inline_secret.toll:5:50\n  |\n5 |   settle via rpc \"http://127.0.0.1:8545\" relayer 0x{key}\n  |                                                  ^^^^ a private key, in plain text\n"
+        );
+        let masked = redact_hex_secrets(&rendered);
+        assert!(!masked.contains(key), "{masked}");
+        assert!(masked.contains("relayer 0x[redacted]\n"), "{masked}");
+        assert_eq!(redact_hex_secrets(key), REDACTED);
+        // Addresses (40 digits), longer or shorter runs and words are not keys.
+        for text in [
+            "pay_to 0x209693Bc6afc0C5328bA36FaF03C514EF312287C",
+            "version afcc23f3fd382be3",
+            &format!("{key}0"),
+            &format!("g{key}"),
+        ] {
+            assert!(
+                matches!(redact_hex_secrets(text), Cow::Borrowed(_)),
+                "{text}"
+            );
+        }
     }
 }

@@ -45,11 +45,11 @@ const NONCE_GC_EVERY: Duration = Duration::from_secs(600);
 pub fn run(config: &Config) -> Result<(), String> {
     crate::logging::init(config);
     let metrics = Arc::new(Metrics::new().map_err(|e| format!("cannot set up the metrics: {e}"))?);
-    let live = Arc::new(Live::start(
-        config.policies.clone(),
-        metrics.clone(),
-        crate::unix_now(),
-    )?);
+    // An invalid policy's diagnostics quote it; stderr is the log: a pasted key stays out.
+    let live = Arc::new(
+        Live::start(config.policies.clone(), metrics.clone(), crate::unix_now())
+            .map_err(|e| crate::logging::redact_hex_secrets(&e).into_owned())?,
+    );
     let upstream = upstream_peer(config)?;
     let store = Store::open(&config.store)
         .map_err(|e| format!("cannot open the store at {}: {e}", config.store.display()))?;
