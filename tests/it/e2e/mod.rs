@@ -8,6 +8,7 @@ mod ops;
 mod payments;
 mod prepaid;
 mod proxying;
+mod secrets;
 mod settlement;
 
 use std::path::PathBuf;
