@@ -68,6 +68,9 @@
 //! - [`admin`] — account administration as operations ([`admin::Op`]) shared by the admin API
 //!   ([`admin::service`], bearer token from [`admin::token`]) and the CLI.
 //! - [`settle`] — the facilitator client (`POST /settle`).
+//! - [`logging`] — log setup and the one `log` → `tracing` bridge: what Pingora and other
+//!   libraries log is redacted (header values, credentials, API keys, bodies) at every level,
+//!   and client mistakes are warnings, rate-limited.
 //! - [`server`] — `tollgate run`: startup checks, the Pingora server (proxy, ops listener with
 //!   `/healthz`, `/readyz` and `/metrics`, admin API, policy watcher, housekeeping), signals
 //!   and shutdown.
@@ -102,6 +105,8 @@
 //!   ([`store::Store::audit`]), also across `kill -9`.
 //! - **Secrets never leave**: API keys are stored as SHA-256 digests and shown once; the admin
 //!   token is compared in constant time; neither appears in logs, metrics or error bodies.
+//!   tollgate's own log lines carry no header value; what libraries log passes through
+//!   [`logging`], which redacts header values, credentials, keys and bodies at every level.
 //! - **Only `proxy` touches Pingora sessions; only `store` touches sled.** Verification and
 //!   decisions take the clock as a parameter.
 //!
@@ -119,6 +124,7 @@ pub mod admin;
 pub mod cli;
 pub mod config;
 pub mod limits;
+pub mod logging;
 pub mod metrics;
 pub mod money;
 pub mod networks;

@@ -150,9 +150,11 @@ impl Live {
             }
             Err(diagnostics) => {
                 self.metrics.reloads.with_label_values(&["failed"]).inc();
+                // The diagnostics quote the policy: a key pasted into it stays out of the log.
                 tracing::error!(
                     version = %before.policy.version,
-                    "the new policy is invalid; the policy in force keeps serving:\n{diagnostics}"
+                    "the new policy is invalid; the policy in force keeps serving:\n{}",
+                    crate::logging::redact_hex_secrets(&diagnostics)
                 );
                 Err(diagnostics)
             }

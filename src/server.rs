@@ -27,7 +27,7 @@ use pingora::services::listening::Service;
 use pingora::upstreams::peer::HttpPeer;
 
 use crate::admin::{self, service::Admin};
-use crate::config::{Config, LogFormat, Scheme};
+use crate::config::{Config, Scheme};
 use crate::limits::Limiter;
 use crate::metrics::Metrics;
 use crate::proxy::listener::Listener;
@@ -44,13 +44,13 @@ const NONCE_GC_EVERY: Duration = Duration::from_secs(600);
 
 /// Runs the sidecar until it is told to stop. `Err` carries what to tell the operator.
 pub fn run(config: &Config) -> Result<(), String> {
-    init_logging(config);
+    crate::logging::init(config);
     let metrics = Arc::new(Metrics::new().map_err(|e| format!("cannot set up the metrics: {e}"))?);
-    let live = Arc::new(Live::start(
-        config.policies.clone(),
-        metrics.clone(),
-        crate::unix_now(),
-    )?);
+    // An invalid policy's diagnostics quote it; stderr is the log: a pasted key stays out.
+    let live = Arc::new(
+        Live::start(config.policies.clone(), metrics.clone(), crate::unix_now())
+            .map_err(|e| crate::logging::redact_hex_secrets(&e).into_owned())?,
+    );
     let upstream = upstream_peer(config)?;
     let store = Store::open(&config.store)
         .map_err(|e| format!("cannot open the store at {}: {e}", config.store.display()))?;
@@ -153,21 +153,6 @@ pub fn run(config: &Config) -> Result<(), String> {
     store
         .flush()
         .map_err(|e| format!("flushing the store failed: {e}"))
-}
-
-fn init_logging(config: &Config) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .or_else(|_| tracing_subscriber::EnvFilter::try_new(&config.log.level))
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
-    // A second initialisation (tests embedding the server twice) keeps the first subscriber.
-    let _ = match config.log.format {
-        LogFormat::Json => builder.json().try_init(),
-        LogFormat::Text => builder.try_init(),
-    };
 }
 
 /// File descriptors kept out of the connection cap: listeners, the store, logs, the admin API.

@@ -8,6 +8,7 @@ mod ops;
 mod payments;
 mod prepaid;
 mod proxying;
+mod secrets;
 mod security;
 mod settlement;
 
