@@ -210,9 +210,26 @@ fn discover(sources: &[PathBuf]) -> Result<PathBuf, String> {
 
 /// Loads and checks the sidecar's one policy: it compiles, and its settlement is one this
 /// build performs.
+/// Warnings (`tollgate check` shows them in full) are logged, one line each.
 pub fn load(sources: &[PathBuf]) -> Result<Policy, String> {
     let file = discover(sources)?;
-    let policy = policy::load(&file).map_err(|e| e.to_string())?;
+    let source = policy::read(&file).map_err(|e| e.to_string())?;
+    let mut checked = policy::check(source);
+    let Some(policy) = checked.policy.take() else {
+        return Err(policy::LoadError::Invalid(Box::new(checked)).to_string());
+    };
+    for warning in checked.diagnostics.iter().filter(|d| !d.is_error()) {
+        let (line, column) = checked.source.line_col(warning.span.start);
+        tracing::warn!(
+            policy = %policy.origin,
+            line,
+            column,
+            code = warning.code,
+            help = warning.help.as_deref().unwrap_or(""),
+            "policy warning: {}",
+            warning.message
+        );
+    }
     supported(&policy)?;
     Ok(policy)
 }

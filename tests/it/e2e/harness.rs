@@ -443,8 +443,16 @@ impl Sidecar {
                     self.log()
                 );
             }
+            // Ready, and every listener bound (services start on their own threads, so
+            // the ops listener may answer before the proxy or admin one listens).
             if let Ok(r) = client.get(self.ops_url("/readyz")).send().await
                 && r.status() == 200
+                && tokio::net::TcpStream::connect(("127.0.0.1", self.port))
+                    .await
+                    .is_ok()
+                && tokio::net::TcpStream::connect(("127.0.0.1", self.admin_port))
+                    .await
+                    .is_ok()
             {
                 return;
             }
