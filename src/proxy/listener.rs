@@ -125,10 +125,6 @@ impl ServerApp for Listener {
                     return None;
                 }
             };
-            if let Err(refusal) = check_head(&head) {
-                self.answer(&mut stream, Some(&head), *refusal).await;
-                return None;
-            }
             let mut session = ServerSession::new_http1(stream);
             session.set_pipelined_prefix(head);
             // The next request's wait is timed above, not by Pingora.
@@ -290,12 +286,16 @@ enum HeadState {
     Refused(Box<Refusal>),
 }
 
-/// Whether `buf` starts with a whole request head, by httparse's reading (as Pingora's).
+/// Whether `buf` starts with a whole request head, by httparse's reading (as Pingora's), and
+/// for a whole one, whether tollgate will take it ([`check_head`]).
 fn head_state(buf: &[u8]) -> HeadState {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut request = httparse::Request::new(&mut headers);
     match request.parse(buf) {
-        Ok(httparse::Status::Complete(size)) => HeadState::Complete(size),
+        Ok(httparse::Status::Complete(size)) => match check_head(&request) {
+            Ok(()) => HeadState::Complete(size),
+            Err(refusal) => HeadState::Refused(refusal),
+        },
         Ok(httparse::Status::Partial) => HeadState::Partial,
         Err(httparse::Error::TooManyHeaders) => HeadState::Refused(Box::new(Refusal::new(
             431,
@@ -313,17 +313,7 @@ fn head_state(buf: &[u8]) -> HeadState {
 /// Refuses, in tollgate's words, what Pingora would refuse with an empty 400 once it has the
 /// head: a target tollgate will not price ([`crate::target`]), a duplicate `Host`, a
 /// conflicting `Content-Length`.
-fn check_head(buf: &[u8]) -> Result<(), Box<Refusal>> {
-    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut request = httparse::Request::new(&mut headers);
-    // The head is complete (checked by the caller); parse again to read its fields.
-    if !matches!(request.parse(buf), Ok(httparse::Status::Complete(_))) {
-        return Err(Box::new(Refusal::new(
-            400,
-            "malformed_request",
-            "the request head cannot be parsed",
-        )));
-    }
+fn check_head(request: &httparse::Request<'_, '_>) -> Result<(), Box<Refusal>> {
     let malformed = |message: String| Box::new(Refusal::new(400, "malformed_request", message));
     let method = request.method.unwrap_or("");
     let mut hosts = request
@@ -411,7 +401,10 @@ mod tests {
 
     #[test]
     fn checks_what_pingora_would_refuse_silently() {
-        let code = |head: &[u8]| check_head(head).err().map(|r| r.code);
+        let code = |head: &[u8]| match head_state(head) {
+            HeadState::Refused(r) => Some(r.code),
+            _ => None,
+        };
         assert_eq!(code(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n"), None);
         assert_eq!(
             code(b"GET /a HTTP/1.1\r\nHost: x\r\nHost: y\r\n\r\n"),
