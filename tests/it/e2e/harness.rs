@@ -387,25 +387,49 @@ pub struct Sidecar {
     pub dir: PathBuf,
 }
 
+/// How a test starts the sidecar, beyond its defaults.
+#[derive(Debug, Clone, Copy)]
+pub struct Launch<'a> {
+    /// `log.level` (`debug` logs one line per request).
+    pub level: &'a str,
+    /// `log.format`: `text` or `json`.
+    pub format: &'a str,
+    /// More `tollgate.yaml`: top-level sections such as `connections:\n  max: 5\n`.
+    pub yaml: &'a str,
+    /// Environment variables for the process (`RUST_LOG` is otherwise removed).
+    pub env: &'a [(&'a str, &'a str)],
+}
+
+impl Default for Launch<'_> {
+    fn default() -> Self {
+        Launch {
+            level: "info",
+            format: "text",
+            yaml: "",
+            env: &[],
+        }
+    }
+}
+
 impl Sidecar {
     /// Starts the sidecar in `dir` (which holds `policy.toll`), proxying to `upstream`.
     pub async fn start(dir: &Path, upstream: &str) -> Sidecar {
-        Sidecar::start_logging(dir, upstream, "info").await
+        Sidecar::launch(dir, upstream, Launch::default()).await
     }
 
-    /// [`Sidecar::start`] with a log level (`debug` logs one line per request).
-    pub async fn start_logging(dir: &Path, upstream: &str, level: &str) -> Sidecar {
-        Sidecar::start_configured(dir, upstream, level, "").await
-    }
-
-    /// [`Sidecar::start_logging`] with more `tollgate.yaml` (top-level sections, e.g.
-    /// `connections:\n  max: 5\n`).
-    pub async fn start_configured(dir: &Path, upstream: &str, level: &str, extra: &str) -> Sidecar {
+    /// [`Sidecar::start`] as `launch` says.
+    pub async fn launch(dir: &Path, upstream: &str, launch: Launch<'_>) -> Sidecar {
         let port = free_port();
         let ops_port = free_port();
         let admin_port = free_port();
+        let Launch {
+            level,
+            format,
+            yaml,
+            env,
+        } = launch;
         let config = format!(
-            "listen: 127.0.0.1:{port}\nupstream: {upstream}\npublic_url: https://api.example.com\npolicies: [policy.toll]\nstore: data\nops:\n  listen: 127.0.0.1:{ops_port}\nadmin:\n  listen: 127.0.0.1:{admin_port}\nlog:\n  level: {level}\n{extra}",
+            "listen: 127.0.0.1:{port}\nupstream: {upstream}\npublic_url: https://api.example.com\npolicies: [policy.toll]\nstore: data\nops:\n  listen: 127.0.0.1:{ops_port}\nadmin:\n  listen: 127.0.0.1:{admin_port}\nlog:\n  level: {level}\n  format: {format}\n{yaml}",
         );
         std::fs::write(dir.join("tollgate.yaml"), config).unwrap();
         let log = std::fs::OpenOptions::new()
@@ -418,6 +442,8 @@ impl Sidecar {
             .current_dir(dir)
             .env_remove("RUST_LOG")
             .env_remove("TOLLGATE_CONFIG")
+            .env_remove("TOLLGATE_LOG_LEVEL")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -476,6 +502,18 @@ impl Sidecar {
 
     pub fn ops_url(&self, path: &str) -> String {
         format!("http://127.0.0.1:{}{path}", self.ops_port)
+    }
+
+    /// `/metrics`, as text.
+    pub async fn metrics(&self) -> String {
+        client()
+            .get(self.ops_url("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
     }
 
     pub fn log(&self) -> String {

@@ -14,7 +14,7 @@ mod settlement;
 
 use std::path::PathBuf;
 
-use harness::{Facilitator, Sidecar, Upstream, Wallet, scratch_dir};
+use harness::{Facilitator, Launch, Sidecar, Upstream, Wallet, scratch_dir};
 use serde_json::Value;
 
 /// The policy most tests run: every kind of route, two networks, a facilitator.
@@ -94,10 +94,34 @@ impl World {
         facilitator: Facilitator,
         upstream_url: Option<String>,
     ) -> World {
+        let url = upstream_url.unwrap_or_else(|| upstream.url());
+        World::launch(name, upstream, facilitator, &url, Launch::default()).await
+    }
+
+    /// The e2e [`policy`] served by a sidecar started as `launch` says, in front of
+    /// `upstream_url`.
+    pub async fn launch(
+        name: &str,
+        upstream: Upstream,
+        facilitator: Facilitator,
+        upstream_url: &str,
+        launch: Launch<'_>,
+    ) -> World {
+        World::launch_policy(name, upstream, facilitator, upstream_url, launch, policy).await
+    }
+
+    /// [`World::launch`] with a policy of the test's own, made from the facilitator's URL.
+    pub async fn launch_policy(
+        name: &str,
+        upstream: Upstream,
+        facilitator: Facilitator,
+        upstream_url: &str,
+        launch: Launch<'_>,
+        policy: impl Fn(&str) -> String,
+    ) -> World {
         let dir = scratch_dir(name);
         std::fs::write(dir.join("policy.toll"), policy(&facilitator.url())).unwrap();
-        let url = upstream_url.unwrap_or_else(|| upstream.url());
-        let sidecar = Sidecar::start(&dir, &url).await;
+        let sidecar = Sidecar::launch(&dir, upstream_url, launch).await;
         World {
             upstream,
             facilitator,

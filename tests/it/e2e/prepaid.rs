@@ -466,18 +466,13 @@ async fn a_thousand_concurrent_requests_never_overspend_one_key() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keys_and_tokens_never_reach_the_logs() {
     let upstream = super::harness::Upstream::start().await;
+    let url = upstream.url();
     let facilitator = super::harness::Facilitator::start().await;
-    let dir = super::harness::scratch_dir("prepaid-logs");
-    std::fs::write(dir.join("policy.toll"), super::policy(&facilitator.url())).unwrap();
-    let sidecar = Sidecar::start_logging(&dir, &upstream.url(), "debug").await;
-    let w = World {
-        upstream,
-        facilitator,
-        sidecar,
-        dir,
-        http: super::harness::client(),
-        wallet: super::harness::Wallet::new(0x42),
+    let launch = super::harness::Launch {
+        level: "debug",
+        ..Default::default()
     };
+    let w = World::launch("prepaid-logs", upstream, facilitator, &url, launch).await;
     let (account, key) = w.funded_key(10).await;
     assert_eq!(w.with_key("/credits", &key).await.status(), 200);
     let revoked_key = key.clone();

@@ -3,8 +3,6 @@
 //! body — gets every kind of secret a client or an operator sends, in good and malformed
 //! requests, then the whole log is searched for them.
 
-use std::path::Path;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use base64::Engine as _;
@@ -12,7 +10,7 @@ use serde_json::Value;
 use tokio::io::AsyncWriteExt;
 
 use super::World;
-use super::harness::{self, Facilitator, Sidecar, Tweak, Upstream, Wallet};
+use super::harness::{self, Facilitator, Launch, Tweak, Upstream};
 
 /// The prepaid key header of these tests' policy: a name no built-in list of secrets knows.
 const KEY_HEADER: &str = "x-acme-credential";
@@ -35,67 +33,12 @@ fn unique(label: &str) -> String {
     format!("{label}{nanos:x}")
 }
 
-async fn world(name: &str, level: &str) -> World {
+/// The policy with [`KEY_HEADER`], served by a sidecar started as `launch` says.
+async fn world(name: &str, launch: Launch<'_>) -> World {
     let upstream = Upstream::start().await;
+    let url = upstream.url();
     let facilitator = Facilitator::start().await;
-    let dir = harness::scratch_dir(name);
-    std::fs::write(dir.join("policy.toll"), policy(&facilitator.url())).unwrap();
-    let sidecar = Sidecar::start_logging(&dir, &upstream.url(), level).await;
-    World {
-        upstream,
-        facilitator,
-        sidecar,
-        dir,
-        http: harness::client(),
-        wallet: Wallet::new(0x42),
-    }
-}
-
-/// Like [`Sidecar::start_logging`], but the level comes from `RUST_LOG` (the config says
-/// `info`) and the format is JSON.
-async fn start_with_rust_log(dir: &Path, upstream: &str, rust_log: &str) -> Sidecar {
-    let (port, ops_port, admin_port) = (
-        harness::free_port(),
-        harness::free_port(),
-        harness::free_port(),
-    );
-    let config = format!(
-        "listen: 127.0.0.1:{port}\nupstream: {upstream}\npublic_url: https://api.example.com\npolicies: [policy.toll]\nstore: data\nops:\n  listen: 127.0.0.1:{ops_port}\nadmin:\n  listen: 127.0.0.1:{admin_port}\nlog:\n  level: info\n  format: json\n",
-    );
-    std::fs::write(dir.join("tollgate.yaml"), config).unwrap();
-    let log = std::fs::File::create(dir.join("sidecar.log")).unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_tollgate"))
-        .args(["run", "--config", "tollgate.yaml"])
-        .current_dir(dir)
-        .env("RUST_LOG", rust_log)
-        .env_remove("TOLLGATE_CONFIG")
-        .env_remove("TOLLGATE_LOG_LEVEL")
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .unwrap();
-    let sidecar = Sidecar {
-        child,
-        port,
-        ops_port,
-        admin_port,
-        dir: dir.to_path_buf(),
-    };
-    let client = harness::client();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        if let Ok(r) = client.get(sidecar.ops_url("/readyz")).send().await
-            && r.status() == 200
-        {
-            return sidecar;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "tollgate was not ready within 20 s:\n{}",
-            sidecar.log()
-        );
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
+    World::launch_policy(name, upstream, facilitator, &url, launch, policy).await
 }
 
 /// Writes `bytes` on a fresh connection and closes it without reading (a client that gives
@@ -329,7 +272,11 @@ fn assert_clean(log: &str, secrets: &[String], trace_marker: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_secret_reaches_the_log_at_trace_level() {
-    let w = world("secrets-trace", "trace").await;
+    let launch = Launch {
+        level: "trace",
+        ..Launch::default()
+    };
+    let w = world("secrets-trace", launch).await;
     let secrets = send_secrets(&w).await;
     assert_clean(&w.sidecar.log(), &secrets, " TRACE ");
 }
@@ -337,19 +284,13 @@ async fn no_secret_reaches_the_log_at_trace_level() {
 /// The level from `RUST_LOG` (which wins over the config's `info`), the JSON format.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_secret_reaches_the_log_with_rust_log_trace_in_json() {
-    let upstream = Upstream::start().await;
-    let facilitator = Facilitator::start().await;
-    let dir = harness::scratch_dir("secrets-rust-log");
-    std::fs::write(dir.join("policy.toll"), policy(&facilitator.url())).unwrap();
-    let sidecar = start_with_rust_log(&dir, &upstream.url(), "trace").await;
-    let w = World {
-        upstream,
-        facilitator,
-        sidecar,
-        dir,
-        http: harness::client(),
-        wallet: Wallet::new(0x42),
+    // `RUST_LOG` wins over the config's `info`.
+    let launch = Launch {
+        format: "json",
+        env: &[("RUST_LOG", "trace")],
+        ..Launch::default()
     };
+    let w = world("secrets-rust-log", launch).await;
     let secrets = send_secrets(&w).await;
     let log = w.sidecar.log();
     for line in log.lines() {

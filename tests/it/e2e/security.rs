@@ -14,7 +14,7 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-use super::harness::{self, Facilitator, PAY_TO, Sidecar, scratch_dir};
+use super::harness::{self, Facilitator, Launch, PAY_TO, Sidecar, scratch_dir};
 
 /// A lenient HTTP/1.1 upstream on raw TCP that records the heads it receives.
 struct Lenient {
@@ -162,7 +162,11 @@ async fn sidecar(name: &str, upstream: &str, extra: &str) -> (Sidecar, Facilitat
         .replace("PAY", PAY_TO)
         .replace("FACILITATOR", &facilitator.url());
     std::fs::write(dir.join("policy.toll"), policy).unwrap();
-    let sidecar = Sidecar::start_configured(&dir, upstream, "info", extra).await;
+    let launch = Launch {
+        yaml: extra,
+        ..Launch::default()
+    };
+    let sidecar = Sidecar::launch(&dir, upstream, launch).await;
     (sidecar, facilitator)
 }
 
@@ -171,6 +175,12 @@ async fn exchange(port: u16, request: &[u8]) -> String {
     let mut stream = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
     stream.write_all(request).await.unwrap();
     read_until_closed(&mut stream, Duration::from_secs(10)).await
+}
+
+/// `request_line` with a `Host` and `Connection: close`, on a fresh connection.
+async fn ask(port: u16, request_line: &str, host: &str) -> String {
+    let request = format!("{request_line} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+    exchange(port, request.as_bytes()).await
 }
 
 async fn read_until_closed(stream: &mut TcpStream, within: Duration) -> String {
@@ -218,8 +228,7 @@ async fn a_target_that_is_not_a_path_is_refused_never_priced_as_root() {
             "an absolute URL of another host",
         ),
     ] {
-        let request = format!("{request_line} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
-        let answer = exchange(port, request.as_bytes()).await;
+        let answer = ask(port, request_line, "x").await;
         assert_refused(&answer, 400, "malformed_request", what);
     }
     assert!(
@@ -229,39 +238,22 @@ async fn a_target_that_is_not_a_path_is_refused_never_priced_as_root() {
     );
 
     // The paid route is priced as such, in every form that names it.
-    let answer = exchange(
-        port,
-        b"GET /paid/1 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
-    )
-    .await;
+    let host = format!("127.0.0.1:{port}");
+    let answer = ask(port, "GET /paid/1", "x").await;
     assert!(answer.starts_with("HTTP/1.1 402 "), "{answer}");
-    let absolute = format!(
-        "GET http://127.0.0.1:{port}/paid/1 HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n"
-    );
-    let answer = exchange(port, absolute.as_bytes()).await;
+    let answer = ask(port, &format!("GET http://{host}/paid/1"), &host).await;
     assert!(answer.starts_with("HTTP/1.1 402 "), "{answer}");
 
     // `//free/paid/1` is priced as `/free/paid/1` and forwarded as exactly that, so an
     // upstream that reads `//free` as a host cannot serve `/paid/1` from it.
-    let answer = exchange(
-        port,
-        b"GET //free//paid/1?q=1 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
-    )
-    .await;
+    let answer = ask(port, "GET //free//paid/1?q=1", "x").await;
     assert!(answer.starts_with("HTTP/1.1 200 "), "{answer}");
     assert!(answer.contains("free /free/paid/1"), "{answer}");
     // An absolute URL of this host reaches the upstream in origin form.
-    let absolute = format!(
-        "GET HTTP://127.0.0.1:{port}/free/a HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n"
-    );
-    let answer = exchange(port, absolute.as_bytes()).await;
+    let answer = ask(port, &format!("GET HTTP://{host}/free/a"), &host).await;
     assert!(answer.contains("free /free/a"), "{answer}");
     // `OPTIONS *` matches no route: `default pass` forwards it as it is.
-    let answer = exchange(
-        port,
-        b"OPTIONS * HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
-    )
-    .await;
+    let answer = ask(port, "OPTIONS *", "x").await;
     assert!(answer.starts_with("HTTP/1.1 404 "), "{answer}");
 
     let lines: Vec<String> = upstream
@@ -443,14 +435,7 @@ async fn heads_pingora_would_refuse_get_tollgates_answer_a_log_line_and_a_metric
         .filter(|l| l.contains("tollgate::access") && l.contains("malformed_request"))
         .count();
     assert_eq!(malformed, 4, "{log}");
-    let metrics = harness::client()
-        .get(sidecar.ops_url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = sidecar.metrics().await;
     let count = |code: &str| {
         metrics
             .lines()
@@ -523,14 +508,7 @@ async fn idle_and_slow_clients_are_cut_off() {
     let answer = read_until_closed(&mut slow, Duration::from_secs(10)).await;
     assert_refused(&answer, 408, "request_timeout", "a dripped body");
 
-    let metrics = harness::client()
-        .get(sidecar.ops_url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = sidecar.metrics().await;
     assert!(
         metrics.contains("tollgate_client_timeouts_total{phase=\"head\"} 1"),
         "{metrics}"
@@ -564,14 +542,7 @@ async fn connections_beyond_the_cap_are_refused_and_ops_stays_answerable() {
     }
     // Wait until the sidecar holds all four.
     for _ in 0..200 {
-        let text = http
-            .get(sidecar.ops_url("/metrics"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let text = sidecar.metrics().await;
         if metric(&text, "tollgate_connections_open ") == 4 {
             break;
         }
@@ -583,14 +554,7 @@ async fn connections_beyond_the_cap_are_refused_and_ops_stays_answerable() {
 
     let health = http.get(sidecar.ops_url("/healthz")).send().await.unwrap();
     assert_eq!(health.status(), 200);
-    let text = http
-        .get(sidecar.ops_url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = sidecar.metrics().await;
     assert_eq!(
         metric(&text, "tollgate_connections_rejected_total "),
         1,
