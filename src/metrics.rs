@@ -48,10 +48,11 @@ pub struct Metrics {
     pub policy_info: IntGaugeVec,
     /// `tollgate_store_size_bytes`, refreshed at each scrape.
     pub store_bytes: IntGauge,
-    /// `tollgate_connections_open`: client connections on the proxy listener.
-    pub connections_open: IntGauge,
-    /// `tollgate_connections_rejected_total`: connections refused at `connections.max`.
-    pub connections_rejected: IntCounter,
+    /// `tollgate_connections_open{listener}`: client connections open (`proxy`, `ops`,
+    /// `admin`).
+    pub connections_open: IntGaugeVec,
+    /// `tollgate_connections_rejected_total{listener}`: connections refused at the cap.
+    pub connections_rejected: IntCounterVec,
     /// `tollgate_client_timeouts_total{phase}`: requests cut off for a head (`head`) or a
     /// body (`body`) that arrived too slowly.
     pub client_timeouts: IntCounterVec,
@@ -83,11 +84,17 @@ impl Metrics {
             registry.register(Box::new(h.clone()))?;
             Ok(h)
         };
-        let policy_info = IntGaugeVec::new(
-            Opts::new("tollgate_policy_info", "The policy in force (value 1)."),
+        let gauges =
+            |name: &str, help: &str, labels: &[&str]| -> Result<IntGaugeVec, prometheus::Error> {
+                let g = IntGaugeVec::new(Opts::new(name, help), labels)?;
+                registry.register(Box::new(g.clone()))?;
+                Ok(g)
+            };
+        let policy_info = gauges(
+            "tollgate_policy_info",
+            "The policy in force (value 1).",
             &["service", "version"],
         )?;
-        registry.register(Box::new(policy_info.clone()))?;
         Ok(Metrics {
             requests: counter(
                 "tollgate_requests_total",
@@ -158,13 +165,15 @@ impl Metrics {
                 "tollgate_store_size_bytes",
                 "Size of the embedded store on disk.",
             )?,
-            connections_open: gauge(
+            connections_open: gauges(
                 "tollgate_connections_open",
-                "Client connections open on the proxy listener.",
+                "Client connections open, by listener (proxy, ops, admin).",
+                &["listener"],
             )?,
-            connections_rejected: single(
+            connections_rejected: counter(
                 "tollgate_connections_rejected_total",
-                "Client connections refused because connections.max were open.",
+                "Client connections refused because the listener's cap (connections.max for the proxy) was reached.",
+                &["listener"],
             )?,
             client_timeouts: counter(
                 "tollgate_client_timeouts_total",
@@ -188,6 +197,10 @@ impl Metrics {
         }
         for phase in ["head", "body"] {
             self.client_timeouts.with_label_values(&[phase]);
+        }
+        for listener in ["proxy", "ops", "admin"] {
+            self.connections_open.with_label_values(&[listener]);
+            self.connections_rejected.with_label_values(&[listener]);
         }
         for limit in [
             "rate_limited",

@@ -30,7 +30,7 @@ use crate::admin::{self, service::Admin};
 use crate::config::{Config, Scheme};
 use crate::limits::Limiter;
 use crate::metrics::Metrics;
-use crate::proxy::listener::Listener;
+use crate::proxy::listener::{Listener, Shared};
 use crate::proxy::{BodyPace, Gate};
 use crate::reload::{Live, Watcher};
 use crate::store::Store;
@@ -38,6 +38,11 @@ use crate::store::Store;
 /// Seconds in-flight requests get to finish after SIGTERM, before runtimes stop. Keep below
 /// Kubernetes' `terminationGracePeriodSeconds` (30 s by default).
 pub const GRACE_PERIOD_SECS: u64 = 5;
+
+/// Connections the ops listener (probes, scrapes) and the admin API hold at most: each is
+/// capped apart from the proxy, so a flood on one cannot starve the others of descriptors.
+const OPS_MAX_CONNECTIONS: usize = 256;
+const ADMIN_MAX_CONNECTIONS: usize = 64;
 
 /// How often expired nonces are collected.
 const NONCE_GC_EVERY: Duration = Duration::from_secs(600);
@@ -94,39 +99,52 @@ pub fn run(config: &Config) -> Result<(), String> {
             min_rate: limits.body_min_rate,
         },
     );
-    let ids = gate.request_ids();
+    let shared = Shared {
+        ids: gate.request_ids(),
+        live: live.clone(),
+        metrics: metrics.clone(),
+    };
     let listener = Listener::new(
+        "proxy",
         pingora::proxy::http_proxy(&conf, gate),
         limits.clone(),
         connection_cap(limits),
-        ids,
-        live.clone(),
-        metrics.clone(),
+        shared.clone(),
     );
     let mut proxy = Service::new("tollgate proxy".to_string(), listener);
     proxy.add_tcp(&config.listen.to_string());
 
     let ready = Arc::new(AtomicBool::new(true));
-    let mut ops = Service::new(
-        "tollgate ops".to_string(),
-        Ops {
-            ready: ready.clone(),
-            metrics: metrics.clone(),
-            store: store.clone(),
-        },
+    let ops_app = Ops {
+        ready: ready.clone(),
+        metrics: metrics.clone(),
+        store: store.clone(),
+    };
+    let ops_listener = Listener::new(
+        "ops",
+        ops_app,
+        limits.clone(),
+        OPS_MAX_CONNECTIONS,
+        shared.clone(),
     );
+    let mut ops = Service::new("tollgate ops".to_string(), ops_listener);
     ops.add_tcp(&config.ops.listen.to_string());
     ops.threads = Some(1);
 
-    let mut admin = Service::new(
-        "tollgate admin".to_string(),
-        Admin {
-            store: store.clone(),
-            token,
-            clock: crate::unix_now,
-            live: live.clone(),
-        },
+    let admin_app = Admin {
+        store: store.clone(),
+        token,
+        clock: crate::unix_now,
+        live: live.clone(),
+    };
+    let admin_listener = Listener::new(
+        "admin",
+        admin_app,
+        limits.clone(),
+        ADMIN_MAX_CONNECTIONS,
+        shared,
     );
+    let mut admin = Service::new("tollgate admin".to_string(), admin_listener);
     admin.add_tcp(&config.admin.listen.to_string());
     admin.threads = Some(1);
 
@@ -155,8 +173,9 @@ pub fn run(config: &Config) -> Result<(), String> {
         .map_err(|e| format!("flushing the store failed: {e}"))
 }
 
-/// File descriptors kept out of the connection cap: listeners, the store, logs, the admin API.
-const RESERVED_FDS: u64 = 64;
+/// File descriptors kept out of the proxy's connection cap: the ops and admin listeners' own
+/// caps, and 64 for listening sockets, the store, logs.
+const RESERVED_FDS: u64 = 64 + OPS_MAX_CONNECTIONS as u64 + ADMIN_MAX_CONNECTIONS as u64;
 
 /// The effective `connections.max`. The soft file-descriptor limit is raised to the hard one
 /// first (as nginx's `worker_rlimit_nofile` and Go's runtime do); `auto` then allows what the

@@ -1,14 +1,16 @@
-//! The proxy listener's connections: how many may be open, how long one may idle, how slowly
-//! a request head may arrive, and the answer to a head Pingora would refuse without a word.
+//! Every listener's connections: how many may be open, how long one may idle, how slowly a
+//! request head may arrive, and the answer to a head Pingora would refuse without a word.
 //!
 //! Pingora's HTTP/1 loop waits for a kept-alive client's next request forever, times a
 //! request head per read (one byte every 59 s keeps it open), accepts connections until file
 //! descriptors run out, and answers a head it cannot parse with an empty 400. [`Listener`]
-//! runs that loop itself, around [`HttpProxy`]:
+//! runs that loop itself, around an HTTP application — the proxy ([`super::Gate`] in Pingora's
+//! `HttpProxy`), the ops listener, the admin API — each with a cap of its own:
 //!
-//! 1. A connection beyond `connections.max` is answered `503 connection_limit` and closed at
-//!    once, so descriptors stay available for the upstream, the store and the ops listener
-//!    (a service of its own, untouched by this cap).
+//! 1. A connection beyond the listener's cap (`connections.max` for the proxy) is answered
+//!    `503 connection_limit` and closed at once, so descriptors stay available for the
+//!    upstream, the store and the other listeners: probes and scrapes still get through while
+//!    the proxy is saturated.
 //! 2. Each request head is read here, whole, under a deadline: `head_timeout` from the first
 //!    byte (from the connection's start for its first request), after at most `idle_timeout`
 //!    of silence between requests. A partial head that runs out of time gets
@@ -16,8 +18,8 @@
 //! 3. The head is checked with the same parser Pingora uses (httparse) and the same target
 //!    rules tollgate prices by ([`crate::target`]): a refusal is tollgate's JSON with an access
 //!    line and a metric, like every other refusal.
-//! 4. The bytes read are handed to a Pingora session as its first bytes, and the proxy phases
-//!    run as usual ([`super::Gate`]); the body's pace is watched there (`body_timeout`,
+//! 4. The bytes read are handed to a Pingora session as its first bytes, and the application
+//!    runs as usual; the proxy watches the body's pace ([`super::Gate`]: `body_timeout`,
 //!    `body_min_rate`).
 
 use std::sync::Arc;
@@ -28,14 +30,13 @@ use bytes::BytesMut;
 use pingora::apps::{HttpServerApp, ServerApp};
 use pingora::protocols::Stream;
 use pingora::protocols::http::ServerSession;
-use pingora::proxy::HttpProxy;
 use pingora::server::ShutdownWatch;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
 use super::refusal::Refusal;
-use super::{Access, Gate, RequestIds};
+use super::{Access, RequestIds};
 use crate::config::ConnectionLimits;
 use crate::metrics::Metrics;
 use crate::reload::Live;
@@ -46,55 +47,66 @@ pub const MAX_HEAD_BYTES: usize = 64 * 1024;
 /// The most header fields in a request head (Pingora's limit too).
 pub const MAX_HEADERS: usize = 256;
 
-/// The proxy service's application: connection limits around Pingora's HTTP proxy.
-pub struct Listener {
-    proxy: Arc<HttpProxy<Gate>>,
-    limits: ConnectionLimits,
-    open: Arc<Semaphore>,
-    live: Arc<Live>,
-    metrics: Arc<Metrics>,
-    ids: Arc<RequestIds>,
+/// What every listener shares: request ids for its refusals, the policy (the service label),
+/// the metrics.
+#[derive(Clone)]
+pub struct Shared {
+    pub ids: Arc<RequestIds>,
+    pub live: Arc<Live>,
+    pub metrics: Arc<Metrics>,
 }
 
-impl Listener {
-    /// `max_connections` is the effective cap (see [`crate::server`] for `auto`).
+/// A Pingora service's application: connection limits around an HTTP application.
+pub struct Listener<A> {
+    app: Arc<A>,
+    /// `proxy`, `ops` or `admin`: the `listener` label of the connection metrics.
+    name: &'static str,
+    limits: ConnectionLimits,
+    open: Arc<Semaphore>,
+    shared: Shared,
+}
+
+impl<A> Listener<A> {
+    /// `max_connections` is the effective cap (see [`crate::server`] for the proxy's `auto`).
     pub fn new(
-        proxy: HttpProxy<Gate>,
+        name: &'static str,
+        app: A,
         limits: ConnectionLimits,
         max_connections: usize,
-        ids: Arc<RequestIds>,
-        live: Arc<Live>,
-        metrics: Arc<Metrics>,
-    ) -> Listener {
+        shared: Shared,
+    ) -> Listener<A> {
         Listener {
-            proxy: Arc::new(proxy),
+            app: Arc::new(app),
+            name,
             limits,
             open: Arc::new(Semaphore::new(max_connections)),
-            live,
-            metrics,
-            ids,
+            shared,
         }
     }
 }
 
 /// A connection counted in `tollgate_connections_open` while it lives.
-struct Counted<'a>(&'a Metrics);
+struct Counted(prometheus::IntGauge);
 
-impl Drop for Counted<'_> {
+impl Drop for Counted {
     fn drop(&mut self) {
-        self.0.connections_open.dec();
+        self.0.dec();
     }
 }
 
 #[async_trait]
-impl ServerApp for Listener {
+impl<A: HttpServerApp + Send + Sync + 'static> ServerApp for Listener<A> {
     async fn process_new(
         self: &Arc<Self>,
         mut stream: Stream,
         shutdown: &ShutdownWatch,
     ) -> Option<Stream> {
         let Ok(_permit) = self.open.clone().try_acquire_owned() else {
-            self.metrics.connections_rejected.inc();
+            self.shared
+                .metrics
+                .connections_rejected
+                .with_label_values(&[self.name])
+                .inc();
             let mut refusal = Refusal::new(
                 503,
                 "connection_limit",
@@ -104,8 +116,13 @@ impl ServerApp for Listener {
             self.answer(&mut stream, None, refusal).await;
             return None;
         };
-        self.metrics.connections_open.inc();
-        let _counted = Counted(&self.metrics);
+        let open = self
+            .shared
+            .metrics
+            .connections_open
+            .with_label_values(&[self.name]);
+        open.inc();
+        let _counted = Counted(open);
         let head_timeout = Duration::from_secs(self.limits.head_timeout_secs);
         let idle_timeout = Duration::from_secs(self.limits.idle_timeout_secs);
         let mut first = true;
@@ -116,7 +133,8 @@ impl ServerApp for Listener {
                 Head::Closed => return None,
                 Head::Refused(partial, refusal) => {
                     if refusal.code == "request_timeout" {
-                        self.metrics
+                        self.shared
+                            .metrics
                             .client_timeouts
                             .with_label_values(&["head"])
                             .inc();
@@ -129,7 +147,7 @@ impl ServerApp for Listener {
             session.set_pipelined_prefix(head);
             // The next request's wait is timed above, not by Pingora.
             session.set_keepalive(Some(0));
-            let reused = self.proxy.process_new_http(session, shutdown).await?;
+            let reused = self.app.process_new_http(session, shutdown).await?;
             (stream, _) = reused.consume();
             if *shutdown.borrow() {
                 return None;
@@ -139,22 +157,25 @@ impl ServerApp for Listener {
     }
 
     async fn cleanup(&self) {
-        self.proxy.http_cleanup().await;
+        self.app.http_cleanup().await;
     }
 }
 
-impl Listener {
+impl<A> Listener<A> {
     /// Answers a connection no Pingora session holds with a refusal, then closes it; the
     /// refusal is logged and counted first, like every other.
     async fn answer(&self, stream: &mut Stream, head: Option<&[u8]>, refusal: Refusal) {
         let line = head.map(request_line).unwrap_or_default();
         let given_id = head.and_then(given_request_id);
-        let request_id = self.ids.take_or_make_from(given_id.as_deref());
-        let loaded = self.live.current();
-        self.metrics
-            .requests
-            .with_label_values(&[loaded.policy.service.as_str(), "", "none", refusal.code])
-            .inc();
+        let request_id = self.shared.ids.take_or_make_from(given_id.as_deref());
+        if self.name == "proxy" {
+            let loaded = self.shared.live.current();
+            self.shared
+                .metrics
+                .requests
+                .with_label_values(&[loaded.policy.service.as_str(), "", "none", refusal.code])
+                .inc();
+        }
         Access {
             request_id: &request_id,
             method: line.0.as_str(),

@@ -478,6 +478,14 @@ async fn idle_and_slow_clients_are_cut_off() {
     let mut probe = [0u8; 1];
     assert_eq!(silent.read(&mut probe).await.unwrap_or(0), 0, "still open");
 
+    // The ops and admin listeners run the same loop: a silent connection does not stay.
+    for other in [sidecar.ops_port, sidecar.admin_port] {
+        let mut silent = TcpStream::connect(("127.0.0.1", other)).await.unwrap();
+        let answer = read_until_closed(&mut silent, Duration::from_secs(30)).await;
+        assert_eq!(answer, "");
+        assert_eq!(silent.read(&mut probe).await.unwrap_or(0), 0, "still open");
+    }
+
     // One header line every half second: the head's deadline runs out.
     let mut drip = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
     drip.write_all(b"GET /free/x HTTP/1.1\r\n").await.unwrap();
@@ -543,7 +551,7 @@ async fn connections_beyond_the_cap_are_refused_and_ops_stays_answerable() {
     // Wait until the sidecar holds all four.
     for _ in 0..200 {
         let text = sidecar.metrics().await;
-        if metric(&text, "tollgate_connections_open ") == 4 {
+        if metric(&text, "tollgate_connections_open{listener=\"proxy\"} ") == 4 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(25)).await;
@@ -556,7 +564,10 @@ async fn connections_beyond_the_cap_are_refused_and_ops_stays_answerable() {
     assert_eq!(health.status(), 200);
     let text = sidecar.metrics().await;
     assert_eq!(
-        metric(&text, "tollgate_connections_rejected_total "),
+        metric(
+            &text,
+            "tollgate_connections_rejected_total{listener=\"proxy\"} "
+        ),
         1,
         "{text}"
     );
