@@ -192,8 +192,12 @@ fn connection_cap(limits: &crate::config::ConnectionLimits) -> usize {
         }
         nofile = getrlimit(Resource::Nofile);
     }
+    // Two descriptors per client connection (its own and an upstream one), after what the
+    // other listeners may hold; with a limit below ~1000 that leaves little, so never less
+    // than a quarter of the limit.
     let fits = nofile.current.map_or(usize::MAX, |n| {
-        usize::try_from(n.saturating_sub(RESERVED_FDS) / 2).unwrap_or(usize::MAX)
+        let share = (n.saturating_sub(RESERVED_FDS) / 2).max(n / 4);
+        usize::try_from(share).unwrap_or(usize::MAX)
     });
     let cap = match limits.max {
         None => crate::config::DEFAULT_MAX_CONNECTIONS.min(fits).max(1),

@@ -398,6 +398,8 @@ pub struct Launch<'a> {
     pub yaml: &'a str,
     /// Environment variables for the process (`RUST_LOG` is otherwise removed).
     pub env: &'a [(&'a str, &'a str)],
+    /// Run under this file-descriptor limit (`ulimit -n`, soft and hard).
+    pub nofile: Option<u32>,
 }
 
 impl Default for Launch<'_> {
@@ -407,6 +409,7 @@ impl Default for Launch<'_> {
             format: "text",
             yaml: "",
             env: &[],
+            nofile: None,
         }
     }
 }
@@ -427,6 +430,7 @@ impl Sidecar {
             format,
             yaml,
             env,
+            nofile,
         } = launch;
         let config = format!(
             "listen: 127.0.0.1:{port}\nupstream: {upstream}\npublic_url: https://api.example.com\npolicies: [policy.toll]\nstore: data\nops:\n  listen: 127.0.0.1:{ops_port}\nadmin:\n  listen: 127.0.0.1:{admin_port}\nlog:\n  level: {level}\n  format: {format}\n{yaml}",
@@ -437,7 +441,20 @@ impl Sidecar {
             .append(true)
             .open(dir.join("sidecar.log"))
             .unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        let binary = env!("CARGO_BIN_EXE_tollgate");
+        let mut command = match nofile {
+            None => Command::new(binary),
+            Some(n) => {
+                let mut bash = Command::new("bash");
+                bash.args([
+                    "-c",
+                    &format!("ulimit -n {n} && exec \"$0\" \"$@\""),
+                    binary,
+                ]);
+                bash
+            }
+        };
+        let child = command
             .args(["run", "--config", "tollgate.yaml"])
             .current_dir(dir)
             .env_remove("RUST_LOG")

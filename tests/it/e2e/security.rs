@@ -156,16 +156,24 @@ const POLICY: &str = r#"service "sec" {
 "#;
 
 async fn sidecar(name: &str, upstream: &str, extra: &str) -> (Sidecar, Facilitator) {
+    let launch = Launch {
+        yaml: extra,
+        ..Launch::default()
+    };
+    sidecar_launched(name, upstream, launch).await
+}
+
+async fn sidecar_launched(
+    name: &str,
+    upstream: &str,
+    launch: Launch<'_>,
+) -> (Sidecar, Facilitator) {
     let facilitator = Facilitator::start().await;
     let dir = scratch_dir(name);
     let policy = POLICY
         .replace("PAY", PAY_TO)
         .replace("FACILITATOR", &facilitator.url());
     std::fs::write(dir.join("policy.toll"), policy).unwrap();
-    let launch = Launch {
-        yaml: extra,
-        ..Launch::default()
-    };
     let sidecar = Sidecar::launch(&dir, upstream, launch).await;
     (sidecar, facilitator)
 }
@@ -587,4 +595,57 @@ async fn connections_beyond_the_cap_are_refused_and_ops_stays_answerable() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert!(served.starts_with("HTTP/1.1 200 "), "{served}");
+}
+
+/// The review's reproduction: 256 file descriptors, 220 idle connections. The cap derived from
+/// the limit refuses the surplus at once, so a new client is answered (refused or served, never
+/// `Too many open files`), probes answer, and once the idle ones go, clients are served again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_cannot_exhaust_a_low_descriptor_limit() {
+    let upstream = Lenient::start().await;
+    let launch = Launch {
+        yaml: "connections:\n  head_timeout: 60s\n",
+        nofile: Some(256),
+        ..Launch::default()
+    };
+    let (sidecar, _f) = sidecar_launched("nofile", &upstream.url(), launch).await;
+    let log = sidecar.log();
+    assert!(
+        log.contains("connections_max=64 file_descriptors=Some(256)"),
+        "{log}"
+    );
+    let mut idle = Vec::new();
+    for _ in 0..220 {
+        idle.push(
+            TcpStream::connect(("127.0.0.1", sidecar.port))
+                .await
+                .unwrap(),
+        );
+    }
+    let answer = ask(sidecar.port, "GET /free/x", "x").await;
+    assert!(
+        answer.starts_with("HTTP/1.1 503 ") || answer.starts_with("HTTP/1.1 200 "),
+        "{answer}"
+    );
+    let health = harness::client()
+        .get(sidecar.ops_url("/healthz"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(health.status(), 200);
+    drop(idle);
+    let mut served = String::new();
+    for _ in 0..100 {
+        served = ask(sidecar.port, "GET /free/x", "x").await;
+        if served.starts_with("HTTP/1.1 200 ") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(served.ends_with("free /free/x"), "{served}");
+    assert!(
+        !sidecar.log().contains("Too many open files"),
+        "{}",
+        sidecar.log()
+    );
 }
