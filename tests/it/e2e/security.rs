@@ -649,3 +649,93 @@ async fn idle_connections_cannot_exhaust_a_low_descriptor_limit() {
         sidecar.log()
     );
 }
+
+/// A real Flask/Werkzeug upstream (`tests/security/flask_upstream.py`; `pip install flask`),
+/// stopped when dropped (its stdin closes).
+struct Flask {
+    child: std::process::Child,
+    port: u16,
+}
+
+impl Flask {
+    fn start() -> Flask {
+        use std::io::BufRead;
+        // Installed by .ci/run; installed here once when missing, as `tests/interop` is.
+        let has_flask = |python: &mut std::process::Command| {
+            python
+                .args(["-c", "import flask"])
+                .stderr(std::process::Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+        };
+        if !has_flask(&mut std::process::Command::new("python3")) {
+            let installed = std::process::Command::new("python3")
+                .args(["-m", "pip", "install", "--user", "--quiet", "flask==3.1.2"])
+                .status()
+                .is_ok_and(|s| s.success());
+            assert!(
+                installed,
+                "cannot install flask: `python3 -m pip install flask==3.1.2`"
+            );
+        }
+        let script = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/security/flask_upstream.py"
+        );
+        let mut child = std::process::Command::new("python3")
+            .arg(script)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("python3 runs");
+        let stdout = child.stdout.take().unwrap();
+        let mut line = String::new();
+        std::io::BufReader::new(stdout)
+            .read_line(&mut line)
+            .unwrap();
+        let port = line.trim().parse().unwrap_or_else(|_| {
+            panic!("the Flask upstream did not start (is flask installed? `pip install flask`): {line:?}")
+        });
+        Flask { child, port }
+    }
+}
+
+impl Drop for Flask {
+    fn drop(&mut self) {
+        drop(self.child.stdin.take());
+        let _ = self.child.wait();
+    }
+}
+
+/// The review's finding against the server it was found with: Werkzeug serves `/paid/1` for
+/// `foo:/paid/1`, `paid/1`, `%2Fpaid/1`; through tollgate, none of them is served unpaid.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn werkzeug_never_serves_a_paid_route_through_an_unusual_target() {
+    let flask = Flask::start();
+    let targets = ["foo:/paid/1", "paid/1", "%2Fpaid/1", "x:/paid/42?a=b"];
+    // Werkzeug itself routes them to the paid handler: the test can fail.
+    for target in targets {
+        let direct = ask(flask.port, &format!("GET {target}"), "x").await;
+        assert!(direct.contains("PAID CONTENT"), "{target}: {direct}");
+    }
+    let url = format!("http://127.0.0.1:{}", flask.port);
+    let (sidecar, _f) = sidecar("werkzeug", &url, "").await;
+    for target in targets {
+        for method in ["GET", "POST"] {
+            let answer = ask(sidecar.port, &format!("{method} {target}"), "x").await;
+            assert_refused(
+                &answer,
+                400,
+                "malformed_request",
+                &format!("{method} {target}"),
+            );
+        }
+    }
+    let answer = ask(sidecar.port, "GET /paid/1", "x").await;
+    assert!(answer.starts_with("HTTP/1.1 402 "), "{answer}");
+    let answer = ask(sidecar.port, "GET /", "x").await;
+    assert!(
+        answer.starts_with("HTTP/1.1 200 ") && answer.contains("home"),
+        "{answer}"
+    );
+}
