@@ -296,6 +296,14 @@ pub fn split_path(target: &str) -> Result<Vec<Cow<'_, str>>, Malformed> {
     }
     let mut segments = Vec::with_capacity(8);
     for raw in path.split('/').filter(|s| !s.is_empty()) {
+        // IIS and Windows servers read `\` as `/`; Tomcat and Spring strip `;…` path
+        // parameters before routing, so `/paid;x/1` would reach `/paid/1` unpriced.
+        if raw.contains('\\') {
+            return Err(Malformed::Backslash);
+        }
+        if raw.contains(';') {
+            return Err(Malformed::PathParameter);
+        }
         let segment = if raw.contains('%') {
             let decoded = percent_encoding::percent_decode_str(raw)
                 .decode_utf8()
@@ -643,6 +651,11 @@ mod tests {
         assert_eq!(split_path("/a%2Fb"), Err(Malformed::BadEncoding));
         assert_eq!(split_path("a"), Err(Malformed::NotAbsolute));
         assert_eq!(split_path("/a#/../b"), Err(Malformed::Fragment));
+        assert_eq!(split_path("/a\\b"), Err(Malformed::Backslash));
+        assert_eq!(split_path("/a/%5c"), Err(Malformed::Backslash));
+        assert_eq!(split_path("/paid;x=1/1"), Err(Malformed::PathParameter));
+        assert_eq!(split_path("/a/%00"), Err(Malformed::BadEncoding));
+        assert!(split_path("/a?b\\c;d").is_ok());
     }
 
     #[test]

@@ -234,6 +234,20 @@ fn explain_shows_route_prices_limits_and_reasons() {
         stdout(&o)
     );
 
+    // So are paths an upstream could read another way than the policy does.
+    for path in [
+        "/v1/forecast;x=1/paris",
+        "/v1\\forecast/paris",
+        "/V1/Forecast/paris",
+    ] {
+        let o = tollgate(&["explain", "--policy", WEATHER, "GET", path]);
+        assert!(
+            stdout(&o).contains("decision  bad_request"),
+            "{path}: {}",
+            stdout(&o)
+        );
+    }
+
     let o = tollgate(&["explain", "--policy", WEATHER, "GET", "/nowhere"]);
     assert!(
         stdout(&o).contains("route     none matches"),
