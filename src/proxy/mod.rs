@@ -1,17 +1,22 @@
 //! The proxy: the only module that touches Pingora sessions.
 //!
-//! One [`Gate`] per process, shared by every connection. Per request, in Pingora's phases:
+//! Connections are [`listener`]'s: it caps them, times their idle waits and request heads,
+//! and refuses a head it cannot take before Pingora parses it. One [`Gate`] per process,
+//! shared by every connection. Per request, in Pingora's phases:
 //!
-//! 1. `request_filter` — assign the request id, answer `/.well-known/x402`, gather the facts
+//! 1. `request_filter` — assign the request id, decide the target ([`crate::target`]: what is
+//!    priced is what the upstream gets), answer `/.well-known/x402`, gather the facts
 //!    and ask [`policy::decide`]. Free and pass-through requests go on; denials, malformed
 //!    paths and challenges are answered here ([`refusal`]); an attached x402 payment goes to
 //!    [`admit`], which verifies it, applies payer lists and buyer limits, claims its nonce
 //!    durably and (for `before response`) settles it; an API key goes to [`prepaid`], which
 //!    resolves it, applies limits and debits the account durably.
-//! 2. `upstream_peer` / `upstream_request_filter` — forward to the one configured upstream,
-//!    without hop-by-hop, payment or key headers, with `x-request-id` and `x-tollgate-*`
-//!    headers saying what was paid ([`forward`]).
-//! 3. `response_filter` — for `after response`: settle when the upstream answered below 400,
+//!    `request_body_filter` — refuse a body that arrives too slowly (408).
+//! 2. `upstream_peer` / `upstream_request_filter` — forward to the one configured upstream:
+//!    the decided target, without hop-by-hop, payment or key headers, `Upgrade` only where
+//!    the route allows it, with `x-request-id` and `x-tollgate-*` headers saying what was
+//!    paid ([`forward`]).
+//! 3. `response_filter` — refuse a `101` the route did not allow (502); for `after response`: settle when the upstream answered below 400,
 //!    before any byte reaches the client; add the receipt header. A failed settlement turns
 //!    the response into a 402 (via `fail_to_proxy`).
 //! 4. `fail_to_proxy` — upstream unreachable (502), upstream timeout (504), or a refusal
