@@ -331,9 +331,9 @@ fn head_state(buf: &[u8]) -> HeadState {
     }
 }
 
-/// Refuses, in tollgate's words, what Pingora would refuse with an empty 400 once it has the
-/// head: a target tollgate will not price ([`crate::target`]), a duplicate `Host`, a
-/// conflicting `Content-Length`.
+/// Refuses, in tollgate's words, what Pingora would refuse with an empty 400 or 405 once it
+/// has the head: a target tollgate will not price ([`crate::target`]), a duplicate `Host`, a
+/// conflicting `Content-Length`, `CONNECT`.
 fn check_head(request: &httparse::Request<'_, '_>) -> Result<(), Box<Refusal>> {
     let malformed = |message: String| Box::new(Refusal::new(400, "malformed_request", message));
     let method = request.method.unwrap_or("");
@@ -361,10 +361,15 @@ fn check_head(request: &httparse::Request<'_, '_>) -> Result<(), Box<Refusal>> {
             ));
         }
     }
-    if method != "CONNECT" {
-        let target = request.path.unwrap_or("").as_bytes();
-        crate::target::parse(method, target, host).map_err(|e| malformed(e.to_string()))?;
+    if method == "CONNECT" {
+        return Err(Box::new(Refusal::new(
+            405,
+            "method_not_allowed",
+            "tollgate is not a forward proxy: CONNECT is not accepted",
+        )));
     }
+    let target = request.path.unwrap_or("").as_bytes();
+    crate::target::parse(method, target, host).map_err(|e| malformed(e.to_string()))?;
     Ok(())
 }
 

@@ -396,7 +396,13 @@ async fn heads_pingora_would_refuse_get_tollgates_answer_a_log_line_and_a_metric
         "GET /free/{} HTTP/1.1\r\nHost: x\r\n\r\n",
         "a".repeat(100_000)
     );
-    let cases: [(&[u8], u16, &str, &str); 6] = [
+    let cases: [(&[u8], u16, &str, &str); 7] = [
+        (
+            b"CONNECT 127.0.0.1:22 HTTP/1.1\r\nHost: 127.0.0.1:22\r\n\r\n",
+            405,
+            "method_not_allowed",
+            "CONNECT",
+        ),
         (&many, 431, "request_header_too_large", "300 headers"),
         (long.as_bytes(), 414, "uri_too_long", "a 100 KB target"),
         (
