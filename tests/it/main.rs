@@ -17,6 +17,8 @@ mod cli;
 mod diagnostics;
 // Property tests: the fmt round trip, comment placement, the parser never panics.
 mod props;
+// The request target: what is priced is what is forwarded, for every input.
+mod target_props;
 // x402 known answers: the golden signature and captured official-client payments.
 mod x402_vectors;
 // The real binary between a real client, upstream and facilitator: proxying, payments,
