@@ -16,8 +16,9 @@
 //!    the decided target, without hop-by-hop, payment or key headers, `Upgrade` only where
 //!    the route allows it, with `x-request-id` and `x-tollgate-*` headers saying what was
 //!    paid ([`forward`]).
-//! 3. `response_filter` — refuse a `101` the route did not allow (502); for `after response`: settle when the upstream answered below 400,
-//!    before any byte reaches the client; add the receipt header. A failed settlement turns
+//! 3. `response_filter` — refuse a `101` the route did not allow (502); for `after
+//!    response`: settle when the upstream answered below 400, before any byte reaches the
+//!    client; add the receipt header. A failed settlement turns
 //!    the response into a 402 (via `fail_to_proxy`).
 //! 4. `fail_to_proxy` — upstream unreachable (502), upstream timeout (504), or a refusal
 //!    raised in `response_filter`; all JSON.
@@ -297,8 +298,6 @@ impl ProxyHttp for Gate {
         response: &mut ResponseHeader,
         ctx: &mut Ctx,
     ) -> pingora::Result<()> {
-        // `100 Continue` and other interim answers are not the response: nothing is settled,
-        // refunded or measured on them (101 Switching Protocols is final).
         if response.status == http::StatusCode::SWITCHING_PROTOCOLS && !ctx.upgrade {
             // A tunnel nobody priced: every later byte would bypass the policy.
             ctx.refusal = Some(Refusal::new(
@@ -311,6 +310,8 @@ impl ProxyHttp for Gate {
                 "the upstream answered 101 to a request without an allowed upgrade",
             ));
         }
+        // `100 Continue` and other interim answers are not the response: nothing is settled,
+        // refunded or measured on them (101 Switching Protocols is final).
         if response.status.is_informational()
             && response.status != http::StatusCode::SWITCHING_PROTOCOLS
         {
