@@ -82,7 +82,8 @@ pub struct ConnectionLimits {
     /// Seconds to receive a whole request head, from its first byte (from the connection's
     /// start for the first request). Default 10.
     pub head_timeout_secs: u64,
-    /// Seconds the request body may pause between two reads. Default 30.
+    /// Seconds the request body may pause between two reads, and a response between two
+    /// writes (a client that stopped reading). Default 30.
     pub body_timeout_secs: u64,
     /// Bytes per second a request body must average once it has taken longer than
     /// `body_timeout`. Default 1024.

@@ -20,7 +20,8 @@
 //!    line and a metric, like every other refusal.
 //! 4. The bytes read are handed to a Pingora session as its first bytes, and the application
 //!    runs as usual; the proxy watches the body's pace ([`super::Gate`]: `body_timeout`,
-//!    `body_min_rate`).
+//!    `body_min_rate`), and a response write that stalls for `body_timeout` (a client that
+//!    stopped reading) ends the connection.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -125,6 +126,7 @@ impl<A: HttpServerApp + Send + Sync + 'static> ServerApp for Listener<A> {
         let _counted = Counted(open);
         let head_timeout = Duration::from_secs(self.limits.head_timeout_secs);
         let idle_timeout = Duration::from_secs(self.limits.idle_timeout_secs);
+        let body_timeout = Duration::from_secs(self.limits.body_timeout_secs);
         let mut first = true;
         loop {
             let wait = if first { head_timeout } else { idle_timeout };
@@ -145,6 +147,10 @@ impl<A: HttpServerApp + Send + Sync + 'static> ServerApp for Listener<A> {
             };
             let mut session = ServerSession::new_http1(stream);
             session.set_pipelined_prefix(head);
+            // A client that stops reading its answer (or whose unread body is being drained)
+            // does not hold the connection, and an upstream one, for longer than this.
+            session.set_write_timeout(Some(body_timeout));
+            session.set_total_drain_timeout(Some(body_timeout));
             // The next request's wait is timed above, not by Pingora.
             session.set_keepalive(Some(0));
             let reused = self.app.process_new_http(session, shutdown).await?;

@@ -79,6 +79,19 @@ async fn serve_lenient(mut stream: TcpStream, heads: Arc<Mutex<Vec<String>>>) {
         buf.drain(..length);
         let target = head.split(' ').nth(1).unwrap_or("/").to_string();
         let path = lenient_path(&target);
+        if path.ends_with("/big") {
+            let head = format!("HTTP/1.1 200 OK\r\ncontent-length: {BIG}\r\n\r\n");
+            if stream.write_all(head.as_bytes()).await.is_err() {
+                return;
+            }
+            let chunk = vec![b'x'; 1 << 20];
+            for _ in 0..BIG >> 20 {
+                if stream.write_all(&chunk).await.is_err() {
+                    return;
+                }
+            }
+            continue;
+        }
         let answer = if path.ends_with("/ws") || path.ends_with("/live") {
             "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n"
                 .to_string()
@@ -100,6 +113,9 @@ async fn serve_lenient(mut stream: TcpStream, heads: Arc<Mutex<Vec<String>>>) {
         }
     }
 }
+
+/// The size of `…/big`: more than loopback's socket buffers hold.
+const BIG: usize = 64 << 20;
 
 /// The path a lenient server routes a request target to.
 fn lenient_path(target: &str) -> String {
@@ -529,6 +545,22 @@ async fn idle_and_slow_clients_are_cut_off() {
     }
     let answer = read_until_closed(&mut slow, Duration::from_secs(10)).await;
     assert_refused(&answer, 408, "request_timeout", "a dripped body");
+
+    // A client that stops reading a large answer is let go, with the upstream connection.
+    let mut reader = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    reader
+        .write_all(b"GET /free/big HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    let mut received = Vec::new();
+    let read =
+        tokio::time::timeout(Duration::from_secs(30), reader.read_to_end(&mut received)).await;
+    assert!(read.is_ok(), "the connection was still open");
+    assert!(
+        received.len() < BIG,
+        "the whole answer waited for a client that stopped reading"
+    );
 
     let metrics = sidecar.metrics().await;
     assert!(
