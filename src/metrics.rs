@@ -17,56 +17,100 @@ const LATENCY_BUCKETS: [f64; 14] = [
     10.0,
 ];
 
+/// A counter family whose number of labels is part of its type: a call with the wrong number
+/// does not compile (prometheus' `with_label_values` panics on it, on the request path).
+#[derive(Clone)]
+pub struct Counters<const N: usize>(IntCounterVec);
+
+impl<const N: usize> Counters<N> {
+    fn new(
+        registry: &Registry,
+        name: &str,
+        help: &str,
+        labels: [&str; N],
+    ) -> Result<Self, prometheus::Error> {
+        let family = IntCounterVec::new(Opts::new(name, help), &labels)?;
+        registry.register(Box::new(family.clone()))?;
+        Ok(Counters(family))
+    }
+
+    /// The series of these label values (created at zero when new).
+    pub fn with(&self, labels: [&str; N]) -> IntCounter {
+        self.0.with_label_values(&labels)
+    }
+}
+
+/// A gauge family whose number of labels is part of its type (see [`Counters`]).
+#[derive(Clone)]
+pub struct Gauges<const N: usize>(IntGaugeVec);
+
+impl<const N: usize> Gauges<N> {
+    fn new(
+        registry: &Registry,
+        name: &str,
+        help: &str,
+        labels: [&str; N],
+    ) -> Result<Self, prometheus::Error> {
+        let family = IntGaugeVec::new(Opts::new(name, help), &labels)?;
+        registry.register(Box::new(family.clone()))?;
+        Ok(Gauges(family))
+    }
+
+    /// The series of these label values (created at zero when new).
+    pub fn with(&self, labels: [&str; N]) -> IntGauge {
+        self.0.with_label_values(&labels)
+    }
+
+    /// Forgets every series.
+    pub fn reset(&self) {
+        self.0.reset();
+    }
+}
+
 pub struct Metrics {
     registry: Registry,
     /// `tollgate_requests_total{service, route, rail, outcome}`.
-    pub requests: IntCounterVec,
+    pub requests: Counters<4>,
     /// `tollgate_challenges_total{route}`: 402s that offer terms.
-    pub challenges: IntCounterVec,
+    pub challenges: Counters<1>,
     /// `tollgate_payments_verified_total{network}`.
-    pub payments_verified: IntCounterVec,
+    pub payments_verified: Counters<1>,
     /// `tollgate_payments_rejected_total{reason}`.
-    pub payments_rejected: IntCounterVec,
+    pub payments_rejected: Counters<1>,
     /// `tollgate_revenue_atomic_total{asset, network}`: settled x402 value, atomic units.
-    pub revenue: IntCounterVec,
+    pub revenue: Counters<2>,
     /// `tollgate_credits_debited_total`, `…_refunded_total`, `…_sold_total`.
     pub credits_debited: IntCounter,
     pub credits_refunded: IntCounter,
     pub credits_sold: IntCounter,
     /// `tollgate_settlements_total{result}`: `settled`, `refused`, `unavailable`.
-    pub settlements: IntCounterVec,
+    pub settlements: Counters<1>,
     /// `tollgate_settlement_queue_depth`: payments admitted and not settled yet.
     pub settlement_queue: IntGauge,
     pub settlement_seconds: Histogram,
     pub verification_seconds: Histogram,
     pub upstream_seconds: Histogram,
     /// `tollgate_limit_refusals_total{limit}`.
-    pub limit_refusals: IntCounterVec,
+    pub limit_refusals: Counters<1>,
     /// `tollgate_policy_reloads_total{result}`: `ok`, `unchanged`, `failed`.
-    pub reloads: IntCounterVec,
+    pub reloads: Counters<1>,
     /// `tollgate_policy_info{service, version}` = 1 for the policy in force.
-    pub policy_info: IntGaugeVec,
+    pub policy_info: Gauges<2>,
     /// `tollgate_store_size_bytes`, refreshed at each scrape.
     pub store_bytes: IntGauge,
     /// `tollgate_connections_open{listener}`: client connections open (`proxy`, `ops`,
     /// `admin`).
-    pub connections_open: IntGaugeVec,
+    pub connections_open: Gauges<1>,
     /// `tollgate_connections_rejected_total{listener}`: connections refused at the cap.
-    pub connections_rejected: IntCounterVec,
+    pub connections_rejected: Counters<1>,
     /// `tollgate_client_timeouts_total{phase}`: requests cut off for a head (`head`) or a
     /// body (`body`) that arrived too slowly.
-    pub client_timeouts: IntCounterVec,
+    pub client_timeouts: Counters<1>,
 }
 
 impl Metrics {
     pub fn new() -> Result<Metrics, prometheus::Error> {
         let registry = Registry::new();
-        let counter =
-            |name: &str, help: &str, labels: &[&str]| -> Result<IntCounterVec, prometheus::Error> {
-                let c = IntCounterVec::new(Opts::new(name, help), labels)?;
-                registry.register(Box::new(c.clone()))?;
-                Ok(c)
-            };
         let single = |name: &str, help: &str| -> Result<IntCounter, prometheus::Error> {
             let c = IntCounter::new(name, help)?;
             registry.register(Box::new(c.clone()))?;
@@ -84,42 +128,42 @@ impl Metrics {
             registry.register(Box::new(h.clone()))?;
             Ok(h)
         };
-        let gauges =
-            |name: &str, help: &str, labels: &[&str]| -> Result<IntGaugeVec, prometheus::Error> {
-                let g = IntGaugeVec::new(Opts::new(name, help), labels)?;
-                registry.register(Box::new(g.clone()))?;
-                Ok(g)
-            };
-        let policy_info = gauges(
+        let policy_info = Gauges::new(
+            &registry,
             "tollgate_policy_info",
             "The policy in force (value 1).",
-            &["service", "version"],
+            ["service", "version"],
         )?;
         Ok(Metrics {
-            requests: counter(
+            requests: Counters::new(
+                &registry,
                 "tollgate_requests_total",
                 "Requests answered, by route, rail (free, pass, x402, prepaid, none) and outcome (a stable code).",
-                &["service", "route", "rail", "outcome"],
+                ["service", "route", "rail", "outcome"],
             )?,
-            challenges: counter(
+            challenges: Counters::new(
+                &registry,
                 "tollgate_challenges_total",
                 "402 challenges issued with payment terms.",
-                &["route"],
+                ["route"],
             )?,
-            payments_verified: counter(
+            payments_verified: Counters::new(
+                &registry,
                 "tollgate_payments_verified_total",
                 "x402 payments that verified locally.",
-                &["network"],
+                ["network"],
             )?,
-            payments_rejected: counter(
+            payments_rejected: Counters::new(
+                &registry,
                 "tollgate_payments_rejected_total",
                 "x402 payments refused, by reason (the error code).",
-                &["reason"],
+                ["reason"],
             )?,
-            revenue: counter(
+            revenue: Counters::new(
+                &registry,
                 "tollgate_revenue_atomic_total",
                 "Settled x402 value in the asset's atomic units (USDC: 1e-6).",
-                &["asset", "network"],
+                ["asset", "network"],
             )?,
             credits_debited: single("tollgate_credits_debited_total", "Prepaid credits debited.")?,
             credits_refunded: single(
@@ -130,10 +174,11 @@ impl Metrics {
                 "tollgate_credits_sold_total",
                 "Prepaid credits sold for x402 payments.",
             )?,
-            settlements: counter(
+            settlements: Counters::new(
+                &registry,
                 "tollgate_settlements_total",
                 "Settlement attempts, by result (settled, refused, unavailable).",
-                &["result"],
+                ["result"],
             )?,
             settlement_queue: gauge(
                 "tollgate_settlement_queue_depth",
@@ -151,34 +196,39 @@ impl Metrics {
                 "tollgate_upstream_duration_seconds",
                 "Time from forwarding a request to the upstream's response head.",
             )?,
-            limit_refusals: counter(
+            limit_refusals: Counters::new(
+                &registry,
                 "tollgate_limit_refusals_total",
                 "Requests refused by a buyer limit, by limit (the error code).",
-                &["limit"],
+                ["limit"],
             )?,
-            reloads: counter(
+            reloads: Counters::new(
+                &registry,
                 "tollgate_policy_reloads_total",
                 "Policy reloads, by result (ok, unchanged, failed).",
-                &["result"],
+                ["result"],
             )?,
             store_bytes: gauge(
                 "tollgate_store_size_bytes",
                 "Size of the embedded store on disk.",
             )?,
-            connections_open: gauges(
+            connections_open: Gauges::new(
+                &registry,
                 "tollgate_connections_open",
                 "Client connections open, by listener (proxy, ops, admin).",
-                &["listener"],
+                ["listener"],
             )?,
-            connections_rejected: counter(
+            connections_rejected: Counters::new(
+                &registry,
                 "tollgate_connections_rejected_total",
                 "Client connections refused because the listener's cap (connections.max for the proxy) was reached.",
-                &["listener"],
+                ["listener"],
             )?,
-            client_timeouts: counter(
+            client_timeouts: Counters::new(
+                &registry,
                 "tollgate_client_timeouts_total",
                 "Requests cut off because their head or body arrived too slowly, by phase (head, body).",
-                &["phase"],
+                ["phase"],
             )?,
             policy_info,
             registry,
@@ -190,24 +240,24 @@ impl Metrics {
     /// see them before the first event.
     fn zeros(&self) {
         for result in ["settled", "refused", "unavailable"] {
-            self.settlements.with_label_values(&[result]);
+            self.settlements.with([result]);
         }
         for result in ["ok", "unchanged", "failed"] {
-            self.reloads.with_label_values(&[result]);
+            self.reloads.with([result]);
         }
         for phase in ["head", "body"] {
-            self.client_timeouts.with_label_values(&[phase]);
+            self.client_timeouts.with([phase]);
         }
         for listener in ["proxy", "ops", "admin"] {
-            self.connections_open.with_label_values(&[listener]);
-            self.connections_rejected.with_label_values(&[listener]);
+            self.connections_open.with([listener]);
+            self.connections_rejected.with([listener]);
         }
         for limit in [
             "rate_limited",
             "spend_limit_exceeded",
             "unsettled_limit_exceeded",
         ] {
-            self.limit_refusals.with_label_values(&[limit]);
+            self.limit_refusals.with([limit]);
         }
     }
 
@@ -225,18 +275,16 @@ impl Metrics {
     pub fn policy_loaded(&self, policy: &Policy) {
         self.policy_info.reset();
         self.policy_info
-            .with_label_values(&[policy.service.as_str(), policy.version.as_str()])
+            .with([policy.service.as_str(), policy.version.as_str()])
             .set(1);
         for route in &policy.routes {
             let Some(price) = route.price() else { continue };
-            self.challenges
-                .with_label_values(&[route.display().as_str()]);
+            self.challenges.with([route.display().as_str()]);
             for offer in &price.offers {
                 if let Some(network) = policy.networks.get(offer.network) {
-                    self.payments_verified
-                        .with_label_values(&[network.name.as_str()]);
+                    self.payments_verified.with([network.name.as_str()]);
                     self.revenue
-                        .with_label_values(&[offer.asset.symbol.as_str(), network.name.as_str()]);
+                        .with([offer.asset.symbol.as_str(), network.name.as_str()]);
                 }
             }
         }

@@ -134,14 +134,14 @@ impl Live {
         });
         match result {
             Ok(Err(version)) => {
-                self.metrics.reloads.with_label_values(&["unchanged"]).inc();
+                self.metrics.reloads.with(["unchanged"]).inc();
                 Ok(Reloaded::Unchanged { version })
             }
             Ok(Ok(loaded)) => {
                 let to = loaded.policy.version.clone();
                 self.metrics.policy_loaded(&loaded.policy);
                 self.current.store(Arc::new(loaded));
-                self.metrics.reloads.with_label_values(&["ok"]).inc();
+                self.metrics.reloads.with(["ok"]).inc();
                 tracing::info!(from = %before.policy.version, to = %to, "policy reloaded");
                 Ok(Reloaded::Swapped {
                     from: before.policy.version.clone(),
@@ -149,7 +149,7 @@ impl Live {
                 })
             }
             Err(diagnostics) => {
-                self.metrics.reloads.with_label_values(&["failed"]).inc();
+                self.metrics.reloads.with(["failed"]).inc();
                 // The diagnostics quote the policy: a key pasted into it stays out of the log.
                 tracing::error!(
                     version = %before.policy.version,

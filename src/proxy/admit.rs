@@ -61,7 +61,7 @@ impl Gate {
         let refuse = |rejection: Rejection| {
             self.metrics
                 .payments_rejected
-                .with_label_values(&[rejection.code()])
+                .with([rejection.code()])
                 .inc();
             Box::new(
                 Refusal::new(rejection.status(), rejection.code(), rejection.to_string())
@@ -77,7 +77,7 @@ impl Gate {
         if let Some(offer) = terms.offers.get(payment.offer) {
             self.metrics
                 .payments_verified
-                .with_label_values(&[offer.network.as_str()])
+                .with([offer.network.as_str()])
                 .inc();
         }
 
@@ -193,12 +193,12 @@ impl Gate {
             Err(SettleError::Refused(_)) => "refused",
             Err(SettleError::Unavailable(_)) => "unavailable",
         };
-        self.metrics.settlements.with_label_values(&[result]).inc();
+        self.metrics.settlements.with([result]).inc();
         match settled {
             Ok(mut receipt) => {
                 self.metrics
                     .revenue
-                    .with_label_values(&[offer.asset_symbol.as_str(), offer.network.as_str()])
+                    .with([offer.asset_symbol.as_str(), offer.network.as_str()])
                     .inc_by(u64::try_from(paid.payment.amount).unwrap_or(u64::MAX));
                 receipt.payer.get_or_insert(payer);
                 if receipt.network.is_empty() {

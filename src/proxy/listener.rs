@@ -106,7 +106,7 @@ impl<A: HttpServerApp + Send + Sync + 'static> ServerApp for Listener<A> {
             self.shared
                 .metrics
                 .connections_rejected
-                .with_label_values(&[self.name])
+                .with([self.name])
                 .inc();
             let mut refusal = Refusal::new(
                 503,
@@ -117,11 +117,7 @@ impl<A: HttpServerApp + Send + Sync + 'static> ServerApp for Listener<A> {
             self.answer(&mut stream, None, refusal).await;
             return None;
         };
-        let open = self
-            .shared
-            .metrics
-            .connections_open
-            .with_label_values(&[self.name]);
+        let open = self.shared.metrics.connections_open.with([self.name]);
         open.inc();
         let _counted = Counted(open);
         let head_timeout = Duration::from_secs(self.limits.head_timeout_secs);
@@ -135,11 +131,7 @@ impl<A: HttpServerApp + Send + Sync + 'static> ServerApp for Listener<A> {
                 Head::Closed => return None,
                 Head::Refused(partial, refusal) => {
                     if refusal.code == "request_timeout" {
-                        self.shared
-                            .metrics
-                            .client_timeouts
-                            .with_label_values(&["head"])
-                            .inc();
+                        self.shared.metrics.client_timeouts.with(["head"]).inc();
                     }
                     self.answer(&mut stream, Some(&partial), refusal).await;
                     return None;
@@ -179,7 +171,7 @@ impl<A> Listener<A> {
             self.shared
                 .metrics
                 .requests
-                .with_label_values(&[loaded.policy.service.as_str(), "", "none", refusal.code])
+                .with([loaded.policy.service.as_str(), "", "none", refusal.code])
                 .inc();
         }
         Access {

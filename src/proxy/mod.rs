@@ -241,10 +241,7 @@ impl ProxyHttp for Gate {
             && u128::from(ctx.body_bytes) * 1000
                 < u128::from(self.body_pace.min_rate) * elapsed.as_millis()
         {
-            self.metrics
-                .client_timeouts
-                .with_label_values(&["body"])
-                .inc();
+            self.metrics.client_timeouts.with(["body"]).inc();
             ctx.refusal = Some(Refusal::new(
                 408,
                 "request_timeout",
@@ -430,17 +427,14 @@ impl ProxyHttp for Gate {
         };
         self.metrics
             .requests
-            .with_label_values(&[service, route, rail, outcome])
+            .with([service, route, rail, outcome])
             .inc();
         match outcome {
             "payment_required" | "api_key_required" | "credits_exhausted" => {
-                self.metrics.challenges.with_label_values(&[route]).inc();
+                self.metrics.challenges.with([route]).inc();
             }
             "rate_limited" | "spend_limit_exceeded" | "unsettled_limit_exceeded" => {
-                self.metrics
-                    .limit_refusals
-                    .with_label_values(&[outcome])
-                    .inc();
+                self.metrics.limit_refusals.with([outcome]).inc();
             }
             _ => {}
         }
