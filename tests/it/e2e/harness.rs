@@ -385,7 +385,12 @@ pub struct Sidecar {
     pub ops_port: u16,
     pub admin_port: u16,
     pub dir: PathBuf,
+    /// Where this start's lines begin in `sidecar.log`.
+    log_from: usize,
 }
+
+/// What Pingora logs when a listener's port is held by another process.
+const PORT_TAKEN: &str = "is in use, will try again";
 
 /// How a test starts the sidecar, beyond its defaults.
 #[derive(Debug, Clone, Copy)]
@@ -420,8 +425,24 @@ impl Sidecar {
         Sidecar::launch(dir, upstream, Launch::default()).await
     }
 
-    /// [`Sidecar::start`] as `launch` says.
+    /// [`Sidecar::start`] as `launch` says. The ports are free when picked, but another test
+    /// may bind one before the sidecar does: then it starts again on new ones.
     pub async fn launch(dir: &Path, upstream: &str, launch: Launch<'_>) -> Sidecar {
+        let mut attempt = 0;
+        loop {
+            let mut sidecar = Sidecar::spawn(dir, upstream, launch);
+            match sidecar.wait_ready().await {
+                Ok(()) => return sidecar,
+                Err(why) if attempt < 3 && why.contains(PORT_TAKEN) => {
+                    sidecar.kill();
+                    attempt += 1;
+                }
+                Err(why) => panic!("{why}"),
+            }
+        }
+    }
+
+    fn spawn(dir: &Path, upstream: &str, launch: Launch<'_>) -> Sidecar {
         let port = free_port();
         let ops_port = free_port();
         let admin_port = free_port();
@@ -441,6 +462,7 @@ impl Sidecar {
             .append(true)
             .open(dir.join("sidecar.log"))
             .unwrap();
+        let log_from = usize::try_from(log.metadata().unwrap().len()).unwrap();
         let binary = env!("CARGO_BIN_EXE_tollgate");
         let mut command = match nofile {
             None => Command::new(binary),
@@ -465,26 +487,34 @@ impl Sidecar {
             .stderr(log)
             .spawn()
             .unwrap();
-        let mut sidecar = Sidecar {
+        Sidecar {
             child,
             port,
             ops_port,
             admin_port,
             dir: dir.to_path_buf(),
-        };
-        sidecar.wait_ready().await;
-        sidecar
+            log_from,
+        }
     }
 
-    async fn wait_ready(&mut self) {
+    async fn wait_ready(&mut self) -> Result<(), String> {
         let deadline = Instant::now() + Duration::from_secs(20);
         let client = client();
         while Instant::now() < deadline {
             if let Some(status) = self.child.try_wait().unwrap() {
-                panic!(
+                return Err(format!(
                     "tollgate exited with {status} before it was ready:\n{}",
                     self.log()
-                );
+                ));
+            }
+            // Pingora retries a port someone else holds; so do we, on other ports.
+            // This start's lines only: the log is appended to across restarts in one folder.
+            if self
+                .log()
+                .get(self.log_from..)
+                .is_some_and(|l| l.contains(PORT_TAKEN))
+            {
+                return Err(self.log());
             }
             // Ready, and every listener bound (services start on their own threads, so
             // the ops listener may answer before the proxy or admin one listens).
@@ -497,11 +527,14 @@ impl Sidecar {
                     .await
                     .is_ok()
             {
-                return;
+                return Ok(());
             }
             tokio::time::sleep(Duration::from_millis(25)).await;
         }
-        panic!("tollgate was not ready within 20 s:\n{}", self.log());
+        Err(format!(
+            "tollgate was not ready within 20 s:\n{}",
+            self.log()
+        ))
     }
 
     pub fn url(&self, path: &str) -> String {
