@@ -1,8 +1,8 @@
 //! `tollgate run`: assembling the sidecar from the configuration and running it.
 //!
 //! Startup checks everything before a port opens — the policy compiles, its settlement is one
-//! this build performs, the upstream resolves, the store opens — and reports every problem
-//! in the operator's words. Then one Pingora server runs:
+//! this build performs, the upstream resolves, no other process listens on tollgate's
+//! addresses, the store opens — and reports every problem in the operator's words. Then one Pingora server runs:
 //! - the proxy ([`proxy::Gate`]) on `listen`;
 //! - the ops listener on `ops.listen`: `/healthz` (the process is up) and `/readyz` (a policy
 //!   is loaded and the store is open; false as soon as shutdown begins);
@@ -57,6 +57,7 @@ pub fn run(config: &Config) -> Result<(), String> {
             .map_err(|e| crate::logging::redact_hex_secrets(&e).into_owned())?,
     );
     let upstream = upstream_peer(config)?;
+    check_ports_free(config)?;
     let store = Store::open(&config.store)
         .map_err(|e| format!("cannot open the store at {}: {e}", config.store.display()))?;
     let token = admin::token::load_or_generate(config)?;
@@ -214,6 +215,36 @@ fn connection_cap(limits: &crate::config::ConnectionLimits) -> usize {
     };
     tracing::info!(connections_max = cap, file_descriptors = ?nofile.current, "connection limit");
     cap
+}
+
+/// Refuses to start when another process listens on one of tollgate's addresses. Pingora
+/// would retry such a port for 30 s while `/readyz` said ready, then stop that service alone.
+/// The probe binds as Pingora does (`SO_REUSEADDR`, so a restart's sockets in TIME_WAIT are
+/// no obstacle) and releases the port at once.
+fn check_ports_free(config: &Config) -> Result<(), String> {
+    let listeners = [
+        ("listen", config.listen),
+        ("ops.listen", config.ops.listen),
+        ("admin.listen", config.admin.listen),
+    ];
+    for (field, addr) in listeners {
+        let socket = match addr {
+            std::net::SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4(),
+            std::net::SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6(),
+        };
+        let bound = socket
+            .and_then(|s| s.set_reuseaddr(true).map(|()| s))
+            .and_then(|s| s.bind(addr));
+        if let Err(e) = bound {
+            let why = if e.kind() == std::io::ErrorKind::AddrInUse {
+                "another process listens there".to_string()
+            } else {
+                e.to_string()
+            };
+            return Err(format!("{field} {addr}: cannot listen: {why}"));
+        }
+    }
+    Ok(())
 }
 
 /// The upstream as a Pingora peer, resolved once at startup.

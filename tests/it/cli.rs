@@ -393,3 +393,38 @@ fn help_speaks_the_operators_language() {
         assert!(out.contains(cmd), "{out}");
     }
 }
+
+/// A port another process listens on is refused at startup, in words, instead of Pingora
+/// retrying it for 30 s while readiness says yes.
+#[test]
+fn run_refuses_an_address_another_process_listens_on() {
+    let dir = scratch();
+    write(
+        &dir.join("policy.toll"),
+        &std::fs::read_to_string(WEATHER).unwrap(),
+    );
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let free = || {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    };
+    let config = format!(
+        "listen: 127.0.0.1:{port}\npolicies: [policy.toll]\nstore: data\nops:\n  listen: 127.0.0.1:{}\nadmin:\n  listen: 127.0.0.1:{}\n",
+        free(),
+        free()
+    );
+    write(&dir.join("tollgate.yaml"), &config);
+    let o = tollgate_in(&dir, &["run", "--config", "tollgate.yaml"]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains(&format!(
+            "listen 127.0.0.1:{port}: cannot listen: another process listens there"
+        )),
+        "{}",
+        stderr(&o)
+    );
+}

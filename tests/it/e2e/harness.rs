@@ -389,8 +389,13 @@ pub struct Sidecar {
     log_from: usize,
 }
 
-/// What Pingora logs when a listener's port is held by another process.
-const PORT_TAKEN: &str = "is in use, will try again";
+/// What tollgate says when a listener's port is held by another process (and what Pingora
+/// logs when that happens between tollgate's check and its bind).
+const PORT_TAKEN: [&str; 2] = ["another process listens there", "is in use, will try again"];
+
+fn port_taken(log: &str) -> bool {
+    PORT_TAKEN.iter().any(|m| log.contains(m))
+}
 
 /// How a test starts the sidecar, beyond its defaults.
 #[derive(Debug, Clone, Copy)]
@@ -433,7 +438,7 @@ impl Sidecar {
             let mut sidecar = Sidecar::spawn(dir, upstream, launch);
             match sidecar.wait_ready().await {
                 Ok(()) => return sidecar,
-                Err(why) if attempt < 3 && why.contains(PORT_TAKEN) => {
+                Err(why) if attempt < 3 && port_taken(&why) => {
                     sidecar.kill();
                     attempt += 1;
                 }
@@ -509,11 +514,7 @@ impl Sidecar {
             }
             // Pingora retries a port someone else holds; so do we, on other ports.
             // This start's lines only: the log is appended to across restarts in one folder.
-            if self
-                .log()
-                .get(self.log_from..)
-                .is_some_and(|l| l.contains(PORT_TAKEN))
-            {
+            if self.log().get(self.log_from..).is_some_and(port_taken) {
                 return Err(self.log());
             }
             // Ready, and every listener bound (services start on their own threads, so
