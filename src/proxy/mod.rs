@@ -250,10 +250,10 @@ impl ProxyHttp for Gate {
                     self.body_pace.min_rate
                 ),
             ));
-            return Err(Error::explain(
-                ErrorType::HTTPStatus(408),
-                "request body too slow",
-            ));
+            // The client's doing, like a client that leaves mid-body: a debit stands.
+            let mut error = Error::explain(ErrorType::HTTPStatus(408), "request body too slow");
+            error.as_down();
+            return Err(error);
         }
         Ok(())
     }
