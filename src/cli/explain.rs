@@ -118,6 +118,21 @@ pub fn run(args: Args) -> Result<ExitCode, Failed> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// What `upgrade` allows on a route, and what a paid one's price then covers.
+fn upgrade_line(route: &Route, paid: bool) -> Option<String> {
+    if route.upgrade.is_empty() {
+        return None;
+    }
+    let protocols = route.upgrade.join(", ");
+    Some(if paid {
+        format!(
+            "{protocols} allowed, priced per connection: the price pays for the whole upgraded connection, however long it stays open"
+        )
+    } else {
+        format!("{protocols} allowed; the upgraded connection is free")
+    })
+}
+
 /// Path and query of a URL or a path.
 fn target_of(url: &str) -> Result<String, Failed> {
     if url.starts_with('/') {
@@ -164,15 +179,7 @@ fn describe_route(
         }
     }
     let Some(price) = route.price() else {
-        if !route.upgrade.is_empty() {
-            out.push((
-                "upgrade",
-                format!(
-                    "{} allowed; the upgraded connection is free",
-                    route.upgrade.join(", ")
-                ),
-            ));
-        }
+        out.extend(upgrade_line(route, false).map(|line| ("upgrade", line)));
         return;
     };
     let mut lines = Vec::new();
@@ -198,15 +205,7 @@ fn describe_route(
         ));
     }
     out.push(("price", lines.join("\n")));
-    if !route.upgrade.is_empty() {
-        out.push((
-            "upgrade",
-            format!(
-                "{} allowed, priced per connection: the price pays for the whole upgraded connection, however long it stays open",
-                route.upgrade.join(", ")
-            ),
-        ));
-    }
+    out.extend(upgrade_line(route, true).map(|line| ("upgrade", line)));
     if let Some(credits) = route.sells {
         out.push((
             "sells",
