@@ -190,3 +190,26 @@ mod tests {
         assert_eq!(format_atomic(7, 0), "7");
     }
 }
+
+/// [`as_string`] for an optional amount (`null` or absent is `None`).
+pub mod opt_as_string {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(
+        atomic: &Option<u128>,
+        serializer: S,
+    ) -> Result<S::Ok, S::Error> {
+        match atomic {
+            Some(n) => serializer.collect_str(n),
+            None => serializer.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(
+        deserializer: D,
+    ) -> Result<Option<u128>, D::Error> {
+        #[derive(Deserialize)]
+        struct Wrapped(#[serde(with = "super::as_string")] u128);
+        Ok(Option::<Wrapped>::deserialize(deserializer)?.map(|Wrapped(n)| n))
+    }
+}

@@ -217,42 +217,42 @@ fn u128_of(bytes: Option<sled::IVec>) -> u128 {
         .map_or(0, u128::from_be_bytes)
 }
 
-fn u64_of(bytes: &[u8]) -> Option<u64> {
+pub(super) fn u64_of(bytes: &[u8]) -> Option<u64> {
     <[u8; 8]>::try_from(bytes).ok().map(u64::from_be_bytes)
 }
 
-fn json<T: Serialize>(value: &T) -> Result<Vec<u8>, StoreError> {
+pub(super) fn json<T: Serialize>(value: &T) -> Result<Vec<u8>, StoreError> {
     serde_json::to_vec(value).map_err(|e| StoreError(format!("cannot encode a record: {e}")))
 }
 
-fn parse<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> Result<T, StoreError> {
+pub(super) fn parse<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> Result<T, StoreError> {
     serde_json::from_slice(bytes).map_err(|e| StoreError(format!("corrupt record: {e}")))
 }
 
 /// What a transaction closure returns: a value, or an abort carrying a business answer `A`.
-type Tx<T, A> = Result<T, ConflictableTransactionError<Abort<A>>>;
+pub(super) type Tx<T, A> = Result<T, ConflictableTransactionError<Abort<A>>>;
 
 /// Why a transaction stopped without writing: a business answer, or a broken record.
-enum Abort<A> {
+pub(super) enum Abort<A> {
     Answer(A),
     Store(StoreError),
 }
 
 /// Inside a transaction: a JSON record, or an abort carrying the decoding error.
-fn parse_tx<T: for<'de> Deserialize<'de>, A>(bytes: &[u8]) -> Tx<T, A> {
+pub(super) fn parse_tx<T: for<'de> Deserialize<'de>, A>(bytes: &[u8]) -> Tx<T, A> {
     parse(bytes).map_err(|e| ConflictableTransactionError::Abort(Abort::Store(e)))
 }
 
-fn json_tx<T: Serialize, A>(value: &T) -> Tx<Vec<u8>, A> {
+pub(super) fn json_tx<T: Serialize, A>(value: &T) -> Tx<Vec<u8>, A> {
     json(value).map_err(|e| ConflictableTransactionError::Abort(Abort::Store(e)))
 }
 
-fn answer<T, A>(a: A) -> Tx<T, A> {
+pub(super) fn answer<T, A>(a: A) -> Tx<T, A> {
     Err(ConflictableTransactionError::Abort(Abort::Answer(a)))
 }
 
 /// Splits a transaction's result into business answer and store failure.
-fn settle_tx<T, A>(
+pub(super) fn settle_tx<T, A>(
     result: Result<T, TransactionError<Abort<A>>>,
 ) -> Result<Result<T, A>, StoreError> {
     match result {
@@ -265,7 +265,7 @@ fn settle_tx<T, A>(
 
 /// The next number of a counter kept in the `meta` tree: 1, 2, 3, … with no gap, also across
 /// crashes (the counter commits with the record that uses it).
-fn next<A>(meta: &TransactionalTree, counter: &str) -> Tx<u64, A> {
+pub(super) fn next<A>(meta: &TransactionalTree, counter: &str) -> Tx<u64, A> {
     let last = meta.get(counter)?.and_then(|b| u64_of(&b)).unwrap_or(0);
     let next = last + 1;
     meta.insert(counter, &next.to_be_bytes())?;

@@ -1,12 +1,14 @@
 //! The embedded durable store: the only module that touches sled.
 //!
 //! It holds the replay-protection nonce set (here), prepaid accounts, API keys and the credit
-//! ledger ([`accounts`]), and spend-limit counters. Every write that admits a request or moves
+//! ledger ([`accounts`]), the payment ledger and its settlement states ([`ledger`]: a payment's
+//! entry is written in the same transaction as its nonce claim), and spend-limit counters. Every write that admits a request or moves
 //! credits is flushed (fsync) before the caller goes on, so a crash right after it cannot
 //! forget it. The flushes, and the debits, belong to one writer thread ([`writer`]), which
 //! batches them (group commit).
 
 pub mod accounts;
+pub mod ledger;
 mod spend;
 mod writer;
 
@@ -41,6 +43,12 @@ struct Trees {
     idempotency: sled::Tree,
     refunds: sled::Tree,
     spend: sled::Tree,
+    payments: sled::Tree,
+    authorizations: sled::Tree,
+    payment_facts: sled::Tree,
+    payment_status: sled::Tree,
+    open_payments: sled::Tree,
+    bundles: sled::Tree,
 }
 
 /// One EIP-3009 authorization's identity: the token contract dedupes on (from, nonce), and the
@@ -136,6 +144,12 @@ impl Store {
             idempotency: tree("idempotency")?,
             refunds: tree("refunds")?,
             spend: tree("spend")?,
+            payments: tree("payments")?,
+            authorizations: tree("authorizations")?,
+            payment_facts: tree("payment_facts")?,
+            payment_status: tree("payment_status")?,
+            open_payments: tree("open_payments")?,
+            bundles: tree("bundles")?,
             db,
         });
         let writer = writer::Writer::start(Arc::clone(&trees))?;

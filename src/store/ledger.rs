@@ -1,0 +1,714 @@
+//! The payment ledger: every x402 payment admitted, and every step of its settlement.
+//!
+//! An [`Entry`] is written once, in the same sled transaction (and so the same fsync) as the
+//! nonce claim it belongs to: a payment is on the books before the upstream sees its request,
+//! or it was never admitted. What happens to it afterwards is a [`Fact`]: a state change
+//! appended to its own gap-free sequence, never an edit. The entry's current [`Status`] is an
+//! index folded from its facts (`ledger verify` folds them again and compares).
+//!
+//! Trees (keys big-endian, so sled's order is numeric order):
+//! - `payments`: entry seq → [`Entry`] (JSON), written once;
+//! - `authorizations`: entry seq → [`Authorization`] (JSON): what the backend needs to settle
+//!   the payment (the payload as the buyer signed it, the requirements it was verified
+//!   against). Kept apart so listings and exports never carry a signature;
+//! - `payment_facts`: fact seq → [`Fact`] (JSON), append-only;
+//! - `payment_status`: entry seq → [`Status`] (JSON), the entry's facts folded;
+//! - `open_payments`: entry seq → () while the entry's state is not final;
+//! - `bundles`: bundle id → [`Bundle`] (JSON), written when the bundle is submitted;
+//! - `meta` counters `payment`, `payment_fact`, `bundle`: 1, 2, 3, … without gaps.
+//!
+//! States: `recorded → queued → submitted → confirmed | failed`, with `refunded` (the payment
+//! will not be collected: its request was not served) and `unresolved` (the backend may or may
+//! not have settled it; only evidence decides). [`State::may_become`] is the whole machine.
+
+use alloy::primitives::{Address, B256};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use sled::Transactional;
+
+use super::accounts::{Tx, answer, json, json_tx, next, parse, parse_tx, settle_tx};
+use super::{NonceKey, Store, StoreError};
+
+/// Where a payment's settlement stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum State {
+    /// Admitted and on the books; nothing asked of the backend yet.
+    Recorded,
+    /// Waiting for its deferred bundle.
+    Queued,
+    /// Handed to the backend; its answer is awaited.
+    Submitted,
+    /// Settled: the transfer is on chain.
+    Confirmed,
+    /// Will not settle (refused by the backend, expired, the payer's funds short).
+    Failed,
+    /// Not collected because its request was not served (upstream error, `refund on 5xx`).
+    Refunded,
+    /// The backend may or may not have settled it: decided only by evidence from the chain.
+    Unresolved,
+}
+
+impl State {
+    pub const ALL: [State; 7] = [
+        State::Recorded,
+        State::Queued,
+        State::Submitted,
+        State::Confirmed,
+        State::Failed,
+        State::Refunded,
+        State::Unresolved,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            State::Recorded => "recorded",
+            State::Queued => "queued",
+            State::Submitted => "submitted",
+            State::Confirmed => "confirmed",
+            State::Failed => "failed",
+            State::Refunded => "refunded",
+            State::Unresolved => "unresolved",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<State> {
+        State::ALL.into_iter().find(|s| s.as_str() == text)
+    }
+
+    /// No later fact changes a final state.
+    pub fn is_final(self) -> bool {
+        matches!(self, State::Confirmed | State::Failed | State::Refunded)
+    }
+
+    /// The state machine: the changes a fact may record.
+    pub fn may_become(self, next: State) -> bool {
+        use State::*;
+        matches!(
+            (self, next),
+            (
+                Recorded,
+                Queued | Submitted | Failed | Refunded | Unresolved
+            ) | (Queued, Submitted | Failed | Refunded)
+                | (Submitted, Confirmed | Failed | Unresolved)
+                | (Unresolved, Confirmed | Failed)
+        )
+    }
+}
+
+/// When the payment settles, as the policy said when it was admitted.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "timing")]
+pub enum Timing {
+    BeforeResponse,
+    AfterResponse,
+    /// In bundles closed by whichever comes first.
+    Deferred {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        every_secs: Option<u64>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        payments: Option<u64>,
+        #[serde(
+            default,
+            skip_serializing_if = "Option::is_none",
+            with = "crate::money::opt_as_string"
+        )]
+        value: Option<u128>,
+    },
+}
+
+/// One x402 payment as admitted. Written once; never changed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Entry {
+    pub seq: u64,
+    /// Unix seconds when it was recorded.
+    pub at: u64,
+    pub request_id: String,
+    pub service: String,
+    /// `GET /v1/forecast/{city}`.
+    pub route: String,
+    pub method: String,
+    pub path: String,
+    /// The buyer: the authorization's `from`.
+    #[serde(with = "text")]
+    pub payer: Address,
+    /// `x402` (credit sales are x402 payments whose route `sells` credits).
+    pub rail: String,
+    #[serde(with = "crate::money::as_string")]
+    pub amount: u128,
+    #[serde(with = "text")]
+    pub asset: Address,
+    /// `USDC`.
+    pub symbol: String,
+    pub decimals: u8,
+    /// `base-sepolia`.
+    pub network: String,
+    pub chain_id: u64,
+    #[serde(with = "text")]
+    pub pay_to: Address,
+    #[serde(with = "text")]
+    pub nonce: B256,
+    pub valid_after: u64,
+    pub valid_before: u64,
+    #[serde(flatten)]
+    pub timing: Timing,
+    /// The settlement backend, by its address (`https://x402.org/facilitator`).
+    pub backend: String,
+    /// Credits the payment bought, on a route that sells them.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "crate::money::opt_as_string"
+    )]
+    pub credits: Option<u128>,
+}
+
+/// What a backend needs to settle a payment.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Authorization {
+    /// The x402 protocol version of the payment (1 or 2).
+    pub version: u8,
+    /// The payment payload as the buyer sent it.
+    pub payload: Value,
+    /// The requirements it was verified against, in its version's shape.
+    pub requirements: Value,
+}
+
+/// A state change of an entry. Facts are never edited.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Fact {
+    pub seq: u64,
+    /// The entry it is about.
+    pub entry: u64,
+    pub at: u64,
+    pub state: State,
+    #[serde(flatten)]
+    pub detail: Detail,
+}
+
+/// What a fact says beside the state.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Detail {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bundle: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tx: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub block: Option<u64>,
+    /// The upstream's status, once known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upstream_status: Option<u16>,
+    /// Why: the backend's error, the evidence that resolved an unknown outcome.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+/// An entry's facts folded: where it stands now.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Status {
+    pub state: State,
+    /// When the entry reached this state.
+    pub since: u64,
+    /// The last fact about it.
+    pub fact: u64,
+    #[serde(flatten)]
+    pub detail: Detail,
+}
+
+impl Status {
+    /// The status after `fact`: a detail a fact does not repeat is kept.
+    pub fn after(&self, fact: &Fact) -> Status {
+        let d = &fact.detail;
+        let old = &self.detail;
+        Status {
+            state: fact.state,
+            since: if fact.state == self.state {
+                self.since
+            } else {
+                fact.at
+            },
+            fact: fact.seq,
+            detail: Detail {
+                bundle: d.bundle.or(old.bundle),
+                tx: d.tx.clone().or_else(|| old.tx.clone()),
+                block: d.block.or(old.block),
+                upstream_status: d.upstream_status.or(old.upstream_status),
+                reason: d.reason.clone().or_else(|| old.reason.clone()),
+            },
+        }
+    }
+
+    fn first(fact: &Fact) -> Status {
+        Status {
+            state: fact.state,
+            since: fact.at,
+            fact: fact.seq,
+            detail: fact.detail.clone(),
+        }
+    }
+}
+
+/// A deferred bundle: the unit of accounting for the payments settled together.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Bundle {
+    pub id: u64,
+    /// When it was submitted.
+    pub at: u64,
+    pub backend: String,
+    pub network: String,
+    #[serde(with = "text")]
+    pub asset: Address,
+    pub symbol: String,
+    pub decimals: u8,
+    #[serde(with = "text")]
+    pub pay_to: Address,
+    /// Entry sequence numbers, in order.
+    pub entries: Vec<u64>,
+    /// Sum of the entries' amounts.
+    #[serde(with = "crate::money::as_string")]
+    pub total: u128,
+    /// What closed it: `count`, `value`, `window`, `deadline`, `shutdown`, `restart`.
+    pub closed_by: String,
+}
+
+/// The answer to recording a payment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Recorded {
+    /// First use of the authorization: entry `seq` is on disk.
+    Fresh { seq: u64 },
+    /// The authorization was used before: nothing written.
+    Used,
+}
+
+/// Why a ledger transaction stopped without writing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Stop {
+    /// The nonce was claimed before.
+    Used,
+    Bad(BadTransition),
+}
+
+/// A state change refused by the state machine (a bug, or a second worker).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BadTransition {
+    pub entry: u64,
+    pub from: Option<State>,
+    pub to: State,
+}
+
+/// An entry with its current status.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Row {
+    #[serde(flatten)]
+    pub entry: Entry,
+    pub status: Status,
+}
+
+/// Which entries a listing or export wants. Every field narrows; `None` is "any".
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Query {
+    /// Recorded at or after (unix seconds).
+    pub from: Option<u64>,
+    /// Recorded before (unix seconds).
+    pub to: Option<u64>,
+    pub buyer: Option<Address>,
+    pub route: Option<String>,
+    pub state: Option<State>,
+    pub bundle: Option<u64>,
+    /// Entries after this sequence number (the previous page's `next`).
+    pub after: Option<u64>,
+}
+
+impl Query {
+    fn wants(&self, row: &Row) -> bool {
+        let e = &row.entry;
+        self.from.is_none_or(|from| e.at >= from)
+            && self.to.is_none_or(|to| e.at < to)
+            && self.buyer.is_none_or(|b| e.payer == b)
+            && self.route.as_ref().is_none_or(|r| &e.route == r)
+            && self.state.is_none_or(|s| row.status.state == s)
+            && self
+                .bundle
+                .is_none_or(|b| row.status.detail.bundle == Some(b))
+    }
+}
+
+/// One page of a listing; `next` continues it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Page {
+    pub entries: Vec<Row>,
+    pub next: Option<u64>,
+}
+
+/// Appends a fact inside a transaction over (meta, facts, status, open), checking the machine.
+fn append_fact(
+    meta: &sled::transaction::TransactionalTree,
+    facts: &sled::transaction::TransactionalTree,
+    status: &sled::transaction::TransactionalTree,
+    open: &sled::transaction::TransactionalTree,
+    entry: u64,
+    state: State,
+    detail: Detail,
+    at: u64,
+) -> Tx<Fact, Stop> {
+    let key = entry.to_be_bytes();
+    let current: Option<Status> = match status.get(key)? {
+        Some(bytes) => Some(parse_tx(&bytes)?),
+        None => None,
+    };
+    let allowed = match &current {
+        None => state == State::Recorded,
+        Some(now) => now.state.may_become(state),
+    };
+    if !allowed {
+        return answer(Stop::Bad(BadTransition {
+            entry,
+            from: current.map(|s| s.state),
+            to: state,
+        }));
+    }
+    let fact = Fact {
+        seq: next(meta, "payment_fact")?,
+        entry,
+        at,
+        state,
+        detail,
+    };
+    facts.insert(&fact.seq.to_be_bytes(), json_tx(&fact)?)?;
+    let folded = match &current {
+        Some(now) => now.after(&fact),
+        None => Status::first(&fact),
+    };
+    status.insert(&key, json_tx(&folded)?)?;
+    if state.is_final() {
+        open.remove(&key)?;
+    } else {
+        open.insert(&key, &[])?;
+    }
+    Ok(fact)
+}
+
+/// A change to record: which entry, to what, with what detail.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Change {
+    pub entry: u64,
+    pub state: State,
+    pub detail: Detail,
+}
+
+impl Store {
+    /// Claims the authorization's nonce and records its payment in one transaction, then waits
+    /// until both are on disk (one group-committed fsync). Of any number of concurrent
+    /// attempts with one nonce, exactly one is [`Recorded::Fresh`].
+    pub async fn record_payment(
+        &self,
+        key: &NonceKey,
+        draft: Entry,
+        authorization: &Authorization,
+    ) -> Result<Recorded, StoreError> {
+        let t = &self.trees;
+        let nonce = key.bytes();
+        let auth = json(authorization)?;
+        let result = (
+            &t.nonces,
+            &t.meta,
+            &t.payments,
+            &t.authorizations,
+            &t.payment_facts,
+            &t.payment_status,
+            &t.open_payments,
+        )
+            .transaction(|(nonces, meta, payments, auths, facts, status, open)| {
+                if nonces.get(nonce)?.is_some() {
+                    return answer(Stop::Used);
+                }
+                nonces.insert(&nonce[..], &draft.valid_before.to_be_bytes())?;
+                let mut entry = draft.clone();
+                entry.seq = next(meta, "payment")?;
+                payments.insert(&entry.seq.to_be_bytes(), json_tx(&entry)?)?;
+                auths.insert(&entry.seq.to_be_bytes(), auth.as_slice())?;
+                append_fact(
+                    meta,
+                    facts,
+                    status,
+                    open,
+                    entry.seq,
+                    State::Recorded,
+                    Detail::default(),
+                    entry.at,
+                )?;
+                Ok(Recorded::Fresh { seq: entry.seq })
+            });
+        let recorded = match settle_tx(result)? {
+            Ok(recorded) => recorded,
+            Err(Stop::Used) => Recorded::Used,
+            Err(Stop::Bad(b)) => {
+                return Err(StoreError(format!(
+                    "a new entry cannot start as {:?}",
+                    b.to
+                )));
+            }
+        };
+        if matches!(recorded, Recorded::Fresh { .. }) {
+            self.durable().await?;
+        }
+        Ok(recorded)
+    }
+
+    /// Records state changes in one transaction; with `durable`, waits until they are on disk.
+    /// A change the state machine refuses aborts them all.
+    pub async fn record_changes(
+        &self,
+        changes: &[Change],
+        now: u64,
+        durable: bool,
+    ) -> Result<Result<Vec<Fact>, BadTransition>, StoreError> {
+        let recorded = self.apply_changes(changes, None, now)?;
+        if durable && recorded.is_ok() {
+            self.durable().await?;
+        }
+        Ok(recorded.map(|(facts, _)| facts))
+    }
+
+    /// Submits a bundle: every entry becomes `submitted` with the bundle's id, and the bundle
+    /// is written, in one transaction, on disk before this returns (so a crash after it finds
+    /// the entries submitted, and resolves them by evidence rather than submitting again).
+    pub async fn submit_bundle(
+        &self,
+        mut bundle: Bundle,
+        now: u64,
+    ) -> Result<Result<Bundle, BadTransition>, StoreError> {
+        let changes: Vec<Change> = bundle
+            .entries
+            .iter()
+            .map(|&entry| Change {
+                entry,
+                state: State::Submitted,
+                detail: Detail::default(),
+            })
+            .collect();
+        bundle.at = now;
+        let (_, bundle) = match self.apply_changes(&changes, Some(bundle), now)? {
+            Ok(done) => done,
+            Err(bad) => return Ok(Err(bad)),
+        };
+        self.durable().await?;
+        bundle
+            .map(Ok)
+            .ok_or_else(|| StoreError("a submitted bundle was not written".into()))
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn apply_changes(
+        &self,
+        changes: &[Change],
+        bundle: Option<Bundle>,
+        now: u64,
+    ) -> Result<Result<(Vec<Fact>, Option<Bundle>), BadTransition>, StoreError> {
+        let t = &self.trees;
+        let result = (
+            &t.meta,
+            &t.payment_facts,
+            &t.payment_status,
+            &t.open_payments,
+            &t.bundles,
+        )
+            .transaction(|(meta, facts, status, open, bundles)| {
+                let mut bundle = bundle.clone();
+                if let Some(b) = bundle.as_mut() {
+                    b.id = next(meta, "bundle")?;
+                    bundles.insert(&b.id.to_be_bytes(), json_tx(b)?)?;
+                }
+                let mut written = Vec::with_capacity(changes.len());
+                for change in changes {
+                    let mut detail = change.detail.clone();
+                    if let Some(b) = &bundle {
+                        detail.bundle = Some(b.id);
+                    }
+                    written.push(append_fact(
+                        meta,
+                        facts,
+                        status,
+                        open,
+                        change.entry,
+                        change.state,
+                        detail,
+                        now,
+                    )?);
+                }
+                Ok((written, bundle))
+            });
+        Ok(match settle_tx(result)? {
+            Ok(done) => Ok(done),
+            Err(Stop::Bad(bad)) => Err(bad),
+            Err(Stop::Used) => Err(BadTransition {
+                entry: 0,
+                from: None,
+                to: State::Recorded,
+            }),
+        })
+    }
+
+    /// The entry with this sequence number, and where it stands.
+    pub fn payment(&self, seq: u64) -> Result<Option<Row>, StoreError> {
+        let t = &self.trees;
+        let Some(entry) = t.payments.get(seq.to_be_bytes())? else {
+            return Ok(None);
+        };
+        let entry: Entry = parse(&entry)?;
+        Ok(Some(Row {
+            status: self.status_of(seq)?,
+            entry,
+        }))
+    }
+
+    fn status_of(&self, seq: u64) -> Result<Status, StoreError> {
+        match self.trees.payment_status.get(seq.to_be_bytes())? {
+            Some(bytes) => parse(&bytes),
+            None => Err(StoreError(format!("payment {seq} has no status"))),
+        }
+    }
+
+    /// What a backend needs to settle entry `seq`.
+    pub fn authorization(&self, seq: u64) -> Result<Option<Authorization>, StoreError> {
+        match self.trees.authorizations.get(seq.to_be_bytes())? {
+            Some(bytes) => parse(&bytes).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// Every entry whose state is not final, oldest first.
+    pub fn open_payments(&self) -> Result<Vec<Row>, StoreError> {
+        let mut rows = Vec::new();
+        for key in self.trees.open_payments.iter().keys() {
+            let key = key?;
+            let seq = super::accounts::u64_of(&key)
+                .ok_or_else(|| StoreError("corrupt open-payment key".into()))?;
+            if let Some(row) = self.payment(seq)? {
+                rows.push(row);
+            }
+        }
+        Ok(rows)
+    }
+
+    /// Entries matching `query`, at most `limit`, in sequence order.
+    pub fn payments(&self, query: &Query, limit: usize) -> Result<Page, StoreError> {
+        let mut entries = Vec::new();
+        let mut next = None;
+        self.each_payment(query, |row| {
+            if entries.len() == limit {
+                next = entries.last().map(|r: &Row| r.entry.seq);
+                return false;
+            }
+            entries.push(row);
+            true
+        })?;
+        Ok(Page { entries, next })
+    }
+
+    /// Calls `visit` with every entry matching `query`, in sequence order, until it says stop.
+    pub fn each_payment(
+        &self,
+        query: &Query,
+        mut visit: impl FnMut(Row) -> bool,
+    ) -> Result<(), StoreError> {
+        let start = query.after.map_or(1, |a| a.saturating_add(1));
+        for item in self.trees.payments.range(start.to_be_bytes()..) {
+            let (key, bytes) = item?;
+            let entry: Entry = parse(&bytes)?;
+            let seq = super::accounts::u64_of(&key).unwrap_or(entry.seq);
+            let row = Row {
+                status: self.status_of(seq)?,
+                entry,
+            };
+            if query.wants(&row) && !visit(row) {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// Every fact, in sequence order, from `after` on.
+    pub fn each_payment_fact(
+        &self,
+        after: u64,
+        mut visit: impl FnMut(Fact) -> Result<(), StoreError>,
+    ) -> Result<(), StoreError> {
+        let start = after.saturating_add(1);
+        for item in self.trees.payment_facts.range(start.to_be_bytes()..) {
+            let (_, bytes) = item?;
+            visit(parse(&bytes)?)?;
+        }
+        Ok(())
+    }
+
+    /// The facts of one entry, in order.
+    pub fn facts_of(&self, entry: u64) -> Result<Vec<Fact>, StoreError> {
+        let mut facts = Vec::new();
+        // Facts of an entry come after its recording; a scan is fine for one entry's history.
+        self.each_payment_fact(0, |fact| {
+            if fact.entry == entry {
+                facts.push(fact);
+            }
+            Ok(())
+        })?;
+        Ok(facts)
+    }
+
+    /// The bundle with this id.
+    pub fn bundle(&self, id: u64) -> Result<Option<Bundle>, StoreError> {
+        match self.trees.bundles.get(id.to_be_bytes())? {
+            Some(bytes) => parse(&bytes).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// Every bundle, oldest first.
+    pub fn bundles(&self) -> Result<Vec<Bundle>, StoreError> {
+        self.trees
+            .bundles
+            .iter()
+            .values()
+            .map(|v| parse(&v?))
+            .collect()
+    }
+
+    /// Counters of the payment ledger: entries, facts, bundles.
+    pub fn payment_counts(&self) -> Result<(u64, u64, u64), StoreError> {
+        let read = |name: &str| -> Result<u64, StoreError> {
+            Ok(self
+                .trees
+                .meta
+                .get(name)?
+                .and_then(|b| super::accounts::u64_of(&b))
+                .unwrap_or(0))
+        };
+        Ok((read("payment")?, read("payment_fact")?, read("bundle")?))
+    }
+}
+
+/// Serde for addresses and hashes as their hex text (`0x…`, addresses checksummed).
+mod text {
+    use std::fmt::Display;
+    use std::str::FromStr;
+
+    use serde::de::Error;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<T: Display, S: Serializer>(
+        value: &T,
+        serializer: S,
+    ) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(value)
+    }
+
+    pub fn deserialize<'de, T, D>(deserializer: D) -> Result<T, D::Error>
+    where
+        T: FromStr,
+        T::Err: Display,
+        D: Deserializer<'de>,
+    {
+        let text = <std::borrow::Cow<'de, str>>::deserialize(deserializer)?;
+        text.parse().map_err(D::Error::custom)
+    }
+}
