@@ -15,7 +15,9 @@
 //!   ([`Store::reserve_spend`]); a spend limit applies to the rail paying in its unit
 //!   (credits for prepaid, the asset for x402);
 //! - unsettled value (x402): the value admitted but not settled yet, held in memory while
-//!   the request is in flight.
+//!   the request is in flight; for `deferred` settlement, until the payment's bundle settles
+//!   ([`crate::settle`] takes over the hold, and re-holds every open deferred payment from the
+//!   ledger at startup, so a restart does not reset it).
 
 use std::collections::HashMap;
 use std::fmt;
@@ -86,6 +88,14 @@ pub enum Refused {
 pub struct Holds {
     spend: Vec<(Vec<u8>, u128)>,
     unsettled: Option<(BuyerId, String, u128)>,
+}
+
+impl Holds {
+    /// Hands the request's unsettled-value hold over to settlement (a deferred payment stays
+    /// unsettled after its request ends); [`Limiter::finish`] then leaves it held.
+    pub fn hand_over_unsettled(&mut self) {
+        self.unsettled = None;
+    }
 }
 
 /// A request counter's key: (scope, buyer).
@@ -248,17 +258,32 @@ impl Limiter {
         }
     }
 
+    /// Holds `atomic` of `buyer`'s unsettled value beyond a request: a deferred payment is
+    /// unsettled until its bundle settles (and, at startup, every open deferred payment).
+    pub fn hold_unsettled(&self, buyer: &BuyerId, symbol: &str, atomic: u128) {
+        let mut unsettled = self.unsettled.lock().unwrap_or_else(|p| p.into_inner());
+        *unsettled
+            .entry((buyer.clone(), symbol.to_string()))
+            .or_default() += atomic;
+    }
+
+    /// Gives back what [`Limiter::hold_unsettled`] (or a request's hold) took.
+    pub fn release_unsettled(&self, buyer: &BuyerId, symbol: &str, atomic: u128) {
+        let mut unsettled = self.unsettled.lock().unwrap_or_else(|p| p.into_inner());
+        let key = (buyer.clone(), symbol.to_string());
+        if let Some(held) = unsettled.get_mut(&key) {
+            *held = held.saturating_sub(atomic);
+            if *held == 0 {
+                unsettled.remove(&key);
+            }
+        }
+    }
+
     /// Ends a request: its unsettled value is no longer in flight, and when it was not charged
     /// (`charged` false: refused, not settled, refunded) its spend is given back.
     pub fn finish(&self, store: &Store, holds: Holds, charged: bool) {
         if let Some((buyer, symbol, atomic)) = holds.unsettled {
-            let mut unsettled = self.unsettled.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some(held) = unsettled.get_mut(&(buyer.clone(), symbol.clone())) {
-                *held = held.saturating_sub(atomic);
-                if *held == 0 {
-                    unsettled.remove(&(buyer, symbol));
-                }
-            }
+            self.release_unsettled(&buyer, &symbol, atomic);
         }
         if !charged {
             for (key, amount) in holds.spend {

@@ -17,6 +17,16 @@ const LATENCY_BUCKETS: [f64; 14] = [
     10.0,
 ];
 
+/// Seconds: 1 s … 1 day, for settlement lag.
+const LAG_BUCKETS: [f64; 10] = [
+    1.0, 5.0, 15.0, 30.0, 60.0, 300.0, 900.0, 3_600.0, 21_600.0, 86_400.0,
+];
+
+/// Payments per bundle.
+const BUNDLE_BUCKETS: [f64; 10] = [
+    1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1_000.0,
+];
+
 /// A counter family whose number of labels is part of its type: a call with the wrong number
 /// does not compile (prometheus' `with_label_values` panics on it, on the request path).
 #[derive(Clone)]
@@ -106,6 +116,22 @@ pub struct Metrics {
     /// `tollgate_client_timeouts_total{phase}`: requests cut off for a head (`head`) or a
     /// body (`body`) that arrived too slowly.
     pub client_timeouts: Counters<1>,
+    /// `tollgate_ledger_facts_total{state}`: payment ledger facts recorded, by the state reached.
+    pub ledger_facts: Counters<1>,
+    /// `tollgate_payments_open{state}`: payments not final yet (recorded, queued, submitted,
+    /// unresolved).
+    pub payments_open: Gauges<1>,
+    /// `tollgate_unsettled_atomic{asset}`: value admitted and not final yet, atomic units.
+    pub unsettled: Gauges<1>,
+    /// `tollgate_settlement_oldest_unsettled_seconds`: age of the oldest payment not final.
+    pub oldest_unsettled_seconds: IntGauge,
+    /// `tollgate_settlement_lag_seconds`: from recorded to confirmed.
+    pub settlement_lag_seconds: Histogram,
+    /// `tollgate_settlement_bundle_payments`: payments per submitted bundle.
+    pub bundle_payments: Histogram,
+    /// `tollgate_settlement_bundles_total{asset}` and `…_bundle_value_atomic_total{asset}`.
+    pub bundles: Counters<1>,
+    pub bundle_value: Counters<1>,
 }
 
 impl Metrics {
@@ -128,6 +154,13 @@ impl Metrics {
             registry.register(Box::new(h.clone()))?;
             Ok(h)
         };
+        let custom_histogram =
+            |name: &str, help: &str, buckets: &[f64]| -> Result<Histogram, prometheus::Error> {
+                let h =
+                    Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets.to_vec()))?;
+                registry.register(Box::new(h.clone()))?;
+                Ok(h)
+            };
         let policy_info = Gauges::new(
             &registry,
             "tollgate_policy_info",
@@ -177,7 +210,7 @@ impl Metrics {
             settlements: Counters::new(
                 &registry,
                 "tollgate_settlements_total",
-                "Settlement attempts, by result (settled, refused, unavailable).",
+                "Settlement calls, by result (settled; refused; unavailable: never sent; unknown: sent, no usable answer).",
                 ["result"],
             )?,
             settlement_queue: gauge(
@@ -230,6 +263,50 @@ impl Metrics {
                 "Requests cut off because their head or body arrived too slowly, by phase (head, body).",
                 ["phase"],
             )?,
+            ledger_facts: Counters::new(
+                &registry,
+                "tollgate_ledger_facts_total",
+                "Payment ledger facts recorded, by the state the payment reached.",
+                ["state"],
+            )?,
+            payments_open: Gauges::new(
+                &registry,
+                "tollgate_payments_open",
+                "x402 payments whose settlement is not final, by state (recorded, queued, submitted, unresolved).",
+                ["state"],
+            )?,
+            unsettled: Gauges::new(
+                &registry,
+                "tollgate_unsettled_atomic",
+                "x402 value admitted whose settlement is not final, in the asset's atomic units.",
+                ["asset"],
+            )?,
+            oldest_unsettled_seconds: gauge(
+                "tollgate_settlement_oldest_unsettled_seconds",
+                "Age of the oldest x402 payment whose settlement is not final (0 when none).",
+            )?,
+            settlement_lag_seconds: custom_histogram(
+                "tollgate_settlement_lag_seconds",
+                "Time from a payment's record to its confirmation.",
+                &LAG_BUCKETS,
+            )?,
+            bundle_payments: custom_histogram(
+                "tollgate_settlement_bundle_payments",
+                "Payments per submitted deferred bundle.",
+                &BUNDLE_BUCKETS,
+            )?,
+            bundles: Counters::new(
+                &registry,
+                "tollgate_settlement_bundles_total",
+                "Deferred settlement bundles submitted, by asset.",
+                ["asset"],
+            )?,
+            bundle_value: Counters::new(
+                &registry,
+                "tollgate_settlement_bundle_value_atomic_total",
+                "Value of submitted deferred bundles, in the asset's atomic units.",
+                ["asset"],
+            )?,
             policy_info,
             registry,
         })
@@ -239,7 +316,13 @@ impl Metrics {
     /// Creates the series whose labels are known in advance at zero, so dashboards and alerts
     /// see them before the first event.
     fn zeros(&self) {
-        for result in ["settled", "refused", "unavailable"] {
+        for state in crate::store::ledger::State::ALL {
+            self.ledger_facts.with([state.as_str()]);
+        }
+        for state in ["recorded", "queued", "submitted", "unresolved"] {
+            self.payments_open.with([state]);
+        }
+        for result in ["settled", "refused", "unavailable", "unknown"] {
             self.settlements.with([result]);
         }
         for result in ["ok", "unchanged", "failed"] {
@@ -281,6 +364,8 @@ impl Metrics {
             let Some(price) = route.price() else { continue };
             self.challenges.with([route.display().as_str()]);
             for offer in &price.offers {
+                self.bundles.with([offer.asset.symbol.as_str()]);
+                self.bundle_value.with([offer.asset.symbol.as_str()]);
                 if let Some(network) = policy.networks.get(offer.network) {
                     self.payments_verified.with([network.name.as_str()]);
                     self.revenue

@@ -24,8 +24,7 @@ use pingora::services::background::BackgroundService;
 use sha2::{Digest, Sha256};
 
 use crate::metrics::Metrics;
-use crate::policy::{self, Backend, Policy, Timing};
-use crate::settle::{Facilitator, SETTLE_TIMEOUT};
+use crate::policy::{self, Backend, Policy};
 use crate::x402::Terms;
 
 /// How often the watcher re-reads the policy file.
@@ -35,8 +34,6 @@ pub const WATCH_EVERY: Duration = Duration::from_secs(2);
 pub struct Loaded {
     pub policy: Policy,
     pub terms: Terms,
-    /// The client of the policy's facilitator, when it settles through one.
-    pub facilitator: Option<Facilitator>,
     /// Each route's text (`GET /v1/forecast/{city}`), by route id: metric labels, limit
     /// scopes, ledger entries and the `x-tollgate-route` header, with no allocation per request.
     labels: Vec<String>,
@@ -52,15 +49,13 @@ impl Loaded {
 
     fn new(policy: Policy, now: u64) -> Result<Loaded, String> {
         let terms = Terms::new(&policy);
-        let facilitator = match &policy.settlement.backend {
-            Backend::Facilitator { url } => Some(Facilitator::new(url, SETTLE_TIMEOUT)?),
-            Backend::None | Backend::Rpc { .. } => None,
-        };
+        if let Backend::Facilitator { url } = &policy.settlement.backend {
+            crate::settle::facilitator::check_supported(url, &policy, &terms)?;
+        }
         Ok(Loaded {
             labels: policy.routes.iter().map(|r| r.display()).collect(),
             policy,
             terms,
-            facilitator,
             since: now,
         })
     }
@@ -240,15 +235,6 @@ fn supported(policy: &Policy) -> Result<(), String> {
     if let Backend::Rpc { .. } = policy.settlement.backend {
         return Err(format!(
             "{}: `settle via rpc` is not available in this version; use `settle via facilitator \"…\"`",
-            policy.origin
-        ));
-    }
-    let deferred = std::iter::once(&policy.settlement.timing)
-        .chain(policy.routes.iter().map(|r| &r.settle))
-        .any(|t| matches!(t, Timing::Deferred(_)));
-    if deferred {
-        return Err(format!(
-            "{}: `deferred` settlement is not available in this version; use `after response` or `before response`",
             policy.origin
         ));
     }

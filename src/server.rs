@@ -7,6 +7,8 @@
 //! - the ops listener on `ops.listen`: `/healthz` (the process is up) and `/readyz` (a policy
 //!   is loaded and the store is open; false as soon as shutdown begins);
 //! - the admin API ([`admin::service`]) on `admin.listen`, behind its bearer token;
+//! - the settlement worker ([`crate::settle`]): deferred bundles, after the ledger was put
+//!   right ([`Settlement::recover`]) before any port opened;
 //! - a background task that forgets expired nonces and idempotency keys.
 //!
 //! Shutdown: SIGTERM stops accepting, lets in-flight requests finish ([`GRACE_PERIOD_SECS`]),
@@ -33,6 +35,7 @@ use crate::metrics::Metrics;
 use crate::proxy::listener::{Listener, Shared};
 use crate::proxy::{BodyPace, Gate};
 use crate::reload::{Live, Watcher};
+use crate::settle::Settlement;
 use crate::store::Store;
 
 /// Seconds in-flight requests get to finish after SIGTERM, before runtimes stop. Keep below
@@ -87,6 +90,8 @@ pub fn run(config: &Config) -> Result<(), String> {
         "tollgate starting"
     );
     let limiter = Arc::new(Limiter::default());
+    let settlement = Settlement::new(store.clone(), limiter.clone(), metrics.clone());
+    recover(&settlement)?;
     let limits = &config.connections;
     let gate = Gate::new(
         live.clone(),
@@ -95,6 +100,7 @@ pub fn run(config: &Config) -> Result<(), String> {
         config.public_url.clone(),
         limiter.clone(),
         metrics.clone(),
+        settlement.clone(),
         BodyPace {
             timeout: Duration::from_secs(limits.body_timeout_secs),
             min_rate: limits.body_min_rate,
@@ -162,6 +168,9 @@ pub fn run(config: &Config) -> Result<(), String> {
     server.add_service(ops);
     server.add_service(admin);
     server.add_service(gc);
+    let mut settler = background_service("settlement", SettlementService(settlement));
+    settler.threads = Some(1);
+    server.add_service(settler);
     let mut watcher = background_service("policy watcher", Watcher { live });
     watcher.threads = Some(1);
     server.add_service(watcher);
@@ -340,6 +349,41 @@ impl BackgroundService for Housekeeping {
                 Err(e) => tracing::warn!(error = %e, "collecting expired nonces failed"),
             }
         }
+    }
+}
+
+/// Puts the payment ledger right after a stop, before any port opens (see [`crate::settle`]).
+fn recover(settlement: &Settlement) -> Result<(), String> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start: {e}"))?;
+    let recovery = runtime
+        .block_on(settlement.recover())
+        .map_err(|e| format!("cannot read the payment ledger: {e}"))?;
+    if recovery.unresolved > 0 {
+        tracing::warn!(
+            unresolved = recovery.unresolved,
+            "payments were being settled when tollgate stopped; they are unresolved until evidence from the chain decides them (tollgate ledger list --state unresolved)"
+        );
+    }
+    tracing::info!(
+        open = recovery.open,
+        queued = recovery.queued,
+        refunded = recovery.refunded,
+        unresolved = recovery.unresolved,
+        "payment ledger recovered"
+    );
+    Ok(())
+}
+
+/// The settlement worker as a Pingora background service (stopped with the server).
+struct SettlementService(Settlement);
+
+#[async_trait]
+impl BackgroundService for SettlementService {
+    async fn start(&self, shutdown: ShutdownWatch) {
+        self.0.run(shutdown).await;
     }
 }
 

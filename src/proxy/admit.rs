@@ -1,9 +1,10 @@
 //! Admission of an x402 payment: the steps between "a payment is attached" and "forward".
 //!
 //! verify locally ([`x402::verify`]) → payer allow/deny lists ([`policy::decide`] again, now
-//! with the payer) → buyer limits ([`crate::limits`]) → claim the nonce in the store, durably,
-//! before anything is forwarded → for `before response`, settle now. Every failure is a [`Refusal`]; nothing here forwards a
-//! request that was not paid for.
+//! with the payer) → buyer limits ([`crate::limits`]) → claim the nonce and record the payment
+//! in the ledger, in one durable write, before anything is forwarded → for `before response`
+//! (and credit sales), settle now through [`crate::settle`]. Every failure is a [`Refusal`];
+//! nothing here forwards a request that was not paid for.
 
 use std::sync::Arc;
 
@@ -13,7 +14,8 @@ use crate::limits::{Ask, BuyerId, Holds, Refused, Spent};
 use crate::policy::{self, Buyer, Outcome, Request, Timing, Why};
 use crate::reload::Loaded;
 use crate::settle::SettleError;
-use crate::store::{Claim, NonceKey};
+use crate::store::NonceKey;
+use crate::store::ledger::{self, Authorization, Entry, Recorded};
 use crate::x402::verify::{self, Payment, Version};
 use crate::x402::wire::{SettleResponse, encode_header};
 use crate::x402::{Rejection, RouteTerms};
@@ -25,8 +27,13 @@ pub struct Admitted {
     pub terms: Arc<RouteTerms>,
     /// The resource URL the payment was verified for.
     pub resource: String,
-    /// Settle once the upstream answered below 400 (else it was settled before forwarding).
+    /// The payment's entry in the ledger.
+    pub seq: u64,
+    /// Settle once the upstream answered below 400 (else it was settled before forwarding,
+    /// or it is deferred).
     pub settle_after: bool,
+    /// Settled later, in a bundle: the buyer is answered without waiting.
+    pub deferred: bool,
     /// The base64 receipt, once settled.
     pub receipt: Option<String>,
 }
@@ -46,6 +53,7 @@ impl Gate {
         route: Option<usize>,
         header: &[u8],
         target: &str,
+        request_id: &str,
     ) -> Result<(Admitted, Holds), Box<Refusal>> {
         let resource = self.resource_url(target);
         let (Some(terms), Some(route)) = (
@@ -118,10 +126,67 @@ impl Gate {
             from: payment.payer,
             nonce: payment.nonce,
         };
-        let claim = self.store.claim_nonce(&key, payment.valid_before).await;
-        match claim {
-            Ok(Claim::Fresh) => {}
-            Ok(Claim::Used) => {
+        let timing = match &route.settle {
+            Timing::BeforeResponse => ledger::Timing::BeforeResponse,
+            Timing::AfterResponse => ledger::Timing::AfterResponse,
+            Timing::Deferred(bundle) => ledger::Timing::Deferred {
+                every_secs: bundle.every_secs,
+                payments: bundle.payments,
+                value: bundle.value.as_ref().map(|q| q.atomic),
+            },
+        };
+        // A route selling credits settles first: credits are spendable the moment they exist.
+        let deferred = matches!(timing, ledger::Timing::Deferred { .. }) && route.sells.is_none();
+        let settle_after = matches!(timing, ledger::Timing::AfterResponse) && route.sells.is_none();
+        let backend = match &loaded.policy.settlement.backend {
+            policy::Backend::Facilitator { url } => url.clone(),
+            policy::Backend::Rpc { url, .. } => url.clone(),
+            policy::Backend::None => String::new(),
+        };
+        let version = payment.version;
+        let authorization = Authorization {
+            version: version.number(),
+            payload: payment.raw.clone(),
+            requirements: match version {
+                Version::V1 => offer.v1_json(&resource, &terms),
+                Version::V2 => offer.v2_json(),
+            },
+        };
+        let mut entry = Entry {
+            seq: 0,
+            at: (self.clock)(),
+            request_id: request_id.to_string(),
+            service: loaded.policy.service.clone(),
+            route: loaded.label(route.id).to_string(),
+            method: request.method.to_string(),
+            path: request.target.to_string(),
+            payer: payment.payer,
+            rail: "x402".into(),
+            amount: payment.amount,
+            asset: offer.asset,
+            symbol: offer.asset_symbol.clone(),
+            decimals: offer.decimals,
+            network: offer.network.clone(),
+            chain_id: offer.chain_id,
+            pay_to: offer.pay_to,
+            nonce: payment.nonce,
+            valid_after: payment.valid_after,
+            valid_before: payment.valid_before,
+            timing: if route.sells.is_some() {
+                ledger::Timing::BeforeResponse
+            } else {
+                timing
+            },
+            backend,
+            credits: route.sells,
+        };
+        let recorded = self
+            .store
+            .record_payment(&key, entry.clone(), &authorization)
+            .await;
+        let seq = match recorded {
+            Ok(Recorded::Fresh { seq }) => seq,
+            Ok(Recorded::Used) => {
                 self.limiter.finish(&self.store, holds, false);
                 return Err(refuse(Rejection::Replayed));
             }
@@ -129,19 +194,26 @@ impl Gate {
                 self.limiter.finish(&self.store, holds, false);
                 return Err(Refusal::store_unavailable(&e));
             }
+        };
+        entry.seq = seq;
+        self.settlement.admitted(entry);
+        let mut holds = holds;
+        if deferred {
+            // Unsettled until its bundle settles, not until this request ends.
+            holds.hand_over_unsettled();
         }
 
-        // A route selling credits settles first: credits are spendable the moment they exist.
-        let settle_after = matches!(route.settle, Timing::AfterResponse) && route.sells.is_none();
         let mut admitted = Admitted {
             payment,
             terms,
             resource,
+            seq,
             settle_after,
+            deferred,
             receipt: None,
         };
-        if !settle_after {
-            match self.settle(loaded, &admitted).await {
+        if !settle_after && !deferred {
+            match self.settle(&admitted).await {
                 Ok(receipt) => admitted.receipt = Some(receipt),
                 Err(refusal) => {
                     self.limiter.finish(&self.store, holds, false);
@@ -152,61 +224,42 @@ impl Gate {
         Ok((admitted, holds))
     }
 
-    /// Settles an admitted payment with the facilitator; returns the base64 receipt.
-    pub(super) async fn settle(
-        &self,
-        loaded: &Loaded,
-        paid: &Admitted,
-    ) -> Result<String, Box<Refusal>> {
-        let unavailable = |why: String| {
-            tracing::warn!(error = %why, "settlement unavailable; refusing the paid request");
-            let mut refusal = Refusal::new(
-                503,
-                "settlement_unavailable",
-                "the payment could not be settled right now; nothing was charged, retry with a new authorization",
-            );
+    /// Settles an admitted payment now; returns the base64 receipt.
+    pub(super) async fn settle(&self, paid: &Admitted) -> Result<String, Box<Refusal>> {
+        let unavailable = |message: &str| {
+            let mut refusal = Refusal::new(503, "settlement_unavailable", message.to_string());
             refusal.retry_after = Some(5);
             Box::new(refusal)
         };
-        let (Some(facilitator), Some(offer)) = (&loaded.facilitator, paid.offer()) else {
-            return Err(unavailable("no facilitator configured".into()));
+        let Some(offer) = paid.offer() else {
+            return Err(unavailable("the paid offer is gone"));
         };
         let version = paid.payment.version;
-        let requirements = match version {
-            Version::V1 => offer.v1_json(&paid.resource, &paid.terms),
-            Version::V2 => offer.v2_json(),
-        };
         let network = match version {
             Version::V1 => offer.network.clone(),
             Version::V2 => offer.caip2.clone(),
         };
         let payer = paid.payment.payer.to_checksum(None);
-        let started = std::time::Instant::now();
-        let settled = facilitator
-            .settle(version.number(), &paid.payment.raw, &requirements)
-            .await;
-        self.metrics
-            .settlement_seconds
-            .observe(started.elapsed().as_secs_f64());
-        let result = match &settled {
-            Ok(_) => "settled",
-            Err(SettleError::Refused(_)) => "refused",
-            Err(SettleError::Unavailable(_)) => "unavailable",
-        };
-        self.metrics.settlements.with([result]).inc();
-        match settled {
+        match self.settlement.settle_now(paid.seq).await {
             Ok(mut receipt) => {
-                self.metrics
-                    .revenue
-                    .with([offer.asset_symbol.as_str(), offer.network.as_str()])
-                    .inc_by(u64::try_from(paid.payment.amount).unwrap_or(u64::MAX));
                 receipt.payer.get_or_insert(payer);
                 if receipt.network.is_empty() {
                     receipt.network = network;
                 }
                 Ok(encode_header(&receipt))
             }
-            Err(SettleError::Unavailable(why)) => Err(unavailable(why)),
+            Err(SettleError::NotSent(why)) => {
+                tracing::warn!(error = %why, entry = paid.seq, "settlement unavailable; refusing the paid request");
+                Err(unavailable(
+                    "the payment could not be settled right now; nothing was charged, retry with a new authorization",
+                ))
+            }
+            Err(SettleError::Unknown(why)) => {
+                tracing::warn!(error = %why, entry = paid.seq, "settlement outcome unknown; refusing the paid request, the payment is unresolved");
+                Err(unavailable(
+                    "the settlement did not complete in time; if it went through after all, the ledger shows it under this request id",
+                ))
+            }
             Err(SettleError::Refused(receipt)) => {
                 let reason = receipt
                     .error_reason

@@ -47,6 +47,7 @@ use crate::limits::{Holds, Limiter};
 use crate::metrics::Metrics;
 use crate::policy::{self, Buyer, Outcome, PaymentHeader, Request, Why};
 use crate::reload::{Live, Loaded};
+use crate::settle::Settlement;
 use crate::store::Store;
 use crate::target::Target;
 use crate::x402::RouteTerms;
@@ -71,6 +72,8 @@ pub struct Gate {
     ids: Arc<RequestIds>,
     limiter: Arc<Limiter>,
     metrics: Arc<Metrics>,
+    /// Settles what `admit` recorded: now (`before`/`after response`) or in bundles.
+    settlement: Settlement,
     /// How slowly a request body may arrive.
     body_pace: BodyPace,
 }
@@ -118,6 +121,10 @@ pub struct Ctx {
 }
 
 impl Gate {
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "one handle per shared part of the sidecar, assembled once in `server`"
+    )]
     pub fn new(
         live: Arc<Live>,
         store: Store,
@@ -125,6 +132,7 @@ impl Gate {
         public_url: String,
         limiter: Arc<Limiter>,
         metrics: Arc<Metrics>,
+        settlement: Settlement,
         body_pace: BodyPace,
     ) -> Gate {
         Gate {
@@ -136,6 +144,7 @@ impl Gate {
             ids: Arc::new(RequestIds::new()),
             limiter,
             metrics,
+            settlement,
             body_pace,
         }
     }
@@ -334,11 +343,8 @@ impl ProxyHttp for Gate {
             return Ok(());
         };
         if paid.receipt.is_none() && paid.settle_after && ctx.upstream_status < 400 {
-            let Some(loaded) = ctx.loaded.clone() else {
-                return Err(Error::explain(ErrorType::InternalError, "no policy"));
-            };
             let settled = self
-                .settle(&loaded, paid)
+                .settle(paid)
                 .instrument(ctx.span.clone().unwrap_or_else(tracing::Span::none))
                 .await;
             self.unqueue(&mut ctx.queued);
@@ -397,9 +403,20 @@ impl ProxyHttp for Gate {
     }
 
     async fn logging(&self, session: &mut Session, error: Option<&Error>, ctx: &mut Ctx) {
+        if let Some(paid) = &ctx.paid {
+            // The ledger learns how the request ended: a deferred payment is queued (or not
+            // collected), an `after response` one that was not settled is not collected.
+            self.settlement
+                .request_done(paid.seq, ctx.upstream_status)
+                .instrument(ctx.span.clone().unwrap_or_else(tracing::Span::none))
+                .await;
+        }
         if let Some(holds) = ctx.holds.take() {
             let charged = match (&ctx.paid, &ctx.prepaid) {
-                (Some(paid), _) => paid.receipt.is_some(),
+                (Some(paid), _) => {
+                    paid.receipt.is_some()
+                        || (paid.deferred && (100..400).contains(&ctx.upstream_status))
+                }
                 (None, Some(debited)) => debited.charged > 0,
                 (None, None) => false,
             };
@@ -598,7 +615,14 @@ impl Gate {
                     }
                 }
                 let (admitted, holds) = match self
-                    .admit(&loaded, &request, ctx.route, &value, &target)
+                    .admit(
+                        &loaded,
+                        &request,
+                        ctx.route,
+                        &value,
+                        &target,
+                        &ctx.request_id,
+                    )
                     .await
                 {
                     Ok(admitted) => admitted,

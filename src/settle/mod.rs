@@ -1,99 +1,732 @@
-//! Settlement: turning a verified authorization into a transfer on chain.
+//! Settlement: everything after "this payment is admitted", with one owner.
 //!
-//! Today one backend: an x402 facilitator over HTTP (`POST {url}/settle`), called by the proxy
-//! after the upstream answered below 400 (`after response`) or before forwarding (`before
-//! response`). The facilitator pays the gas and submits `transferWithAuthorization`; funds go
-//! from the buyer straight to `pay_to`. Direct on-chain submission and deferred bundles come
-//! with the settlement ledger.
+//! The proxy records a payment ([`Store::record_payment`], with its nonce, before the upstream
+//! sees the request) and hands the entry here. [`Settlement`] owns the rest:
+//! - `before response` / `after response`: [`Settlement::settle_now`] marks the entry
+//!   `submitted` (on disk before the facilitator is called), calls the backend, records the
+//!   outcome, and answers the proxy, which serves or refuses on it;
+//! - `deferred`: [`Settlement::request_done`] queues the entry once the upstream answered
+//!   below 400 (or marks it `refunded`), and the worker ([`Settlement::run`], a background
+//!   service) closes bundles by count, value, window, or the earliest `validBefore` minus
+//!   [`DEADLINE_MARGIN_SECS`], whichever comes first, submits each bundle durably, and settles
+//!   its authorizations one `/settle` each (the facilitator API has no batch call; the bundle is
+//!   the unit of accounting) with at most [`MAX_CALLS`] calls in flight.
 //!
-//! Failure is never success: a timeout, a refused connection, a 5xx or an unreadable answer is
-//! [`SettleError::Unavailable`]; a facilitator that answers `success: false` is
-//! [`SettleError::Refused`] with its receipt. Either way the buyer is not served.
+//! Outcomes: a receipt with a transaction is `confirmed`; a refusal is `failed` with the
+//! facilitator's reason; a call that never left (connection refused) puts a deferred entry
+//! back in the queue, with backoff; a call whose outcome is unknown (timeout, 5xx, unreadable
+//! answer) is `unresolved` and is never retried: only evidence from the chain may decide it.
+//!
+//! Backends are keyed by their address, not by the policy snapshot: a reload never strands a
+//! queued payment. After a crash, [`Settlement::recover`] puts the books right before the
+//! first request: `submitted` entries become `unresolved` (the call may have gone out),
+//! deferred `recorded` entries are queued (their upstream saw the request), and other
+//! `recorded` entries are `refunded` (their buyer was never answered with the content).
+//!
+//! The per-buyer unsettled value of deferred payments is held in the [`Limiter`] from admission
+//! until the entry's final state, and re-held from the ledger at startup, so a restart cannot
+//! reset `limit buyer unsettled`.
 
+pub mod facilitator;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use serde::Serialize;
-use serde_json::Value;
+use pingora::server::ShutdownWatch;
+use tokio::sync::{Notify, Semaphore};
 
+pub use facilitator::{Facilitator, Kind, SETTLE_TIMEOUT, SettleError};
+
+use crate::limits::{BuyerId, Limiter};
+use crate::metrics::Metrics;
+use crate::store::ledger::{Bundle, Change, Detail, Entry, State, Timing};
+use crate::store::{Store, StoreError};
 use crate::x402::wire::SettleResponse;
 
-/// How long one `/settle` call may take (it waits for the transaction receipt).
-pub const SETTLE_TIMEOUT: Duration = Duration::from_secs(20);
+/// A bundle closes this long before the earliest `validBefore` among its payments, whatever
+/// its own rule says, so every authorization reaches the chain while it is still valid.
+pub const DEADLINE_MARGIN_SECS: u64 = 30;
 
-/// A facilitator client; cheap to clone (one connection pool).
-#[derive(Debug, Clone)]
-pub struct Facilitator {
-    client: reqwest::Client,
-    settle_url: String,
+/// A queued payment with less validity than this left is not submitted: it is `failed`.
+pub const MIN_VALIDITY_SECS: u64 = 5;
+
+/// Most payments in one bundle.
+pub const MAX_BUNDLE: usize = 1_000;
+
+/// Most `/settle` calls in flight at once, across every bundle and backend.
+pub const MAX_CALLS: usize = 16;
+
+/// How often the worker looks at the queue.
+const TICK: Duration = Duration::from_millis(250);
+
+/// First wait after a backend could not be reached; doubles up to [`MAX_BACKOFF_SECS`].
+const FIRST_BACKOFF_SECS: u64 = 1;
+const MAX_BACKOFF_SECS: u64 = 60;
+
+/// The settlement service; cheap to clone.
+#[derive(Clone)]
+pub struct Settlement {
+    inner: Arc<Inner>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum SettleError {
-    /// The facilitator could not be reached or did not answer usefully.
-    Unavailable(String),
-    /// The facilitator refused to settle; the receipt says why.
-    Refused(SettleResponse),
+struct Inner {
+    store: Store,
+    limiter: Arc<Limiter>,
+    metrics: Arc<Metrics>,
+    clock: fn() -> u64,
+    backends: Mutex<HashMap<String, Backend>>,
+    /// Every entry whose state is not final, as the ledger says: the worker's view.
+    open: Mutex<BTreeMap<u64, Open>>,
+    calls: Semaphore,
+    wake: Notify,
 }
 
-#[derive(Serialize)]
-#[serde(rename_all = "camelCase")]
-struct SettleRequest<'a> {
-    x402_version: u8,
-    payment_payload: &'a Value,
-    payment_requirements: &'a Value,
+struct Backend {
+    client: Facilitator,
+    /// Unix seconds before which the backend is not called again (it could not be reached).
+    down_until: u64,
+    backoff_secs: u64,
 }
 
-impl Facilitator {
-    /// A client for the facilitator at `base_url` (`https://x402.org/facilitator`).
-    pub fn new(base_url: &str, timeout: Duration) -> Result<Facilitator, String> {
-        // reqwest is built without a TLS provider of its own: use ring, like Pingora. Installing
-        // twice is harmless (the second call reports the first).
-        let _ = rustls::crypto::ring::default_provider().install_default();
-        let client = reqwest::Client::builder()
-            .timeout(timeout)
-            .connect_timeout(Duration::from_secs(5))
-            .user_agent(concat!("tollgate/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .map_err(|e| format!("cannot build the facilitator client: {e}"))?;
-        Ok(Facilitator {
-            client,
-            settle_url: format!("{}/settle", base_url.trim_end_matches('/')),
-        })
+#[derive(Clone)]
+struct Open {
+    entry: Arc<Entry>,
+    state: State,
+    /// When the entry reached `state`.
+    since: u64,
+}
+
+/// What [`Settlement::recover`] found and did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Recovery {
+    pub queued: usize,
+    pub unresolved: usize,
+    pub refunded: usize,
+    pub open: usize,
+}
+
+/// Why a bundle closed.
+fn close_reason(entries: &[&Open], now: u64) -> Option<&'static str> {
+    let first = entries.first()?;
+    let Timing::Deferred {
+        every_secs,
+        payments,
+        value,
+    } = &first.entry.timing
+    else {
+        return Some("timing");
+    };
+    let count = entries.len() as u64;
+    let total: u128 = entries.iter().map(|o| o.entry.amount).sum();
+    let oldest = entries.iter().map(|o| o.since).min().unwrap_or(now);
+    let deadline = entries
+        .iter()
+        .map(|o| o.entry.valid_before)
+        .min()
+        .unwrap_or(u64::MAX);
+    if payments.is_some_and(|n| count >= n) || entries.len() >= MAX_BUNDLE {
+        Some("count")
+    } else if value.is_some_and(|v| total >= v) {
+        Some("value")
+    } else if every_secs.is_some_and(|w| now.saturating_sub(oldest) >= w) {
+        Some("window")
+    } else if deadline.saturating_sub(DEADLINE_MARGIN_SECS) <= now {
+        Some("deadline")
+    } else {
+        None
+    }
+}
+
+/// The payments that may share a bundle: one backend, one token on one chain, one recipient,
+/// one bundle rule.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct BundleKey {
+    backend: String,
+    chain_id: u64,
+    asset: alloy::primitives::Address,
+    pay_to: alloy::primitives::Address,
+    rule: String,
+}
+
+impl BundleKey {
+    fn of(entry: &Entry) -> BundleKey {
+        BundleKey {
+            backend: entry.backend.clone(),
+            chain_id: entry.chain_id,
+            asset: entry.asset,
+            pay_to: entry.pay_to,
+            rule: serde_json::to_string(&entry.timing).unwrap_or_default(),
+        }
+    }
+}
+
+impl Settlement {
+    pub fn new(store: Store, limiter: Arc<Limiter>, metrics: Arc<Metrics>) -> Settlement {
+        Settlement {
+            inner: Arc::new(Inner {
+                store,
+                limiter,
+                metrics,
+                clock: crate::unix_now,
+                backends: Mutex::new(HashMap::new()),
+                open: Mutex::new(BTreeMap::new()),
+                calls: Semaphore::new(MAX_CALLS),
+                wake: Notify::new(),
+            }),
+        }
     }
 
-    /// Asks the facilitator to settle one payment: the payload as the buyer sent it and the
-    /// requirements it was verified against, in the payment's protocol version.
-    pub async fn settle(
-        &self,
-        x402_version: u8,
-        payload: &Value,
-        requirements: &Value,
-    ) -> Result<SettleResponse, SettleError> {
-        let unavailable = |e: reqwest::Error| SettleError::Unavailable(e.without_url().to_string());
-        let response = self
-            .client
-            .post(&self.settle_url)
-            .json(&SettleRequest {
-                x402_version,
-                payment_payload: payload,
-                payment_requirements: requirements,
-            })
-            .send()
+    /// Puts the books right after a stop (see the module docs) and loads the open entries.
+    /// Runs before the proxy takes its first request.
+    pub async fn recover(&self) -> Result<Recovery, StoreError> {
+        let i = &self.inner;
+        let now = (i.clock)();
+        let mut recovery = Recovery::default();
+        let mut changes = Vec::new();
+        for row in i.store.open_payments()? {
+            let deferred = matches!(row.entry.timing, Timing::Deferred { .. });
+            let change = match row.status.state {
+                State::Submitted => Some((
+                    State::Unresolved,
+                    "tollgate stopped while the settlement was in flight; the chain decides",
+                )),
+                State::Recorded if deferred => Some((
+                    State::Queued,
+                    "tollgate stopped before the upstream's answer was recorded; queued",
+                )),
+                State::Recorded => Some((
+                    State::Refunded,
+                    "tollgate stopped before the payment was settled; the buyer was not served",
+                )),
+                _ => None,
+            };
+            if let Some((state, reason)) = change {
+                match state {
+                    State::Unresolved => recovery.unresolved += 1,
+                    State::Queued => recovery.queued += 1,
+                    _ => recovery.refunded += 1,
+                }
+                changes.push(Change {
+                    entry: row.entry.seq,
+                    state,
+                    detail: Detail {
+                        reason: Some(reason.into()),
+                        ..Detail::default()
+                    },
+                });
+            }
+        }
+        if !changes.is_empty() {
+            i.store
+                .record_changes(&changes, now, true)
+                .await?
+                .map_err(|bad| StoreError(format!("recovery: {bad:?}")))?;
+        }
+        let mut open = i.open.lock().unwrap_or_else(|p| p.into_inner());
+        open.clear();
+        for row in i.store.open_payments()? {
+            if matches!(row.entry.timing, Timing::Deferred { .. }) {
+                i.limiter.hold_unsettled(
+                    &BuyerId::Payer(row.entry.payer),
+                    &row.entry.symbol,
+                    row.entry.amount,
+                );
+            }
+            open.insert(
+                row.entry.seq,
+                Open {
+                    entry: Arc::new(row.entry),
+                    state: row.status.state,
+                    since: row.status.since,
+                },
+            );
+        }
+        recovery.open = open.len();
+        drop(open);
+        self.refresh_gauges(now);
+        Ok(recovery)
+    }
+
+    /// The client of the facilitator at `url`, made once.
+    fn backend(&self, url: &str) -> Result<Facilitator, SettleError> {
+        let mut backends = self
+            .inner
+            .backends
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some(b) = backends.get(url) {
+            return Ok(b.client.clone());
+        }
+        let client = Facilitator::new(url, SETTLE_TIMEOUT).map_err(SettleError::NotSent)?;
+        backends.insert(
+            url.to_string(),
+            Backend {
+                client: client.clone(),
+                down_until: 0,
+                backoff_secs: FIRST_BACKOFF_SECS,
+            },
+        );
+        Ok(client)
+    }
+
+    /// A just-recorded entry (state `recorded`), from the proxy.
+    pub fn admitted(&self, entry: Entry) {
+        let now = (self.inner.clock)();
+        self.inner.metrics.ledger_facts.with(["recorded"]).inc();
+        let mut open = self.inner.open.lock().unwrap_or_else(|p| p.into_inner());
+        open.insert(
+            entry.seq,
+            Open {
+                entry: Arc::new(entry),
+                state: State::Recorded,
+                since: now,
+            },
+        );
+    }
+
+    /// Settles one payment now (`before response`, `after response`, credit sales): the entry
+    /// is `submitted` on disk before the backend is called, and its outcome is on disk before
+    /// this answers.
+    pub async fn settle_now(&self, seq: u64) -> Result<SettleResponse, SettleError> {
+        let entry = self
+            .open_entry(seq)
+            .ok_or_else(|| SettleError::NotSent(format!("payment {seq} is not open")))?;
+        let client = self.backend(&entry.backend)?;
+        let submitted = Change {
+            entry: seq,
+            state: State::Submitted,
+            detail: Detail::default(),
+        };
+        self.record(&[submitted], true)
             .await
-            .map_err(unavailable)?;
-        let status = response.status();
-        let body = response.bytes().await.map_err(unavailable)?;
-        if status.is_server_error() {
-            return Err(SettleError::Unavailable(format!(
-                "the facilitator answered {status}"
-            )));
+            .map_err(|e| SettleError::NotSent(e.to_string()))?;
+        let outcome = self.call(&client, seq).await;
+        let change = match &outcome {
+            Ok(receipt) => confirmed(seq, receipt),
+            // Nothing left tollgate: the authorization is untouched and the buyer is refused.
+            Err(e @ SettleError::NotSent(_)) | Err(e @ SettleError::Refused(_)) => {
+                failed(seq, e.reason())
+            }
+            Err(e @ SettleError::Unknown(_)) => Change {
+                entry: seq,
+                state: State::Unresolved,
+                detail: reason(e.reason()),
+            },
+        };
+        if let Err(e) = self.record(&[change], true).await {
+            tracing::error!(entry = seq, error = %e, "a settlement outcome could not be recorded; the entry stays submitted and is resolved by evidence after a restart");
         }
-        match serde_json::from_slice::<SettleResponse>(&body) {
-            Ok(receipt) if receipt.success && status.is_success() => Ok(receipt),
-            Ok(receipt) if !receipt.success => Err(SettleError::Refused(receipt)),
-            _ => Err(SettleError::Unavailable(format!(
-                "the facilitator answered {status} without a settlement result"
-            ))),
+        outcome
+    }
+
+    /// The request of a paid entry ended. `upstream_status` is 0 when no response came.
+    /// Deferred: queued when the upstream answered below 400, else `refunded` (the buyer is
+    /// not charged for an error). `after response` entries the request did not settle are
+    /// `refunded` too. Entries already settled or refused are left alone.
+    pub async fn request_done(&self, seq: u64, upstream_status: u16) {
+        let Some(open) = self.open_state(seq) else {
+            return;
+        };
+        if open.state != State::Recorded {
+            return;
         }
+        let served = (100..400).contains(&upstream_status);
+        let deferred = matches!(open.entry.timing, Timing::Deferred { .. });
+        let detail = Detail {
+            upstream_status: (upstream_status > 0).then_some(upstream_status),
+            reason: (!served).then(|| {
+                if upstream_status == 0 {
+                    "the upstream gave no answer; not collected".to_string()
+                } else {
+                    format!("the upstream answered {upstream_status}; not collected")
+                }
+            }),
+            ..Detail::default()
+        };
+        let state = if deferred && served {
+            State::Queued
+        } else {
+            State::Refunded
+        };
+        // A lost `queued` fact is found `recorded` after a crash and queued then: no fsync.
+        let durable = state != State::Queued;
+        let change = Change {
+            entry: seq,
+            state,
+            detail,
+        };
+        if let Err(e) = self.record(&[change], durable).await {
+            tracing::error!(entry = seq, error = %e, "recording the end of a paid request failed");
+        }
+        if state == State::Queued {
+            self.inner.wake.notify_one();
+        }
+    }
+
+    fn open_state(&self, seq: u64) -> Option<Open> {
+        let open = self.inner.open.lock().unwrap_or_else(|p| p.into_inner());
+        open.get(&seq).cloned()
+    }
+
+    fn open_entry(&self, seq: u64) -> Option<Arc<Entry>> {
+        self.open_state(seq).map(|o| o.entry)
+    }
+
+    /// One `/settle` call, within the concurrency bound, measured.
+    async fn call(&self, client: &Facilitator, seq: u64) -> Result<SettleResponse, SettleError> {
+        let i = &self.inner;
+        let authorization = match i.store.authorization(seq) {
+            Ok(Some(a)) => a,
+            Ok(None) => {
+                return Err(SettleError::NotSent(format!(
+                    "payment {seq} has no authorization on record"
+                )));
+            }
+            Err(e) => return Err(SettleError::NotSent(e.to_string())),
+        };
+        let _permit = i
+            .calls
+            .acquire()
+            .await
+            .map_err(|_| SettleError::NotSent("settlement is shutting down".into()))?;
+        let started = std::time::Instant::now();
+        let outcome = client
+            .settle(
+                authorization.version,
+                &authorization.payload,
+                &authorization.requirements,
+            )
+            .await;
+        i.metrics
+            .settlement_seconds
+            .observe(started.elapsed().as_secs_f64());
+        let result = match &outcome {
+            Ok(_) => "settled",
+            Err(SettleError::Refused(_)) => "refused",
+            Err(SettleError::NotSent(_)) => "unavailable",
+            Err(SettleError::Unknown(_)) => "unknown",
+        };
+        i.metrics.settlements.with([result]).inc();
+        outcome
+    }
+
+    /// Records changes in the ledger and in the worker's view; releases what a final deferred
+    /// entry held of its buyer's unsettled limit.
+    async fn record(&self, changes: &[Change], durable: bool) -> Result<(), StoreError> {
+        let i = &self.inner;
+        let now = (i.clock)();
+        let facts = i
+            .store
+            .record_changes(changes, now, durable)
+            .await?
+            .map_err(|bad| StoreError(format!("the ledger refused a state change: {bad:?}")))?;
+        let mut open = i.open.lock().unwrap_or_else(|p| p.into_inner());
+        for fact in &facts {
+            i.metrics.ledger_facts.with([fact.state.as_str()]).inc();
+            if fact.state.is_final() {
+                if let Some(gone) = open.remove(&fact.entry) {
+                    self.finished(&gone.entry, fact.state, now);
+                }
+            } else if let Some(o) = open.get_mut(&fact.entry) {
+                if o.state != fact.state {
+                    o.since = now;
+                }
+                o.state = fact.state;
+            }
+        }
+        Ok(())
+    }
+
+    fn finished(&self, entry: &Entry, state: State, now: u64) {
+        let i = &self.inner;
+        if matches!(entry.timing, Timing::Deferred { .. }) {
+            i.limiter
+                .release_unsettled(&BuyerId::Payer(entry.payer), &entry.symbol, entry.amount);
+        }
+        if state == State::Confirmed {
+            i.metrics
+                .revenue
+                .with([entry.symbol.as_str(), entry.network.as_str()])
+                .inc_by(u64::try_from(entry.amount).unwrap_or(u64::MAX));
+            i.metrics
+                .settlement_lag_seconds
+                .observe(now.saturating_sub(entry.at) as f64);
+        }
+    }
+
+    /// The worker: closes and settles bundles until shutdown.
+    pub async fn run(&self, mut shutdown: ShutdownWatch) {
+        let mut bundles = tokio::task::JoinSet::new();
+        loop {
+            tokio::select! {
+                _ = shutdown.changed() => break,
+                () = self.inner.wake.notified() => {}
+                () = tokio::time::sleep(TICK) => {}
+            }
+            while bundles.try_join_next().is_some() {}
+            let now = (self.inner.clock)();
+            for bundle in self.close_bundles(now).await {
+                let me = self.clone();
+                bundles.spawn(async move { me.settle_bundle(bundle).await });
+            }
+            self.refresh_gauges(now);
+        }
+        // Bundles in flight finish their calls (each bounded by SETTLE_TIMEOUT) if the
+        // runtime lets them; what is cut off is `submitted`, resolved by evidence later.
+        while bundles.join_next().await.is_some() {}
+    }
+
+    /// Closes every bundle whose rule says so; submits each durably.
+    async fn close_bundles(&self, now: u64) -> Vec<Bundle> {
+        let i = &self.inner;
+        let mut groups: HashMap<BundleKey, Vec<Open>> = HashMap::new();
+        let mut expired = Vec::new();
+        {
+            let open = i.open.lock().unwrap_or_else(|p| p.into_inner());
+            let backends = i.backends.lock().unwrap_or_else(|p| p.into_inner());
+            for o in open.values().filter(|o| o.state == State::Queued) {
+                if o.entry.valid_before <= now.saturating_add(MIN_VALIDITY_SECS) {
+                    expired.push(failed(
+                        o.entry.seq,
+                        "the authorization expired before its bundle was settled".into(),
+                    ));
+                    continue;
+                }
+                if o.entry.valid_after >= now {
+                    continue; // not valid on chain yet
+                }
+                if backends
+                    .get(&o.entry.backend)
+                    .is_some_and(|b| b.down_until > now)
+                {
+                    continue;
+                }
+                groups
+                    .entry(BundleKey::of(&o.entry))
+                    .or_default()
+                    .push(o.clone());
+            }
+        }
+        if !expired.is_empty()
+            && let Err(e) = self.record(&expired, true).await
+        {
+            tracing::error!(error = %e, "recording expired payments failed");
+        }
+        let mut submitted = Vec::new();
+        for (_, group) in groups {
+            let mut refs: Vec<&Open> = group.iter().collect();
+            refs.sort_by_key(|o| o.entry.seq);
+            refs.truncate(MAX_BUNDLE);
+            let Some(closed_by) = close_reason(&refs, now) else {
+                continue;
+            };
+            let Some(first) = refs.first() else { continue };
+            let e = &first.entry;
+            let bundle = Bundle {
+                id: 0,
+                at: now,
+                backend: e.backend.clone(),
+                network: e.network.clone(),
+                asset: e.asset,
+                symbol: e.symbol.clone(),
+                decimals: e.decimals,
+                pay_to: e.pay_to,
+                entries: refs.iter().map(|o| o.entry.seq).collect(),
+                total: refs.iter().map(|o| o.entry.amount).sum(),
+                closed_by: closed_by.into(),
+            };
+            match i.store.submit_bundle(bundle, now).await {
+                Ok(Ok(bundle)) => {
+                    let mut open = i.open.lock().unwrap_or_else(|p| p.into_inner());
+                    for seq in &bundle.entries {
+                        if let Some(o) = open.get_mut(seq) {
+                            o.state = State::Submitted;
+                            o.since = now;
+                        }
+                    }
+                    i.metrics
+                        .ledger_facts
+                        .with(["submitted"])
+                        .inc_by(bundle.entries.len() as u64);
+                    i.metrics
+                        .bundle_payments
+                        .observe(bundle.entries.len() as f64);
+                    i.metrics.bundles.with([bundle.symbol.as_str()]).inc();
+                    i.metrics
+                        .bundle_value
+                        .with([bundle.symbol.as_str()])
+                        .inc_by(u64::try_from(bundle.total).unwrap_or(u64::MAX));
+                    tracing::info!(
+                        bundle = bundle.id,
+                        payments = bundle.entries.len(),
+                        total = %bundle.total,
+                        asset = %bundle.symbol,
+                        network = %bundle.network,
+                        closed_by = %bundle.closed_by,
+                        "settlement bundle submitted"
+                    );
+                    submitted.push(bundle);
+                }
+                Ok(Err(bad)) => {
+                    tracing::error!(
+                        ?bad,
+                        "the ledger refused a bundle; its payments stay queued"
+                    )
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "submitting a bundle failed; its payments stay queued")
+                }
+            }
+        }
+        submitted
+    }
+
+    /// Settles every payment of a submitted bundle and records each outcome.
+    async fn settle_bundle(&self, bundle: Bundle) {
+        let client = match self.backend(&bundle.backend) {
+            Ok(c) => c,
+            Err(e) => {
+                // No call was made: back to the queue.
+                let back: Vec<Change> = bundle
+                    .entries
+                    .iter()
+                    .map(|&seq| requeued(seq, e.reason()))
+                    .collect();
+                let _ = self.record(&back, true).await;
+                return;
+            }
+        };
+        let mut calls = tokio::task::JoinSet::new();
+        for &seq in &bundle.entries {
+            let me = self.clone();
+            let client = client.clone();
+            calls.spawn(async move { (seq, me.call(&client, seq).await) });
+        }
+        let mut changes = Vec::new();
+        let mut unreachable = false;
+        let mut confirmed_count = 0usize;
+        while let Some(done) = calls.join_next().await {
+            let Ok((seq, outcome)) = done else { continue };
+            changes.push(match outcome {
+                Ok(receipt) => {
+                    confirmed_count += 1;
+                    confirmed(seq, &receipt)
+                }
+                Err(e @ SettleError::Refused(_)) => failed(seq, e.reason()),
+                Err(e @ SettleError::NotSent(_)) => {
+                    unreachable = true;
+                    requeued(seq, e.reason())
+                }
+                Err(e @ SettleError::Unknown(_)) => Change {
+                    entry: seq,
+                    state: State::Unresolved,
+                    detail: reason(e.reason()),
+                },
+            });
+        }
+        changes.sort_by_key(|c| c.entry);
+        if let Err(e) = self.record(&changes, true).await {
+            tracing::error!(bundle = bundle.id, error = %e, "recording a bundle's outcomes failed; its payments stay submitted and are resolved by evidence after a restart");
+        }
+        self.backend_reached(&bundle.backend, !unreachable);
+        tracing::info!(
+            bundle = bundle.id,
+            payments = bundle.entries.len(),
+            confirmed = confirmed_count,
+            "settlement bundle done"
+        );
+    }
+
+    fn backend_reached(&self, url: &str, reached: bool) {
+        let now = (self.inner.clock)();
+        let mut backends = self
+            .inner
+            .backends
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some(b) = backends.get_mut(url) {
+            if reached {
+                b.down_until = 0;
+                b.backoff_secs = FIRST_BACKOFF_SECS;
+            } else {
+                b.down_until = now + b.backoff_secs;
+                tracing::warn!(
+                    backend = url,
+                    retry_in_secs = b.backoff_secs,
+                    "the settlement backend could not be reached; its payments stay queued"
+                );
+                b.backoff_secs = (b.backoff_secs * 2).min(MAX_BACKOFF_SECS);
+            }
+        }
+    }
+
+    /// Refreshes the gauges that describe the open entries.
+    fn refresh_gauges(&self, now: u64) {
+        let i = &self.inner;
+        let open = i.open.lock().unwrap_or_else(|p| p.into_inner());
+        let mut by_state: HashMap<State, i64> = HashMap::new();
+        let mut unsettled: HashMap<&str, u128> = HashMap::new();
+        let mut oldest = now;
+        for o in open.values() {
+            *by_state.entry(o.state).or_default() += 1;
+            *unsettled.entry(o.entry.symbol.as_str()).or_default() += o.entry.amount;
+            oldest = oldest.min(o.entry.at);
+        }
+        for state in [
+            State::Recorded,
+            State::Queued,
+            State::Submitted,
+            State::Unresolved,
+        ] {
+            i.metrics
+                .payments_open
+                .with([state.as_str()])
+                .set(by_state.get(&state).copied().unwrap_or(0));
+        }
+        i.metrics.unsettled.reset();
+        for (symbol, value) in unsettled {
+            i.metrics
+                .unsettled
+                .with([symbol])
+                .set(i64::try_from(value).unwrap_or(i64::MAX));
+        }
+        i.metrics
+            .oldest_unsettled_seconds
+            .set(i64::try_from(now.saturating_sub(oldest)).unwrap_or(i64::MAX));
+    }
+}
+
+fn reason(text: String) -> Detail {
+    Detail {
+        reason: Some(text),
+        ..Detail::default()
+    }
+}
+
+fn confirmed(seq: u64, receipt: &SettleResponse) -> Change {
+    Change {
+        entry: seq,
+        state: State::Confirmed,
+        detail: Detail {
+            tx: (!receipt.transaction.is_empty()).then(|| receipt.transaction.clone()),
+            ..Detail::default()
+        },
+    }
+}
+
+fn failed(seq: u64, why: String) -> Change {
+    Change {
+        entry: seq,
+        state: State::Failed,
+        detail: reason(why),
+    }
+}
+
+fn requeued(seq: u64, why: String) -> Change {
+    Change {
+        entry: seq,
+        state: State::Queued,
+        detail: reason(why),
     }
 }

@@ -81,7 +81,8 @@ impl State {
         matches!(self, State::Confirmed | State::Failed | State::Refunded)
     }
 
-    /// The state machine: the changes a fact may record.
+    /// The state machine: the changes a fact may record. `submitted → queued` is only for a
+    /// call that provably never left (the backend could not be reached).
     pub fn may_become(self, next: State) -> bool {
         use State::*;
         matches!(
@@ -90,7 +91,7 @@ impl State {
                 Recorded,
                 Queued | Submitted | Failed | Refunded | Unresolved
             ) | (Queued, Submitted | Failed | Refunded)
-                | (Submitted, Confirmed | Failed | Unresolved)
+                | (Submitted, Confirmed | Failed | Unresolved | Queued)
                 | (Unresolved, Confirmed | Failed)
         )
     }
@@ -340,17 +341,28 @@ pub struct Page {
     pub next: Option<u64>,
 }
 
-/// Appends a fact inside a transaction over (meta, facts, status, open), checking the machine.
+/// Inside a transaction: the trees every fact writes.
+struct Books<'a> {
+    meta: &'a sled::transaction::TransactionalTree,
+    facts: &'a sled::transaction::TransactionalTree,
+    status: &'a sled::transaction::TransactionalTree,
+    open: &'a sled::transaction::TransactionalTree,
+}
+
+/// Appends a fact, checking the state machine, and folds it into the status index.
 fn append_fact(
-    meta: &sled::transaction::TransactionalTree,
-    facts: &sled::transaction::TransactionalTree,
-    status: &sled::transaction::TransactionalTree,
-    open: &sled::transaction::TransactionalTree,
+    books: &Books<'_>,
     entry: u64,
     state: State,
     detail: Detail,
     at: u64,
 ) -> Tx<Fact, Stop> {
+    let Books {
+        meta,
+        facts,
+        status,
+        open,
+    } = books;
     let key = entry.to_be_bytes();
     let current: Option<Status> = match status.get(key)? {
         Some(bytes) => Some(parse_tx(&bytes)?),
@@ -387,6 +399,9 @@ fn append_fact(
     }
     Ok(fact)
 }
+
+/// What one transaction of changes wrote: its facts, and the bundle it submitted.
+type Applied = (Vec<Fact>, Option<Bundle>);
 
 /// A change to record: which entry, to what, with what detail.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -427,11 +442,14 @@ impl Store {
                 entry.seq = next(meta, "payment")?;
                 payments.insert(&entry.seq.to_be_bytes(), json_tx(&entry)?)?;
                 auths.insert(&entry.seq.to_be_bytes(), auth.as_slice())?;
-                append_fact(
+                let books = Books {
                     meta,
                     facts,
                     status,
                     open,
+                };
+                append_fact(
+                    &books,
                     entry.seq,
                     State::Recorded,
                     Detail::default(),
@@ -498,13 +516,12 @@ impl Store {
             .ok_or_else(|| StoreError("a submitted bundle was not written".into()))
     }
 
-    #[allow(clippy::type_complexity)]
     fn apply_changes(
         &self,
         changes: &[Change],
         bundle: Option<Bundle>,
         now: u64,
-    ) -> Result<Result<(Vec<Fact>, Option<Bundle>), BadTransition>, StoreError> {
+    ) -> Result<Result<Applied, BadTransition>, StoreError> {
         let t = &self.trees;
         let result = (
             &t.meta,
@@ -519,6 +536,12 @@ impl Store {
                     b.id = next(meta, "bundle")?;
                     bundles.insert(&b.id.to_be_bytes(), json_tx(b)?)?;
                 }
+                let books = Books {
+                    meta,
+                    facts,
+                    status,
+                    open,
+                };
                 let mut written = Vec::with_capacity(changes.len());
                 for change in changes {
                     let mut detail = change.detail.clone();
@@ -526,10 +549,7 @@ impl Store {
                         detail.bundle = Some(b.id);
                     }
                     written.push(append_fact(
-                        meta,
-                        facts,
-                        status,
-                        open,
+                        &books,
                         change.entry,
                         change.state,
                         detail,
@@ -710,5 +730,231 @@ mod text {
     {
         let text = <std::borrow::Cow<'de, str>>::deserialize(deserializer)?;
         text.parse().map_err(D::Error::custom)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::NONCE_RETENTION_SECS;
+
+    fn temp_store(name: &str) -> (Store, std::path::PathBuf) {
+        let dir =
+            std::env::temp_dir().join(format!("tollgate-ledger-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        (Store::open(&dir).unwrap(), dir)
+    }
+
+    fn key(n: u8) -> NonceKey {
+        NonceKey {
+            chain_id: 84532,
+            asset: Address::repeat_byte(1),
+            from: Address::repeat_byte(2),
+            nonce: B256::repeat_byte(n),
+        }
+    }
+
+    fn entry(n: u8, amount: u128, at: u64) -> Entry {
+        Entry {
+            seq: 0,
+            at,
+            request_id: format!("req-{n}"),
+            service: "weather".into(),
+            route: "GET /v1/forecast/{city}".into(),
+            method: "GET".into(),
+            path: format!("/v1/forecast/{n}"),
+            payer: Address::repeat_byte(2),
+            rail: "x402".into(),
+            amount,
+            asset: Address::repeat_byte(1),
+            symbol: "USDC".into(),
+            decimals: 6,
+            network: "base-sepolia".into(),
+            chain_id: 84532,
+            pay_to: Address::repeat_byte(9),
+            nonce: B256::repeat_byte(n),
+            valid_after: 0,
+            valid_before: at + 60,
+            timing: Timing::Deferred {
+                every_secs: Some(60),
+                payments: Some(10),
+                value: None,
+            },
+            backend: "http://127.0.0.1:1".into(),
+            credits: None,
+        }
+    }
+
+    fn auth() -> Authorization {
+        Authorization {
+            version: 2,
+            payload: serde_json::json!({"x402Version": 2}),
+            requirements: serde_json::json!({"scheme": "exact"}),
+        }
+    }
+
+    fn change(entry: u64, state: State) -> Change {
+        Change {
+            entry,
+            state,
+            detail: Detail::default(),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_payment_is_recorded_once_with_its_nonce_and_survives_reopening() {
+        let (store, dir) = temp_store("once");
+        let first = store
+            .record_payment(&key(1), entry(1, 1000, 100), &auth())
+            .await;
+        assert_eq!(first.unwrap(), Recorded::Fresh { seq: 1 });
+        let again = store
+            .record_payment(&key(1), entry(1, 1000, 100), &auth())
+            .await;
+        assert_eq!(again.unwrap(), Recorded::Used);
+        let other = store
+            .record_payment(&key(2), entry(2, 1000, 100), &auth())
+            .await;
+        assert_eq!(other.unwrap(), Recorded::Fresh { seq: 2 });
+        drop(store);
+
+        let store = Store::open(&dir).unwrap();
+        let again = store
+            .record_payment(&key(1), entry(1, 1000, 100), &auth())
+            .await;
+        assert_eq!(
+            again.unwrap(),
+            Recorded::Used,
+            "a restart forgot a used nonce"
+        );
+        let row = store.payment(1).unwrap().unwrap();
+        assert_eq!(row.entry.request_id, "req-1");
+        assert_eq!(row.status.state, State::Recorded);
+        assert_eq!(store.authorization(1).unwrap(), Some(auth()));
+        assert_eq!(store.payment_counts().unwrap(), (2, 2, 0));
+        // The nonce outlives its authorization by the retention, then may be forgotten.
+        assert_eq!(
+            store
+                .forget_expired_nonces(160 + NONCE_RETENTION_SECS)
+                .unwrap(),
+            0
+        );
+        assert_eq!(
+            store
+                .forget_expired_nonces(161 + NONCE_RETENTION_SECS)
+                .unwrap(),
+            2
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn concurrent_records_of_one_nonce_admit_exactly_one_and_number_without_gaps() {
+        let (store, dir) = temp_store("race");
+        let mut tasks = Vec::new();
+        for i in 0..200u8 {
+            let store = store.clone();
+            tasks.push(tokio::spawn(async move {
+                store
+                    .record_payment(&key(i % 4), entry(i % 4, 1, 100), &auth())
+                    .await
+            }));
+        }
+        let mut seqs = Vec::new();
+        for task in tasks {
+            if let Recorded::Fresh { seq } = task.await.unwrap().unwrap() {
+                seqs.push(seq);
+            }
+        }
+        seqs.sort_unstable();
+        assert_eq!(seqs, vec![1, 2, 3, 4]);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[tokio::test]
+    async fn state_changes_are_new_facts_and_the_machine_refuses_the_rest() {
+        let (store, dir) = temp_store("machine");
+        store
+            .record_payment(&key(1), entry(1, 5, 100), &auth())
+            .await
+            .unwrap();
+        let queued = store
+            .record_changes(&[change(1, State::Queued)], 101, false)
+            .await
+            .unwrap();
+        assert!(queued.is_ok());
+        // Queued cannot be confirmed without being submitted; nothing is written.
+        let refused = store
+            .record_changes(&[change(1, State::Confirmed)], 102, true)
+            .await
+            .unwrap();
+        assert_eq!(
+            refused,
+            Err(BadTransition {
+                entry: 1,
+                from: Some(State::Queued),
+                to: State::Confirmed
+            })
+        );
+        let bundle = Bundle {
+            id: 0,
+            at: 0,
+            backend: "b".into(),
+            network: "base-sepolia".into(),
+            asset: Address::repeat_byte(1),
+            symbol: "USDC".into(),
+            decimals: 6,
+            pay_to: Address::repeat_byte(9),
+            entries: vec![1],
+            total: 5,
+            closed_by: "count".into(),
+        };
+        let bundle = store.submit_bundle(bundle, 103).await.unwrap().unwrap();
+        assert_eq!(bundle.id, 1);
+        let confirmed = Change {
+            entry: 1,
+            state: State::Confirmed,
+            detail: Detail {
+                tx: Some("0xabc".into()),
+                ..Detail::default()
+            },
+        };
+        store
+            .record_changes(&[confirmed], 104, true)
+            .await
+            .unwrap()
+            .unwrap();
+        let row = store.payment(1).unwrap().unwrap();
+        assert_eq!(row.status.state, State::Confirmed);
+        assert_eq!(row.status.detail.bundle, Some(1));
+        assert_eq!(row.status.detail.tx.as_deref(), Some("0xabc"));
+        let history: Vec<State> = store.facts_of(1).unwrap().iter().map(|f| f.state).collect();
+        assert_eq!(
+            history,
+            [
+                State::Recorded,
+                State::Queued,
+                State::Submitted,
+                State::Confirmed
+            ]
+        );
+        // Final: nothing changes it, and it is no longer open.
+        let late = store
+            .record_changes(&[change(1, State::Failed)], 105, true)
+            .await
+            .unwrap();
+        assert!(late.is_err());
+        assert!(store.open_payments().unwrap().is_empty());
+        let page = store
+            .payments(
+                &Query {
+                    bundle: Some(1),
+                    ..Query::default()
+                },
+                10,
+            )
+            .unwrap();
+        assert_eq!(page.entries.len(), 1);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

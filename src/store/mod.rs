@@ -52,7 +52,8 @@ struct Trees {
 }
 
 /// One EIP-3009 authorization's identity: the token contract dedupes on (from, nonce), and the
-/// chain and token make it global.
+/// chain and token make it global. Claimed with its payment's ledger entry
+/// ([`Store::record_payment`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct NonceKey {
     pub chain_id: u64,
@@ -79,15 +80,6 @@ impl NonceKey {
         }
         out
     }
-}
-
-/// The answer to a claim.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Claim {
-    /// First use: recorded and durable.
-    Fresh,
-    /// Seen before.
-    Used,
 }
 
 /// A store failure: the caller fails closed (503).
@@ -164,26 +156,6 @@ impl Store {
         self.writer.flush().await
     }
 
-    /// Records an authorization as used, atomically: of any number of concurrent claims of one
-    /// key, exactly one gets [`Claim::Fresh`], and only after the record is on disk.
-    /// `valid_before` is kept so [`Store::forget_expired_nonces`] can collect it later.
-    pub async fn claim_nonce(
-        &self,
-        key: &NonceKey,
-        valid_before: u64,
-    ) -> Result<Claim, StoreError> {
-        let swapped = self.trees.nonces.compare_and_swap(
-            key.bytes(),
-            None::<&[u8]>,
-            Some(&valid_before.to_be_bytes()[..]),
-        )?;
-        if swapped.is_err() {
-            return Ok(Claim::Used);
-        }
-        self.durable().await?;
-        Ok(Claim::Fresh)
-    }
-
     /// Deletes nonces whose authorization expired more than [`NONCE_RETENTION_SECS`] before
     /// `now`; returns how many. Safe at any time: an expired authorization is refused by
     /// verification before the nonce store is asked.
@@ -213,64 +185,6 @@ impl Store {
     /// Writes everything to disk (on shutdown).
     pub fn flush(&self) -> Result<(), StoreError> {
         self.trees.db.flush()?;
-        Ok(())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn key(n: u8) -> NonceKey {
-        NonceKey {
-            chain_id: 84532,
-            asset: Address::repeat_byte(1),
-            from: Address::repeat_byte(2),
-            nonce: B256::repeat_byte(n),
-        }
-    }
-
-    fn temp_store(name: &str) -> (Store, std::path::PathBuf) {
-        let dir =
-            std::env::temp_dir().join(format!("tollgate-store-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        (Store::open(&dir).unwrap(), dir)
-    }
-
-    #[tokio::test]
-    async fn a_nonce_is_claimed_once_and_survives_reopening() -> Result<(), StoreError> {
-        let (store, dir) = temp_store("claim");
-        assert_eq!(store.claim_nonce(&key(1), 100).await?, Claim::Fresh);
-        assert_eq!(store.claim_nonce(&key(1), 100).await?, Claim::Used);
-        assert_eq!(store.claim_nonce(&key(2), 100).await?, Claim::Fresh);
-        drop(store);
-        let store = Store::open(&dir)?;
-        assert_eq!(store.claim_nonce(&key(1), 100).await?, Claim::Used);
-        assert_eq!(store.forget_expired_nonces(100 + NONCE_RETENTION_SECS)?, 0);
-        assert_eq!(store.forget_expired_nonces(101 + NONCE_RETENTION_SECS)?, 2);
-        assert_eq!(store.claim_nonce(&key(1), 100).await?, Claim::Fresh);
-        let _ = std::fs::remove_dir_all(&dir);
-        Ok(())
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-    async fn concurrent_claims_of_one_key_admit_exactly_one() -> Result<(), StoreError> {
-        let (store, dir) = temp_store("race");
-        let mut tasks = Vec::new();
-        for i in 0..200u8 {
-            let store = store.clone();
-            tasks.push(tokio::spawn(async move {
-                (store.claim_nonce(&key(i % 4), 100).await, i)
-            }));
-        }
-        let mut fresh = 0;
-        for task in tasks {
-            if task.await.map_err(|e| StoreError(e.to_string()))?.0? == Claim::Fresh {
-                fresh += 1;
-            }
-        }
-        assert_eq!(fresh, 4);
-        let _ = std::fs::remove_dir_all(&dir);
         Ok(())
     }
 }

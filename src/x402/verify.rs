@@ -79,6 +79,7 @@ pub struct Payment {
     /// Index into the route's offers.
     pub offer: usize,
     pub amount: u128,
+    pub valid_after: u64,
     pub valid_before: u64,
     pub nonce: B256,
     /// The decoded payload as the client sent it, for the facilitator.
@@ -148,6 +149,7 @@ pub fn verify(header: &[u8], terms: &RouteTerms, now: u64) -> Result<Payment, Re
         payer,
         offer: index,
         amount: offer.amount,
+        valid_after: signed.valid_after,
         valid_before: signed.valid_before,
         nonce: signed.nonce,
         raw,

@@ -224,6 +224,8 @@ pub struct Facilitator {
     pub addr: SocketAddr,
     pub settled: Arc<Mutex<Vec<Settled>>>,
     pub mode: Arc<Mutex<FacilitatorMode>>,
+    /// `/settle` calls received, whatever their answer.
+    pub calls: Arc<AtomicUsize>,
 }
 
 impl Facilitator {
@@ -232,6 +234,8 @@ impl Facilitator {
         let mode = Arc::new(Mutex::new(FacilitatorMode::Honest));
         let used: Arc<Mutex<HashSet<(Address, B256)>>> = Arc::default();
         let (log, current) = (settled.clone(), mode.clone());
+        let calls = Arc::new(AtomicUsize::new(0));
+        let counted = calls.clone();
         let addr = serve(Arc::new(move |req: Request<Bytes>| {
             let path = req.uri().path().to_string();
             if path == "/supported" {
@@ -239,7 +243,9 @@ impl Facilitator {
                     200,
                     &json!({"kinds": [
                         {"x402Version": 1, "scheme": "exact", "network": "base-sepolia"},
-                        {"x402Version": 2, "scheme": "exact", "network": "eip155:84532"}
+                        {"x402Version": 2, "scheme": "exact", "network": "eip155:84532"},
+                        {"x402Version": 1, "scheme": "exact", "network": "base"},
+                        {"x402Version": 2, "scheme": "exact", "network": "eip155:8453"}
                     ]}),
                 );
             }
@@ -256,6 +262,7 @@ impl Facilitator {
                     Err(reason) => json_response(200, &json!({"isValid": false, "invalidReason": reason})),
                 },
                 "/settle" => {
+                    counted.fetch_add(1, Ordering::SeqCst);
                     let network = network_of(&body);
                     match *current.lock().unwrap() {
                         FacilitatorMode::Broken => return json_response(500, &json!({"error": "boom"})),
@@ -285,7 +292,13 @@ impl Facilitator {
             addr,
             settled,
             mode,
+            calls,
         }
+    }
+
+    /// How many `/settle` calls arrived.
+    pub fn calls(&self) -> usize {
+        self.calls.load(Ordering::SeqCst)
     }
 
     pub fn url(&self) -> String {

@@ -346,7 +346,7 @@ async fn every_request_gets_one_access_log_line_with_its_id() {
     let log = w.sidecar.log();
     assert!(
         log.lines()
-            .any(|l| l.contains("settlement unavailable") && l.contains("req-broken-7")),
+            .any(|l| l.contains("settlement outcome unknown") && l.contains("req-broken-7")),
         "{log}"
     );
 }
