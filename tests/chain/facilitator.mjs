@@ -71,7 +71,9 @@ const client = createWalletClient({
 
 // One gas account: transactions are prepared, signed and sent one at a time, so concurrent
 // settles never race for a nonce (each send reads the pending nonce after the previous send).
-// Verification, simulation and receipt waits stay concurrent.
+// Verification, simulation and receipt waits stay concurrent. (Without this, as the reference
+// facilitator wires its signer, concurrent settles fail with "nonce too low", answered as
+// `invalid_exact_evm_transaction_failed`: see concurrent_settles_all_land_once_each.)
 let lastWrite = Promise.resolve();
 const oneAtATime = fn => args => {
   const run = lastWrite.then(() => fn(args));

@@ -14,7 +14,8 @@
 //! The Node packages are pinned in `tests/chain/package-lock.json`; `npm ci` runs there once when
 //! `node_modules` is missing (`.ci/run` installs them up front).
 //!
-//! **Clock.** anvil mines each transaction as it arrives (automine, no `--block-time`), and
+//! **Clock.** anvil mines each transaction as it arrives (automine, no `--block-time`; a
+//! transaction arriving while a block is being mined goes into the next block with others), and
 //! stamps a block with the wall clock, never less than its parent's timestamp: blocks mined in
 //! the same second share it (measured with anvil 1.7.1: 61 transactions in one second, 61 blocks,
 //! all within that second). Unlike hardhat's automine, which forces one second per block, the
@@ -177,8 +178,8 @@ async fn first_line(child: &mut Child, within: Duration) -> Option<String> {
 /// anvil + the EIP-3009 USDC at the Base Sepolia address + the official x402 facilitator.
 pub struct DevChain {
     // Dropped in this order: the facilitator first, then the chain it talks to.
-    facilitator: Proc,
-    anvil: Proc,
+    _facilitator: Proc,
+    _anvil: Proc,
     rpc_port: u16,
     facilitator_port: u16,
     pub dir: PathBuf,
@@ -200,8 +201,8 @@ impl DevChain {
         let (anvil, rpc_port) = start_anvil(&chain, &dir, &http).await;
         let (facilitator, facilitator_port) = start_facilitator(&chain, &dir, rpc_port).await;
         let dev = DevChain {
-            facilitator,
-            anvil,
+            _facilitator: facilitator,
+            _anvil: anvil,
             rpc_port,
             facilitator_port,
             dir,
@@ -369,6 +370,14 @@ impl DevChain {
             )
         })
         .collect()
+    }
+
+    /// The latest block's timestamp (seconds).
+    pub async fn block_timestamp(&self) -> u64 {
+        let block = self
+            .rpc("eth_getBlockByNumber", json!(["latest", false]))
+            .await;
+        quantity(&block["timestamp"])
     }
 
     pub async fn block_number(&self) -> u64 {
@@ -854,4 +863,68 @@ async fn the_token_checks_authorizations_as_fiat_token_does() {
         revert(error.clone()).contains("FiatTokenV2: authorization is used or canceled"),
         "{error:#}"
     );
+}
+
+/// Hundreds of blocks in a second or two do not push the chain's clock ahead of the wall
+/// clock (hardhat's automine would be minutes ahead: one second per block).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_chain_clock_keeps_to_the_wall_clock_however_many_blocks() {
+    let chain = DevChain::start().await;
+    let first = chain.block_number().await;
+    let mut last = Value::Null;
+    for _ in 0..300 {
+        last = chain
+            .rpc(
+                "eth_sendTransaction",
+                json!([{"from": FAUCET, "to": PAY_TO, "value": "0x1"}]),
+            )
+            .await;
+    }
+    chain.receipt(&last).await;
+    let blocks = chain.block_number().await - first;
+    let (stamp, now) = (chain.block_timestamp().await, harness::now());
+    // Automine mines asynchronously: transactions that arrive while a block is being mined
+    // share the next one, so 300 transactions make a little under 300 blocks.
+    assert!(blocks >= 200, "{blocks} blocks");
+    assert!(
+        stamp <= now,
+        "chain at {stamp}, wall clock at {now} after {blocks} blocks"
+    );
+    assert!(stamp + 5 >= now, "chain at {stamp}, wall clock at {now}");
+}
+
+/// Concurrent settles from one gas account all land: the facilitator sends one transaction at
+/// a time, so no two race for a nonce.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_settles_all_land_once_each() {
+    const N: usize = 40;
+    let buyer = Wallet::new(0x55);
+    let chain = DevChain::start_with(&[(buyer.address(), 1_000_000)]).await;
+    let requirements = requirements_v2(1_000);
+    let mut settles = tokio::task::JoinSet::new();
+    for _ in 0..N {
+        let (body, _) = request_v2(&buyer, &requirements, &Tweak::default());
+        let (http, url) = (
+            chain.http.clone(),
+            format!("{}/settle", chain.facilitator_url()),
+        );
+        settles.spawn(async move {
+            let response = http.post(url).json(&body).send().await.unwrap();
+            response.json::<Value>().await.unwrap()
+        });
+    }
+    let mut transactions = std::collections::HashSet::new();
+    while let Some(settled) = settles.join_next().await {
+        let settled = settled.unwrap();
+        assert_eq!(
+            settled["success"],
+            true,
+            "{settled:#}\n{}",
+            chain.facilitator_log()
+        );
+        transactions.insert(b256(&settled["transaction"]));
+    }
+    assert_eq!(transactions.len(), N);
+    assert_eq!(chain.balance_of(pay_to()).await, 1_000 * N as u128);
+    assert_eq!(chain.authorizations_used(buyer.address()).await.len(), N);
 }
