@@ -1,6 +1,7 @@
 //! End-to-end: the real `tollgate` binary between a real HTTP client, a real upstream and a
 //! facilitator that checks signatures, all on loopback. See [`harness`].
 
+mod chain;
 mod deferred;
 mod harness;
 mod interop;
