@@ -68,6 +68,18 @@ pub struct Config {
     pub log: LogConfig,
     /// How many client connections, and how long they may idle or dawdle.
     pub connections: ConnectionLimits,
+    /// Settlement's own settings.
+    pub settlement: SettlementConfig,
+}
+
+/// Settlement settings that belong to the deployment, not to the policy.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SettlementConfig {
+    /// A JSON-RPC node of the chain payments settle on (`settlement.rpc`), read for evidence:
+    /// a payment whose settlement outcome is unknown (`unresolved`) is decided from the token's
+    /// `authorizationState` and `AuthorizationUsed`/`Transfer` events. Without it, unresolved
+    /// payments stay unresolved and are reported, never guessed.
+    pub rpc: Option<String>,
 }
 
 /// Protection of the proxy listener against idle and slow clients (README "Security").
@@ -271,6 +283,7 @@ impl Default for Config {
             admin: AdminConfig::default(),
             log: LogConfig::default(),
             connections: ConnectionLimits::default(),
+            settlement: SettlementConfig::default(),
         }
     }
 }
@@ -372,10 +385,11 @@ enum Field {
     HeadTimeout,
     BodyTimeout,
     BodyMinRate,
+    SettlementRpc,
 }
 
 impl Field {
-    const ALL: [Field; 15] = [
+    const ALL: [Field; 16] = [
         Field::Listen,
         Field::Upstream,
         Field::PublicUrl,
@@ -391,6 +405,7 @@ impl Field {
         Field::HeadTimeout,
         Field::BodyTimeout,
         Field::BodyMinRate,
+        Field::SettlementRpc,
     ];
 
     fn path(self) -> &'static str {
@@ -410,6 +425,7 @@ impl Field {
             Field::HeadTimeout => "connections.head_timeout",
             Field::BodyTimeout => "connections.body_timeout",
             Field::BodyMinRate => "connections.body_min_rate",
+            Field::SettlementRpc => "settlement.rpc",
         }
     }
 
@@ -430,6 +446,7 @@ impl Field {
             Field::HeadTimeout => "TOLLGATE_CONNECTIONS_HEAD_TIMEOUT",
             Field::BodyTimeout => "TOLLGATE_CONNECTIONS_BODY_TIMEOUT",
             Field::BodyMinRate => "TOLLGATE_CONNECTIONS_BODY_MIN_RATE",
+            Field::SettlementRpc => "TOLLGATE_SETTLEMENT_RPC",
         }
     }
 
@@ -464,7 +481,9 @@ const TOP_KEYS: &[(&str, Node)] = &[
     ("admin", Node::Section(ADMIN_KEYS)),
     ("log", Node::Section(LOG_KEYS)),
     ("connections", Node::Section(CONNECTION_KEYS)),
+    ("settlement", Node::Section(SETTLEMENT_KEYS)),
 ];
+const SETTLEMENT_KEYS: &[(&str, Node)] = &[("rpc", Node::Leaf(Field::SettlementRpc))];
 const OPS_KEYS: &[(&str, Node)] = &[("listen", Node::Leaf(Field::OpsListen))];
 const ADMIN_KEYS: &[(&str, Node)] = &[
     ("listen", Node::Leaf(Field::AdminListen)),
@@ -856,6 +875,9 @@ fn build(raw: &Raw, errors: &mut Vec<ConfigError>, warnings: &mut Vec<String>) -
     if let Some(v) = r.scalar(Field::BodyMinRate, |s| parse_count(s, "bytes per second")) {
         limits.body_min_rate = v;
     }
+    if let Some(v) = r.scalar(Field::SettlementRpc, parse_rpc_url) {
+        config.settlement.rpc = Some(v);
+    }
 
     // Cross-field checks only on fully valid values (an invalid field holds its default).
     if errors.len() == errors_before {
@@ -1089,6 +1111,12 @@ fn parse_upstream(text: &str) -> Result<Upstream, String> {
     })
 }
 
+fn parse_rpc_url(text: &str) -> Result<String, String> {
+    let url =
+        parse_http_url(text).map_err(|reason| format!("invalid RPC URL {text:?}: {reason}"))?;
+    Ok(base_url(url.scheme, &url.host, url.port, &url.path))
+}
+
 fn parse_public_url(text: &str) -> Result<String, String> {
     let url =
         parse_http_url(text).map_err(|reason| format!("invalid public URL {text:?}: {reason}"))?;
@@ -1233,6 +1261,16 @@ impl Config {
                         Value::Number(self.connections.body_min_rate.into()),
                     ),
                 ]),
+            ),
+            (
+                "settlement",
+                mapping(vec![(
+                    "rpc",
+                    self.settlement
+                        .rpc
+                        .as_ref()
+                        .map_or(Value::Null, |u| text(u)),
+                )]),
             ),
         ]);
         serde_yaml::to_string(&document)

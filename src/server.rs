@@ -90,7 +90,12 @@ pub fn run(config: &Config) -> Result<(), String> {
         "tollgate starting"
     );
     let limiter = Arc::new(Limiter::default());
-    let settlement = Settlement::new(store.clone(), limiter.clone(), metrics.clone());
+    let settlement = Settlement::new(
+        store.clone(),
+        limiter.clone(),
+        metrics.clone(),
+        config.settlement.rpc.as_deref(),
+    )?;
     recover(&settlement)?;
     let limits = &config.connections;
     let gate = Gate::new(

@@ -27,6 +27,7 @@
 //! until the entry's final state, and re-held from the ledger at startup, so a restart cannot
 //! reset `limit buyer unsettled`.
 
+pub mod evidence;
 pub mod facilitator;
 
 use std::collections::{BTreeMap, HashMap};
@@ -60,6 +61,9 @@ pub const MAX_CALLS: usize = 16;
 /// How often the worker looks at the queue.
 const TICK: Duration = Duration::from_millis(250);
 
+/// How often unresolved payments are examined on chain.
+const EVIDENCE_EVERY_SECS: u64 = 5;
+
 /// First wait after a backend could not be reached; doubles up to [`MAX_BACKOFF_SECS`].
 const FIRST_BACKOFF_SECS: u64 = 1;
 const MAX_BACKOFF_SECS: u64 = 60;
@@ -80,6 +84,9 @@ struct Inner {
     open: Mutex<BTreeMap<u64, Open>>,
     calls: Semaphore,
     wake: Notify,
+    /// The chain read for evidence (`settlement.rpc`), and its chain id once known.
+    evidence: Option<evidence::Chain>,
+    evidence_chain: Mutex<Option<u64>>,
 }
 
 struct Backend {
@@ -162,8 +169,15 @@ impl BundleKey {
 }
 
 impl Settlement {
-    pub fn new(store: Store, limiter: Arc<Limiter>, metrics: Arc<Metrics>) -> Settlement {
-        Settlement {
+    /// `rpc`: a JSON-RPC node read for evidence about unknown outcomes (`settlement.rpc`).
+    pub fn new(
+        store: Store,
+        limiter: Arc<Limiter>,
+        metrics: Arc<Metrics>,
+        rpc: Option<&str>,
+    ) -> Result<Settlement, String> {
+        let evidence = rpc.map(evidence::Chain::new).transpose()?;
+        Ok(Settlement {
             inner: Arc::new(Inner {
                 store,
                 limiter,
@@ -173,8 +187,10 @@ impl Settlement {
                 open: Mutex::new(BTreeMap::new()),
                 calls: Semaphore::new(MAX_CALLS),
                 wake: Notify::new(),
+                evidence,
+                evidence_chain: Mutex::new(None),
             }),
-        }
+        })
     }
 
     /// Puts the books right after a stop (see the module docs) and loads the open entries.
@@ -458,6 +474,7 @@ impl Settlement {
     /// The worker: closes and settles bundles until shutdown.
     pub async fn run(&self, mut shutdown: ShutdownWatch) {
         let mut bundles = tokio::task::JoinSet::new();
+        let mut examined_at = 0;
         loop {
             tokio::select! {
                 _ = shutdown.changed() => break,
@@ -469,6 +486,10 @@ impl Settlement {
             for bundle in self.close_bundles(now).await {
                 let me = self.clone();
                 bundles.spawn(async move { me.settle_bundle(bundle).await });
+            }
+            if now >= examined_at + EVIDENCE_EVERY_SECS {
+                examined_at = now;
+                self.resolve_by_evidence(now).await;
             }
             self.refresh_gauges(now);
         }
@@ -636,6 +657,133 @@ impl Settlement {
             confirmed = confirmed_count,
             "settlement bundle done"
         );
+    }
+
+    /// Decides unresolved payments from the chain, when a node is configured: settled there
+    /// (`confirmed`, with its transaction and block), used otherwise or expired unused
+    /// (`failed`), or — for a deferred payment whose buyer was served — unused and still valid:
+    /// submitted again (the token's nonce makes a second transfer impossible). A payment whose
+    /// buyer was refused (`before`/`after response`) is never submitted again.
+    async fn resolve_by_evidence(&self, now: u64) {
+        let Some(chain) = self.inner.evidence.clone() else {
+            return;
+        };
+        let unresolved: Vec<Arc<Entry>> = {
+            let open = self.inner.open.lock().unwrap_or_else(|p| p.into_inner());
+            open.values()
+                .filter(|o| o.state == State::Unresolved)
+                .map(|o| o.entry.clone())
+                .collect()
+        };
+        if unresolved.is_empty() {
+            return;
+        }
+        let chain_id = self.evidence_chain_id(&chain).await;
+        for entry in unresolved {
+            if chain_id != Some(entry.chain_id) {
+                continue;
+            }
+            let verdict = match chain.examine(&entry).await {
+                Ok(v) => v,
+                Err(e) => {
+                    tracing::warn!(entry = entry.seq, error = %e, "reading evidence for an unresolved payment failed; trying again later");
+                    continue;
+                }
+            };
+            let seq = entry.seq;
+            let deferred = matches!(entry.timing, Timing::Deferred { .. });
+            let change = match verdict {
+                evidence::Verdict::Settled { tx, block } => Change {
+                    entry: seq,
+                    state: State::Confirmed,
+                    detail: Detail {
+                        reason: Some(format!(
+                            "evidence: AuthorizationUsed and the transfer in {tx}"
+                        )),
+                        tx: Some(tx),
+                        block: Some(block),
+                        ..Detail::default()
+                    },
+                },
+                evidence::Verdict::UsedOtherwise { why } => failed(seq, format!("evidence: {why}")),
+                evidence::Verdict::Unused if entry.valid_before <= now => failed(
+                    seq,
+                    "evidence: the nonce is unused and the authorization expired; it never settled"
+                        .into(),
+                ),
+                evidence::Verdict::Unused if deferred && entry.valid_after < now => {
+                    self.settle_again(&entry).await;
+                    continue;
+                }
+                evidence::Verdict::Unused => continue,
+                evidence::Verdict::Unclear { why } => {
+                    tracing::warn!(entry = seq, why, "an unresolved payment stays unresolved");
+                    continue;
+                }
+            };
+            if let Err(e) = self.record(&[change], true).await {
+                tracing::error!(entry = seq, error = %e, "recording evidence failed");
+            }
+        }
+    }
+
+    async fn evidence_chain_id(&self, chain: &evidence::Chain) -> Option<u64> {
+        if let Some(id) = *self
+            .inner
+            .evidence_chain
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+        {
+            return Some(id);
+        }
+        match chain.chain_id().await {
+            Ok(id) => {
+                *self
+                    .inner
+                    .evidence_chain
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner()) = Some(id);
+                Some(id)
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "the settlement RPC node cannot be read; unresolved payments wait");
+                None
+            }
+        }
+    }
+
+    /// Submits an unresolved deferred payment whose nonce the chain shows unused.
+    async fn settle_again(&self, entry: &Entry) {
+        let seq = entry.seq;
+        let again = Change {
+            entry: seq,
+            state: State::Submitted,
+            detail: reason("evidence: the nonce is unused on chain; submitted again".into()),
+        };
+        if self.record(&[again], true).await.is_err() {
+            return;
+        }
+        let outcome = match self.backend(&entry.backend) {
+            Ok(client) => self.call(&client, seq).await,
+            Err(e) => Err(e),
+        };
+        let change = match outcome {
+            Ok(receipt) => confirmed(seq, &receipt),
+            Err(e @ SettleError::Refused(_)) => Change {
+                // Refused now may mean the first attempt landed meanwhile: the chain decides.
+                entry: seq,
+                state: State::Unresolved,
+                detail: reason(e.reason()),
+            },
+            Err(e) => Change {
+                entry: seq,
+                state: State::Unresolved,
+                detail: reason(e.reason()),
+            },
+        };
+        if let Err(e) = self.record(&[change], true).await {
+            tracing::error!(entry = seq, error = %e, "recording a settlement outcome failed");
+        }
     }
 
     fn backend_reached(&self, url: &str, reached: bool) {

@@ -82,7 +82,9 @@ impl State {
     }
 
     /// The state machine: the changes a fact may record. `submitted → queued` is only for a
-    /// call that provably never left (the backend could not be reached).
+    /// call that provably never left (the backend could not be reached); `unresolved →
+    /// submitted` only when the chain shows the nonce unused (settlement tries again; the
+    /// token's nonce check makes a second transfer impossible).
     pub fn may_become(self, next: State) -> bool {
         use State::*;
         matches!(
@@ -92,7 +94,7 @@ impl State {
                 Queued | Submitted | Failed | Refunded | Unresolved
             ) | (Queued, Submitted | Failed | Refunded)
                 | (Submitted, Confirmed | Failed | Unresolved | Queued)
-                | (Unresolved, Confirmed | Failed)
+                | (Unresolved, Confirmed | Failed | Submitted)
         )
     }
 }
