@@ -28,12 +28,18 @@
 //!            ├─ x402::verify ───────────────── pure: decode, match offer, window, signature
 //!            │    or store resolve_key ─────── prepaid: SHA-256 lookup, revoked/expired
 //!            ├─ limits::Limiter::admit ─────── requests / spend / unsettled per buyer
-//!            ├─ store::Store::claim_nonce ──── durable: first use only, fsync'd
+//!            ├─ store::Store::record_payment ─ durable: nonce claim + ledger entry, one fsync
 //!            │    or store debit ───────────── durable: atomic, never below zero
-//!            ├─ settle::Facilitator (before) ─ HTTP
+//!            ├─ settle::Settlement (before) ── submitted → /settle → outcome, all recorded
 //!            ├─ proxy::forward ─────────────── headers the upstream sees
 //!            ▼
 //!         upstream ─▶ proxy::response_filter ─ settle (after, status < 400), receipt header
+//!                     proxy logging ────────── settle::Settlement::request_done: deferred
+//!                                              payments queued (or refunded on >= 400)
+//!
+//!         settle::Settlement::run (background) ─ bundles by count/value/window/deadline,
+//!                                              one /settle per authorization, outcomes and
+//!                                              evidence (settle::evidence) in the ledger
 //! ```
 //!
 //! # Code map
@@ -57,9 +63,11 @@
 //!   ([`proxy::listener`]: cap, deadlines, heads read and checked before Pingora parses them),
 //!   the request phases, admission of a payment (`admit`) or a key (`prepaid`), credit sales
 //!   (`sell`), the forwarded request (target and headers), refusals.
-//! - [`store`] — the only module that touches sled: the durable nonce set, and
-//!   [`store::accounts`] (accounts, key hashes, balances, the append-only credit ledger,
-//!   idempotency keys, refunds) and spend-limit counters. One writer thread owns every flush
+//! - [`store`] — the only module that touches sled: the durable nonce set,
+//!   [`store::ledger`] (the payment ledger: an entry per x402 payment written with its nonce,
+//!   append-only state facts, bundles), [`store::accounts`] (accounts, key hashes, balances,
+//!   the append-only credit ledger, idempotency keys, refunds), [`store::sale`] (a credit sale
+//!   as one transaction) and spend-limit counters. One writer thread owns every flush
 //!   and every debit: concurrent debits share one transaction and one fsync (group commit).
 //! - [`limits`] — buyer limits at run time (windows, counters, what a request holds).
 //! - [`reload`] — the policy in force ([`reload::Live`], swapped whole on reload; each request
@@ -67,7 +75,11 @@
 //! - [`metrics`] — the Prometheus families and their exposition on the ops listener.
 //! - [`admin`] — account administration as operations ([`admin::Op`]) shared by the admin API
 //!   ([`admin::service`], bearer token from [`admin::token`]) and the CLI.
-//! - [`settle`] — the facilitator client (`POST /settle`).
+//! - [`settle`] — settlement as a service of its own: [`settle::Settlement`] owns every
+//!   payment after it is recorded (settle now, or queue and bundle; outcomes, recovery after a
+//!   crash, the unsettled holds of deferred payments), [`settle::facilitator`] the x402
+//!   facilitator client (`/settle`, `/supported`), [`settle::evidence`] the chain reads that
+//!   decide an unknown outcome.
 //! - [`logging`] — log setup and the one `log` → `tracing` bridge: what Pingora and other
 //!   libraries log is redacted (header values, credentials, API keys, bodies) at every level,
 //!   and client mistakes are warnings, rate-limited.
@@ -98,8 +110,16 @@
 //!   upstream's answer reaches the client, and a failed settlement replaces that answer with a
 //!   402; the upstream failing (status ≥ 400, unreachable, timeout) is never settled.
 //! - **An authorization is used once**, also across concurrent requests and restarts: the
-//!   (chain, asset, from, nonce) key is inserted with compare-and-swap and flushed before the
+//!   (chain, asset, from, nonce) key is claimed in a transaction and flushed before the
 //!   upstream sees the request.
+//! - **Every payment is on the books before its request is forwarded**: its ledger entry is
+//!   written in the same transaction as its nonce claim. Ledger history is append-only (a state
+//!   change is a new fact, sequence numbers have no gaps) and follows one state machine
+//!   ([`store::ledger::State::may_become`]).
+//! - **Nothing is settled twice, nothing is guessed.** An entry is `submitted` on disk before
+//!   its backend is called; a call whose outcome is unknown is `unresolved` and is decided only
+//!   by evidence from the chain ([`settle::evidence`]); after a crash, entries found
+//!   `submitted` become `unresolved`.
 //! - **A debit is atomic and durable before the upstream sees the request**, and never drives a
 //!   balance below zero; for every account, top-ups − debits + refunds == balance
 //!   ([`store::Store::audit`]), also across `kill -9`.

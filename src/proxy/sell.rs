@@ -15,7 +15,8 @@ use super::admit::Admitted;
 use super::prepaid::bad_key;
 use super::refusal::Refusal;
 use crate::reload::Loaded;
-use crate::store::accounts::{KeyLookup, KeyRecord, TopUp};
+use crate::store::accounts::{KeyLookup, KeyRecord};
+use crate::store::sale::CreditSale;
 
 /// Tollgate's own answer to a credit purchase: status and JSON body.
 pub struct Sale {
@@ -57,38 +58,28 @@ impl Gate {
         let network = paid.offer().map_or("", |o| o.caip2.as_str());
         let reference = format!("x402:{network}:{payer}:{}", paid.payment.nonce);
         let failed = |e: crate::store::StoreError| {
-            // Paid and settled, but not credited: the operator must credit it by hand.
-            tracing::error!(error = %e, %reference, "a settled credit purchase could not be credited");
-            Refusal::store_unavailable(&e)
-        };
-        let (account, new_key) = match key {
-            Some(record) => (record.account, None),
-            None => {
-                let account = self
-                    .store
-                    .create_account(&format!("x402 {payer}"), now)
-                    .await
-                    .map_err(failed)?;
-                let issued = self
-                    .store
-                    .issue_key(account.id, "bought with x402", None, now)
-                    .await
-                    .map_err(failed)?;
-                (account.id, issued)
-            }
-        };
-        let key_id = new_key.as_ref().map(|(_, record)| record.id.clone());
-        let topped = match self.store.top_up(account, credits, &reference, now).await {
-            Ok(Ok(TopUp::Credited(fact) | TopUp::Repeated(fact))) => Ok(fact),
-            Ok(Err(refused)) => Err(crate::store::StoreError(format!("{refused:?}"))),
-            Err(e) => Err(e),
-        };
-        let fact = topped.map_err(|e| {
             // Paid and settled, but not credited: the operator credits it by hand (the
-            // reference makes a retried top-up safe). A new key was not shown to the buyer.
-            tracing::error!(error = %e, %reference, account, key_id = ?key_id, credits = %credits, "a settled credit purchase could not be credited");
+            // reference makes a retried top-up safe).
+            tracing::error!(error = %e, %reference, credits = %credits, "a settled credit purchase could not be credited");
             Refusal::store_unavailable(&e)
-        })?;
+        };
+        let name = format!("x402 {payer}");
+        let sale = CreditSale {
+            account: key.map(|record| record.account),
+            name: &name,
+            key_label: "bought with x402",
+            credits,
+            reference: &reference,
+        };
+        // One durable step: the account, its new key and the top-up, or none of them.
+        let sold = match self.store.sell_credits(&sale, now).await {
+            Ok(Ok(sold)) => sold,
+            Ok(Err(refused)) => {
+                return Err(failed(crate::store::StoreError(format!("{refused:?}"))));
+            }
+            Err(e) => return Err(failed(e)),
+        };
+        let (account, new_key, fact) = (sold.account, sold.key, sold.fact);
         self.metrics
             .credits_sold
             .inc_by(u64::try_from(credits).unwrap_or(u64::MAX));

@@ -9,6 +9,7 @@
 
 pub mod accounts;
 pub mod ledger;
+pub mod sale;
 mod spend;
 mod writer;
 

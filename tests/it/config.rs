@@ -146,7 +146,35 @@ connections:
   head_timeout: 10s
   body_timeout: 30s
   body_min_rate: 1024
+settlement:
+  rpc: null
 "
+    );
+}
+
+#[test]
+fn the_settlement_rpc_comes_from_file_or_environment_and_must_be_a_url() {
+    let config = ok(Some("settlement:\n  rpc: http://127.0.0.1:8545\n"), &[]).config;
+    assert_eq!(
+        config.settlement.rpc.as_deref(),
+        Some("http://127.0.0.1:8545")
+    );
+    let config = ok(
+        None,
+        &[("TOLLGATE_SETTLEMENT_RPC", "https://rpc.example:443/v1")],
+    )
+    .config;
+    assert_eq!(
+        config.settlement.rpc.as_deref(),
+        Some("https://rpc.example/v1")
+    );
+    let text = config.to_yaml();
+    assert_eq!(ok(Some(&text), &[]).config, config, "{text}");
+    assert!(
+        errors(Some("settlement:\n  rpc: ftp://x\n"), &[])
+            .starts_with("tollgate.yaml: settlement.rpc: invalid RPC URL"),
+        "{}",
+        errors(Some("settlement:\n  rpc: ftp://x\n"), &[])
     );
 }
 
@@ -512,7 +540,7 @@ fn unknown_keys_are_errors_with_suggestions() {
     );
     assert_eq!(
         errors(Some("storage: x"), &[]),
-        "tollgate.yaml: storage: unknown field (expected one of: listen, upstream, public_url, policies, store, ops, admin, log, connections); did you mean store?"
+        "tollgate.yaml: storage: unknown field (expected one of: listen, upstream, public_url, policies, store, ops, admin, log, connections, settlement); did you mean store?"
     );
     assert_eq!(
         errors(Some("log:\n  colour: true"), &[]),
