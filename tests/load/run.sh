@@ -62,6 +62,10 @@ service "load" {
   default deny
   route GET "/free" { free }
   route GET "/paid" { price 0.001 USDC }
+  route GET "/deferred" {
+    price 0.001 USDC
+    settle deferred every 5s or 1000 payments
+  }
   route GET "/prepaid" { price 1 credit }
 }
 POLICY
@@ -85,18 +89,20 @@ gate credits top-up --account "$ACCOUNT" --credits 100000000 --reference load >/
 for _ in $(seq 100); do curl -sf "http://$OPS/readyz" >/dev/null && break; sleep 0.1; done
 
 # Enough unique payments for the paid runs at up to 20k req/s.
-PAYMENTS=$(( (DURATION + 2) * 20000 ))
+PAYMENTS=$(( (DURATION + 2) * 30000 ))
 "$BIN/examples/presign" "http://$GATE/paid" "$PAYMENTS" "$WORK/payments.txt"
 
 cat > "$WORK/paid.lua" <<'LUA'
 local headers = {}
 local i = 0
+local path = "/paid"
 init = function(args)
   for line in io.lines(args[1]) do headers[#headers + 1] = line end
+  if args[2] then path = args[2] end
 end
 request = function()
   i = i + 1
-  return wrk.format("GET", "/paid", { ["PAYMENT-SIGNATURE"] = headers[i] })
+  return wrk.format("GET", path, { ["PAYMENT-SIGNATURE"] = headers[i] })
 end
 LUA
 # Moderate load: wrk's delay() paces each connection, so the offered rate stays fixed and the
@@ -117,7 +123,7 @@ run() { # name url conns [--key KEY | --payments FILE] [--paced]
   if [ -n "$payments" ]; then script=paid${script:+-paced}; fi
   if [ -n "$script" ]; then args+=(-s "$WORK/$script.lua"); fi
   local out
-  out=$(wrk "${args[@]}" "$url" ${payments:+-- "$payments"})
+  out=$(wrk "${args[@]}" "$url" ${payments:+-- "$payments" "/${url#http://*/}"})
   local rps p50 p99 errors
   rps=$(awk '/Requests\/sec/ {print $2}' <<<"$out")
   p50=$(awk '$1=="50%" {print $2}' <<<"$out")
@@ -132,12 +138,19 @@ run "direct upstream"             "http://$UP/free"    "$CONNS"
 run "nginx reverse proxy"         "http://$NGINX/free" "$CONNS"
 run "bare Pingora proxy"          "http://$BARE/free"  "$CONNS"
 run "tollgate free route"         "http://$GATE/free"  "$CONNS"
-split -n l/2 "$WORK/payments.txt" "$WORK/pay."
+split -n l/3 "$WORK/payments.txt" "$WORK/pay."
 run "tollgate paid route (x402)"  "http://$GATE/paid"  "$CONNS" --payments "$WORK/pay.aa"
+run "tollgate paid, deferred"     "http://$GATE/deferred" "$CONNS" --payments "$WORK/pay.ac"
 run "tollgate prepaid route"      "http://$GATE/prepaid" "$CONNS" --key "$KEY"
 run "direct upstream, paced"      "http://$UP/free"    "$MODERATE" --paced
 run "tollgate free route, paced"  "http://$GATE/free"  "$MODERATE" --paced
 run "tollgate paid route, paced"  "http://$GATE/paid"  "$MODERATE" --payments "$WORK/pay.ab" --paced
 run "tollgate prepaid, paced"     "http://$GATE/prepaid" "$MODERATE" --key "$KEY" --paced
 echo
+# Deferred payments settle after the run: wait for the queue to drain, then count them.
+for _ in $(seq 120); do
+  OPEN=$(curl -sf "http://$OPS/metrics" | awk '/^tollgate_payments_open\{/ {s += $2} END {print s + 0}')
+  [ "$OPEN" = 0 ] && break; sleep 1
+done
+curl -sf "http://$OPS/metrics" | grep -E '^tollgate_(ledger_facts_total\{state="(confirmed|failed|unresolved)"\}|settlement_bundles_total|payments_open\{state="queued"\})'
 echo "tollgate RSS after the run: $(ps -o rss= -p "$(pgrep -f "tollgate run --config $WORK")" | awk '{printf "%.1f MiB", $1/1024}')"

@@ -21,6 +21,10 @@ fn policy(facilitator: &str) -> String {
     price 0.01 USDC
     settle deferred every 1s
   }}
+  route GET "/valued/**" {{
+    price 0.01 USDC
+    settle deferred every 60s or 0.03 USDC
+  }}
   route GET "/capped/**" {{
     price 0.01 USDC
     limit buyer unsettled 0.02 USDC
@@ -187,4 +191,78 @@ async fn kill_9_loses_no_queued_payment_and_keeps_the_unsettled_limit() {
     assert_eq!(w.facilitator.settled().len(), 3);
     // Settled: the buyer may spend again.
     assert_eq!(w.pay_v2("/capped/4", &Tweak::default()).await.status(), 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bundle_closes_when_its_value_is_reached() {
+    let w = world("deferred-value").await;
+    for i in 0..2 {
+        assert_eq!(
+            w.pay_v2(&format!("/valued/{i}"), &Tweak::default())
+                .await
+                .status(),
+            200
+        );
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(
+        w.facilitator.settled().is_empty(),
+        "0.02 of 0.03 USDC closed a bundle"
+    );
+    assert_eq!(w.pay_v2("/valued/2", &Tweak::default()).await.status(), 200);
+    settled(&w, 3).await;
+}
+
+/// `kill -9` while the facilitator is settling an `after response` payment: the buyer gets no
+/// answer, nobody at tollgate knows whether the facilitator settled, and after the restart the
+/// ledger says so — `unresolved` — instead of forgetting the payment, calling it failed, or
+/// sending it again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_during_a_facilitator_call_leaves_the_payment_unresolved_not_lost() {
+    let upstream = Upstream::start().await;
+    let facilitator = Facilitator::start().await;
+    let url = upstream.url();
+    let mut w = World::launch_policy(
+        "kill-in-call",
+        upstream,
+        facilitator,
+        &url,
+        harness::Launch::default(),
+        |facilitator| super::policy(&format!("{facilitator}/slow/2000")),
+    )
+    .await;
+    let header = w.signed_v2("/paid/in-flight", &Tweak::default()).await;
+    let request = w
+        .get("/paid/in-flight")
+        .header("payment-signature", header)
+        .send();
+    let pending = tokio::spawn(request);
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    w.sidecar.kill();
+    assert!(pending.await.unwrap().is_err(), "the buyer got an answer");
+    let upstream = w.upstream.url();
+    w.sidecar = harness::Sidecar::launch(&w.dir, &upstream, harness::Launch::default()).await;
+    assert_eq!(
+        metric(&w, r#"tollgate_payments_open{state="unresolved"}"#).await,
+        1.0,
+        "{}",
+        w.sidecar.log()
+    );
+    // Only evidence may decide it (no settlement.rpc here): it is never sent again.
+    let calls = w.facilitator.calls();
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(
+        w.facilitator.calls(),
+        calls,
+        "an unresolved payment was sent again"
+    );
+    assert_eq!(
+        metric(&w, r#"tollgate_payments_open{state="unresolved"}"#).await,
+        1.0
+    );
+    assert!(
+        w.sidecar
+            .log()
+            .contains("unresolved until evidence from the chain decides them")
+    );
 }

@@ -237,7 +237,9 @@ impl Facilitator {
         let calls = Arc::new(AtomicUsize::new(0));
         let counted = calls.clone();
         let addr = serve(Arc::new(move |req: Request<Bytes>| {
-            let path = req.uri().path().to_string();
+            // The last segment names the endpoint, so a base URL such as `{url}/slow/2000`
+            // (every call waits 2 s, see `serve`) works like the plain one.
+            let path = format!("/{}", req.uri().path().rsplit('/').next().unwrap_or(""));
             if path == "/supported" {
                 return json_response(
                     200,
