@@ -63,7 +63,6 @@ pub struct Kind {
 
 #[derive(Deserialize)]
 struct Supported {
-    #[serde(default)]
     kinds: Vec<Kind>,
 }
 

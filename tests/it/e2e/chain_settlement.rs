@@ -293,3 +293,82 @@ async fn kill_9_during_deferred_settlement_settles_every_payment_exactly_once() 
     );
     assert_eq!(s.upstream.seen(), 8 * rounds as usize);
 }
+
+/// The accountant's question: after 1,000 paid requests settled in deferred bundles, does the
+/// export add up to exactly what reached `pay_to` on chain, transaction by transaction?
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_export_of_a_thousand_payments_equals_the_transfers_on_chain() {
+    let buyer = Wallet::new(65);
+    let chain = DevChain::start_with(&[(buyer.address(), 20_000_000)]).await;
+    let upstream = Upstream::start().await;
+    let dir = harness::scratch_dir("chain-export");
+    std::fs::write(
+        dir.join("policy.toll"),
+        policy(&chain.facilitator_url(), "deferred every 5s or 100 payments"),
+    )
+    .unwrap();
+    let sidecar = launch(&dir, &upstream, "").await;
+    let response = harness::client().get(sidecar.url("/paid/0")).send().await.unwrap();
+    let required = harness::decode(response.headers()["payment-required"].to_str().unwrap());
+    let offer = required["accepts"][0].clone();
+    let total = 1_000;
+    let mut served = 0;
+    for batch in 0..(total / 50) {
+        let mut calls = Vec::new();
+        for i in 0..50 {
+            let header = buyer.pay_v2(&offer, &Tweak::default());
+            let url = sidecar.url(&format!("/paid/{batch}-{i}"));
+            calls.push(tokio::spawn(async move {
+                harness::client()
+                    .get(url)
+                    .header("payment-signature", header)
+                    .send()
+                    .await
+                    .map(|r| r.status().as_u16())
+            }));
+        }
+        for call in calls {
+            if call.await.unwrap().unwrap() == 200 {
+                served += 1;
+            }
+        }
+    }
+    assert_eq!(served, total);
+    settled(&sidecar, Duration::from_secs(120)).await;
+
+    let admin = |path: &str| {
+        harness::client()
+            .get(sidecar.admin_url(path))
+            .bearer_auth(sidecar.admin_token())
+    };
+    let export: Value = admin("/v1/ledger/export?format=json")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let rows = export["rows"].as_array().expect("rows");
+    assert_eq!(rows.len(), total);
+    let confirmed: Vec<&Value> = rows.iter().filter(|r| r["state"] == "confirmed").collect();
+    assert_eq!(confirmed.len(), total, "every payment settled");
+    let exported: u128 = confirmed
+        .iter()
+        .map(|r| r["amount_atomic"].as_str().unwrap().parse::<u128>().unwrap())
+        .sum();
+    let transfers = chain.transfers_to(pay_to()).await;
+    let on_chain: u128 = transfers.iter().map(|(_, value, _, _)| value).sum();
+    assert_eq!(exported, on_chain);
+    assert_eq!(on_chain, total as u128 * PRICE);
+    assert_eq!(chain.balance_of(pay_to()).await, on_chain);
+    let mut hashes: Vec<String> = transfers.iter().map(|(_, _, tx, _)| tx.to_string()).collect();
+    let mut exported_hashes: Vec<String> = confirmed
+        .iter()
+        .map(|r| r["tx_hash"].as_str().unwrap().to_lowercase())
+        .collect();
+    hashes.sort();
+    exported_hashes.sort();
+    assert_eq!(hashes, exported_hashes, "each row names its own transfer");
+    let verified = admin("/v1/ledger/verify").send().await.unwrap();
+    assert_eq!(verified.status(), 200, "{}", verified.text().await.unwrap());
+}
