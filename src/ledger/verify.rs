@@ -117,10 +117,11 @@ pub fn verify(store: &Store) -> Result<Report, StoreError> {
     // Facts, in order: gap-free, and folded per entry through the state machine.
     let mut folded: HashMap<u64, Status> = HashMap::new();
     let mut submitted_in: HashSet<(u64, u64)> = HashSet::new();
-    let mut facts = 0u64;
+    let (mut facts, mut last_fact) = (0u64, 0u64);
     store.scan_payment_facts(|(key, fact)| {
         facts += 1;
-        let expected = facts;
+        last_fact += 1;
+        let expected = last_fact;
         if key != Some(expected) {
             breaks.push(
                 Break::new(
@@ -132,7 +133,7 @@ pub fn verify(store: &Store) -> Result<Report, StoreError> {
                 )
                 .fact(Some(expected)),
             );
-            facts = key.unwrap_or(expected);
+            last_fact = key.unwrap_or(expected);
         }
         let fact = match fact {
             Ok(fact) => fact,
@@ -206,15 +207,17 @@ pub fn verify(store: &Store) -> Result<Report, StoreError> {
         folded.insert(fact.entry, next);
         true
     })?;
-    if facts != fact_counter {
+    if last_fact != fact_counter {
         breaks.push(Break::new(
             "fact_count",
-            format!("{facts} facts are stored but the `payment_fact` counter says {fact_counter}"),
+            format!(
+                "the last fact is {last_fact} but the `payment_fact` counter says {fact_counter}"
+            ),
         ));
     }
 
     // Entries, in order: gap-free, each with facts, a status equal to them, open iff not final.
-    let mut entries = 0u64;
+    let (mut entries, mut last_entry) = (0u64, 0u64);
     let mut seen: HashSet<u64> = HashSet::new();
     let mut by_state: BTreeMap<&'static str, u64> =
         State::ALL.iter().map(|s| (s.as_str(), 0)).collect();
@@ -222,7 +225,8 @@ pub fn verify(store: &Store) -> Result<Report, StoreError> {
     let mut failure: Option<StoreError> = None;
     store.scan_payments(|(key, entry)| {
         entries += 1;
-        let expected = entries;
+        last_entry += 1;
+        let expected = last_entry;
         if key != Some(expected) {
             breaks.push(
                 Break::new(
@@ -234,7 +238,7 @@ pub fn verify(store: &Store) -> Result<Report, StoreError> {
                 )
                 .entry(Some(expected)),
             );
-            entries = key.unwrap_or(expected);
+            last_entry = key.unwrap_or(expected);
         }
         let Some(seq) = key else {
             breaks.push(Break::new(
@@ -278,10 +282,12 @@ pub fn verify(store: &Store) -> Result<Report, StoreError> {
     if let Some(e) = failure {
         return Err(e);
     }
-    if entries != entry_counter {
+    if last_entry != entry_counter {
         breaks.push(Break::new(
             "entry_count",
-            format!("{entries} entries are stored but the `payment` counter says {entry_counter}"),
+            format!(
+                "the last entry is {last_entry} but the `payment` counter says {entry_counter}"
+            ),
         ));
     }
     let mut orphans: Vec<u64> = folded
@@ -517,7 +523,7 @@ fn check_bundles(
     if expected != counter {
         breaks.push(Break::new(
             "bundle_count",
-            format!("{expected} bundles are stored but the `bundle` counter says {counter}"),
+            format!("the last bundle is {expected} but the `bundle` counter says {counter}"),
         ));
     }
     for bundle in stored {
@@ -592,4 +598,339 @@ fn check_bundles(
         }
     }
     Ok(ids)
+}
+
+#[cfg(test)]
+mod tests {
+    use alloy::primitives::{Address, B256};
+
+    use super::*;
+    use crate::store::NonceKey;
+    use crate::store::ledger::{Authorization, Bundle, Change, Detail, Fact, Timing};
+
+    fn entry(n: u8, amount: u128) -> (NonceKey, Entry) {
+        let key = NonceKey {
+            chain_id: 84532,
+            asset: Address::repeat_byte(1),
+            from: Address::repeat_byte(2),
+            nonce: B256::repeat_byte(n),
+        };
+        let entry = Entry {
+            seq: 0,
+            at: 1_796_040_000 + u64::from(n),
+            request_id: format!("req-{n}"),
+            service: "weather".into(),
+            route: "GET /v1/forecast/{city}".into(),
+            method: "GET".into(),
+            path: "/v1/forecast/paris".into(),
+            payer: key.from,
+            rail: "x402".into(),
+            amount,
+            asset: key.asset,
+            symbol: "USDC".into(),
+            decimals: 6,
+            network: "base-sepolia".into(),
+            chain_id: 84532,
+            pay_to: Address::repeat_byte(3),
+            nonce: key.nonce,
+            valid_after: 0,
+            valid_before: 1_796_040_600,
+            timing: Timing::Deferred {
+                every_secs: Some(60),
+                payments: None,
+                value: None,
+            },
+            backend: "https://x402.org/facilitator".into(),
+            credits: None,
+        };
+        (key, entry)
+    }
+
+    /// Three entries: 1 confirmed and 2 submitted in bundle 1, 3 recorded; one credit account.
+    async fn books(name: &str) -> (Store, std::path::PathBuf) {
+        let dir =
+            std::env::temp_dir().join(format!("tollgate-verify-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let store = Store::open(&dir).unwrap();
+        let auth = Authorization {
+            version: 2,
+            payload: serde_json::json!({}),
+            requirements: serde_json::json!({}),
+        };
+        for (n, amount) in [(1, 1_000), (2, 2_500), (3, 10)] {
+            let (key, e) = entry(n, amount);
+            store.record_payment(&key, e, &auth).await.unwrap();
+        }
+        let queued = Change {
+            entry: 1,
+            state: State::Queued,
+            detail: Detail::default(),
+        };
+        store
+            .record_changes(&[queued], 1_796_040_010, true)
+            .await
+            .unwrap()
+            .unwrap();
+        let bundle = Bundle {
+            id: 0,
+            at: 0,
+            backend: "https://x402.org/facilitator".into(),
+            network: "base-sepolia".into(),
+            asset: Address::repeat_byte(1),
+            symbol: "USDC".into(),
+            decimals: 6,
+            pay_to: Address::repeat_byte(3),
+            entries: vec![1, 2],
+            total: 3_500,
+            closed_by: "count".into(),
+        };
+        store
+            .submit_bundle(bundle, 1_796_040_020)
+            .await
+            .unwrap()
+            .unwrap();
+        let confirmed = Change {
+            entry: 1,
+            state: State::Confirmed,
+            detail: Detail {
+                tx: Some("0xabc".into()),
+                block: Some(7),
+                ..Detail::default()
+            },
+        };
+        store
+            .record_changes(&[confirmed], 1_796_040_030, true)
+            .await
+            .unwrap()
+            .unwrap();
+        let account = store.create_account("acme", 1).await.unwrap();
+        store
+            .top_up(account.id, 50, "inv-1", 1)
+            .await
+            .unwrap()
+            .unwrap();
+        (store, dir)
+    }
+
+    fn tree(store: &Store, name: &str) -> sled::Tree {
+        store.ledger_tree_for_tests(name).unwrap()
+    }
+
+    fn kinds(store: &Store) -> Vec<&'static str> {
+        let report = verify(store).unwrap();
+        assert_eq!(report.consistent, report.breaks.is_empty());
+        report.breaks.iter().map(|b| b.kind).collect()
+    }
+
+    fn json<T: serde::Serialize>(value: &T) -> Vec<u8> {
+        serde_json::to_vec(value).unwrap()
+    }
+
+    fn status(store: &Store, seq: u64) -> Status {
+        store.payment_status_raw(seq).unwrap().unwrap().unwrap()
+    }
+
+    #[tokio::test]
+    async fn sound_books_verify_and_are_summarised() {
+        let (store, dir) = books("sound").await;
+        let report = verify(&store).unwrap();
+        assert!(report.consistent, "{:?}", report.breaks);
+        assert_eq!((report.entries, report.facts, report.bundles), (3, 7, 1));
+        assert_eq!(report.by_state["confirmed"], 1);
+        assert_eq!(report.by_state["submitted"], 1);
+        assert_eq!(report.by_state["recorded"], 1);
+        assert_eq!(report.unsettled.len(), 1);
+        assert_eq!(report.unsettled[0].count, 2);
+        assert_eq!(report.unsettled[0].amount, "0.00251");
+        assert_eq!(report.credits.accounts, 1);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[tokio::test]
+    async fn a_missing_entry_is_a_gap_and_its_facts_are_orphans() {
+        let (store, dir) = books("entry-gap").await;
+        tree(&store, "payments").remove(2u64.to_be_bytes()).unwrap();
+        let report = verify(&store).unwrap();
+        let gap = report
+            .breaks
+            .iter()
+            .find(|b| b.kind == "entry_gap")
+            .unwrap();
+        assert_eq!(gap.entry, Some(2));
+        let k = kinds(&store);
+        for kind in [
+            "entry_gap",
+            "fact_orphan",
+            "status_orphan",
+            "open_extra",
+            "bundle_entry_missing",
+        ] {
+            assert!(k.contains(&kind), "{kind} in {k:?}");
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[tokio::test]
+    async fn counters_must_match_what_is_stored() {
+        let (store, dir) = books("counters").await;
+        let meta = tree(&store, "meta");
+        meta.insert("payment", &4u64.to_be_bytes()).unwrap();
+        meta.insert("payment_fact", &9u64.to_be_bytes()).unwrap();
+        // (the facts' last is 7, the entries' 3, the bundles' 1)
+        meta.insert("bundle", &2u64.to_be_bytes()).unwrap();
+        assert_eq!(kinds(&store), ["fact_count", "entry_count", "bundle_count"]);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[tokio::test]
+    async fn a_missing_fact_is_a_gap() {
+        let (store, dir) = books("fact-gap").await;
+        // Fact 4 is entry 1's `queued`: without it, entry 1 went recorded → submitted, which
+        // the machine allows, so the gap itself is what verify reports.
+        tree(&store, "payment_facts")
+            .remove(4u64.to_be_bytes())
+            .unwrap();
+        let report = verify(&store).unwrap();
+        let gap = report.breaks.iter().find(|b| b.kind == "fact_gap").unwrap();
+        assert_eq!(gap.fact, Some(4));
+        assert_eq!(kinds(&store), ["fact_gap"]);
+        assert_eq!(report.facts, 6);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[tokio::test]
+    async fn facts_must_start_recorded_and_follow_the_machine() {
+        let (store, dir) = books("machine").await;
+        let facts = tree(&store, "payment_facts");
+        // Entry 3's only fact claims `queued` from the start.
+        let mut first: Fact =
+            serde_json::from_slice(&facts.get(3u64.to_be_bytes()).unwrap().unwrap()).unwrap();
+        first.state = State::Queued;
+        facts.insert(3u64.to_be_bytes(), json(&first)).unwrap();
+        // Entry 1, confirmed, becomes `queued` again (a later fact).
+        let back = Fact {
+            seq: 8,
+            entry: 1,
+            at: 1_796_040_040,
+            state: State::Queued,
+            detail: Detail::default(),
+        };
+        facts.insert(8u64.to_be_bytes(), json(&back)).unwrap();
+        tree(&store, "meta")
+            .insert("payment_fact", &8u64.to_be_bytes())
+            .unwrap();
+        let report = verify(&store).unwrap();
+        let first = report
+            .breaks
+            .iter()
+            .find(|b| b.kind == "first_fact")
+            .unwrap();
+        assert_eq!((first.entry, first.fact), (Some(3), Some(3)));
+        let bad = report
+            .breaks
+            .iter()
+            .find(|b| b.kind == "bad_transition")
+            .unwrap();
+        assert_eq!((bad.entry, bad.fact), (Some(1), Some(8)));
+        assert!(
+            bad.message.contains("from `confirmed` to `queued`"),
+            "{}",
+            bad.message
+        );
+        // Both statuses now disagree with their folded facts.
+        let mismatches: Vec<_> = report
+            .breaks
+            .iter()
+            .filter(|b| b.kind == "status_mismatch")
+            .map(|b| b.entry)
+            .collect();
+        assert_eq!(mismatches, [Some(1), Some(3)]);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[tokio::test]
+    async fn the_status_index_must_equal_the_folded_facts() {
+        let (store, dir) = books("status").await;
+        let mut s = status(&store, 2);
+        s.detail.tx = Some("0xforged".into());
+        tree(&store, "payment_status")
+            .insert(2u64.to_be_bytes(), json(&s))
+            .unwrap();
+        let report = verify(&store).unwrap();
+        assert_eq!(kinds(&store), ["status_mismatch"]);
+        assert_eq!(report.breaks[0].entry, Some(2));
+        tree(&store, "payment_status")
+            .remove(2u64.to_be_bytes())
+            .unwrap();
+        assert_eq!(kinds(&store), ["status_missing"]);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[tokio::test]
+    async fn open_payments_holds_exactly_the_entries_not_final() {
+        let (store, dir) = books("open").await;
+        let open = tree(&store, "open_payments");
+        open.remove(3u64.to_be_bytes()).unwrap();
+        open.insert(1u64.to_be_bytes(), &[]).unwrap();
+        open.insert(9u64.to_be_bytes(), &[]).unwrap();
+        let report = verify(&store).unwrap();
+        let found: Vec<_> = report.breaks.iter().map(|b| (b.kind, b.entry)).collect();
+        assert_eq!(
+            found,
+            [
+                ("open_extra", Some(1)),
+                ("open_missing", Some(3)),
+                ("open_extra", Some(9))
+            ]
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[tokio::test]
+    async fn a_bundle_adds_up_and_its_entries_were_submitted_in_it() {
+        let (store, dir) = books("bundle").await;
+        let bundles = tree(&store, "bundles");
+        let mut b: Bundle =
+            serde_json::from_slice(&bundles.get(1u64.to_be_bytes()).unwrap().unwrap()).unwrap();
+        b.total += 1;
+        bundles.insert(1u64.to_be_bytes(), json(&b)).unwrap();
+        let report = verify(&store).unwrap();
+        assert_eq!(kinds(&store), ["bundle_total"]);
+        assert_eq!(report.breaks[0].bundle, Some(1));
+        assert!(
+            report.breaks[0].message.contains("3501"),
+            "{}",
+            report.breaks[0].message
+        );
+        // Entry 3 listed, with the total to match: it was never submitted in bundle 1.
+        b.total = 3_510;
+        b.entries.push(3);
+        bundles.insert(1u64.to_be_bytes(), json(&b)).unwrap();
+        let report = verify(&store).unwrap();
+        assert_eq!(kinds(&store), ["bundle_not_submitted"]);
+        assert_eq!(
+            (report.breaks[0].bundle, report.breaks[0].entry),
+            (Some(1), Some(3))
+        );
+        // A status naming a bundle that does not exist.
+        bundles.remove(1u64.to_be_bytes()).unwrap();
+        let k = kinds(&store);
+        assert!(
+            k.contains(&"bundle_count") && k.contains(&"bundle_unknown"),
+            "{k:?}"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[tokio::test]
+    async fn the_credit_audit_is_part_of_verify() {
+        let (store, dir) = books("credits").await;
+        let balances = tree(&store, "balances");
+        let (key, _) = balances.iter().next().unwrap().unwrap();
+        balances.insert(key, &51u128.to_be_bytes()).unwrap();
+        let report = verify(&store).unwrap();
+        assert_eq!(kinds(&store), ["credit_balance"]);
+        assert_eq!(report.breaks[0].account, Some(1));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }
