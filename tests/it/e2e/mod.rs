@@ -3,6 +3,7 @@
 
 mod harness;
 mod interop;
+mod ledger;
 mod lifecycle;
 mod ops;
 mod payments;
