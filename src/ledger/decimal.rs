@@ -72,6 +72,9 @@ impl Decimal {
     pub fn checked_add(self, other: Decimal) -> Option<Decimal> {
         let scale = self.scale.max(other.scale);
         let widen = |d: Decimal| -> Option<U256> {
+            if d.scale == scale {
+                return Some(d.mantissa);
+            }
             let factor = U256::from(10u8).checked_pow(U256::from(scale - d.scale))?;
             d.mantissa.checked_mul(factor)
         };
@@ -85,7 +88,11 @@ impl Decimal {
 impl fmt::Display for Decimal {
     /// Every digit, no trailing zeros after the point, no point for a whole number.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let digits = self.mantissa.to_string();
+        // u128's formatting is several times faster than U256's, and nearly every amount fits.
+        let digits = match u128::try_from(self.mantissa) {
+            Ok(small) => small.to_string(),
+            Err(_) => self.mantissa.to_string(),
+        };
         let scale = usize::try_from(self.scale).unwrap_or(usize::MAX);
         let padded = if digits.len() <= scale {
             format!("{}{digits}", "0".repeat(scale - digits.len() + 1))

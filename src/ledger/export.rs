@@ -20,10 +20,11 @@
 //!   state, the count and the sum (atomic, decimal, and fiat when a rate is given). A total is
 //!   the sum of its rows, exactly.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::io::{self, Write};
 
+use alloy::primitives::Address;
 use serde::Serialize;
 
 use super::csv;
@@ -171,8 +172,25 @@ struct FiatColumns<'a> {
     fiat_amount: String,
 }
 
+/// Addresses as text, each checksummed (a Keccak hash) once per export, not once per row.
+#[derive(Default)]
+struct Names(HashMap<Address, String>);
+
+impl Names {
+    fn of(&mut self, address: Address) -> String {
+        self.0
+            .entry(address)
+            .or_insert_with(|| address.to_string())
+            .clone()
+    }
+}
+
 impl<'a> Line<'a> {
-    fn new(row: &'a Row, rate: Option<&'a Rate>) -> Result<Line<'a>, ExportError> {
+    fn new(
+        row: &'a Row,
+        rate: Option<&'a Rate>,
+        names: &mut Names,
+    ) -> Result<Line<'a>, ExportError> {
         let (e, s) = (&row.entry, &row.status);
         let fiat = match rate {
             Some(rate) => Some(FiatColumns {
@@ -192,10 +210,10 @@ impl<'a> Line<'a> {
             route: &e.route,
             method: &e.method,
             path: &e.path,
-            buyer: e.payer.to_string(),
+            buyer: names.of(e.payer),
             rail: &e.rail,
             network: &e.network,
-            asset: e.asset.to_string(),
+            asset: names.of(e.asset),
             symbol: &e.symbol,
             amount_atomic: e.amount.to_string(),
             amount: format_atomic(e.amount, e.decimals),
@@ -293,7 +311,8 @@ pub fn export(
 ) -> Result<Summary, ExportError> {
     let mut query = query.clone();
     query.after = None;
-    let mut totals: BTreeMap<(String, String, State), Total> = BTreeMap::new();
+    let mut totals: BTreeMap<(String, Address, State), Total> = BTreeMap::new();
+    let mut names = Names::default();
     let mut count = 0u64;
     let mut failure: Option<ExportError> = None;
     match format {
@@ -321,7 +340,7 @@ pub fn export(
     }
     store.each_payment(&query, |row| {
         let mut step = || -> Result<(), ExportError> {
-            let line = Line::new(&row, rate)?;
+            let line = Line::new(&row, rate, &mut names)?;
             match format {
                 Format::Csv => line.write_csv(out)?,
                 Format::Json => {
@@ -329,7 +348,7 @@ pub fn export(
                     serde_json::to_writer(&mut *out, &line).map_err(io::Error::from)?;
                 }
             }
-            add(&mut totals, &row, rate)?;
+            add(&mut totals, &row, rate, &line.asset)?;
             Ok(())
         };
         match step() {
@@ -369,17 +388,17 @@ pub fn export(
 }
 
 fn add(
-    totals: &mut BTreeMap<(String, String, State), Total>,
+    totals: &mut BTreeMap<(String, Address, State), Total>,
     row: &Row,
     rate: Option<&Rate>,
+    asset: &str,
 ) -> Result<(), ExportError> {
     let e = &row.entry;
-    let asset = e.asset.to_string();
     let total = totals
-        .entry((e.network.clone(), asset.clone(), row.status.state))
+        .entry((e.network.clone(), e.asset, row.status.state))
         .or_insert_with(|| Total {
             network: e.network.clone(),
-            asset,
+            asset: asset.to_string(),
             symbol: e.symbol.clone(),
             state: row.status.state,
             count: 0,
