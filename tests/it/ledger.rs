@@ -62,7 +62,7 @@ fn draft(i: u64) -> (NonceKey, Entry) {
         from: payer(n),
         nonce: B256::from(alloy::primitives::U256::from(i)),
     };
-    let route = if i % 2 == 0 {
+    let route = if i.is_multiple_of(2) {
         "GET /v1/forecast/{city}"
     } else {
         "POST /v1/reports"
