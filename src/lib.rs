@@ -69,6 +69,10 @@
 //!   the append-only credit ledger, idempotency keys, refunds), [`store::sale`] (a credit sale
 //!   as one transaction) and spend-limit counters. One writer thread owns every flush
 //!   and every debit: concurrent debits share one transaction and one fsync (group commit).
+//! - [`ledger`] — the payment ledger for operators and accountants: listings, the
+//!   reconciliation export (CSV/JSON, exact fiat columns from an operator's rate table,
+//!   [`ledger::export`]) and `ledger verify` ([`ledger::verify`]: gap-free sequences, the state
+//!   machine, the status and open indexes, bundle totals, the credit audit).
 //! - [`limits`] — buyer limits at run time (windows, counters, what a request holds).
 //! - [`reload`] — the policy in force ([`reload::Live`], swapped whole on reload; each request
 //!   keeps the one it started with) and the watcher (file content, SIGHUP).
@@ -143,6 +147,7 @@
 pub mod admin;
 pub mod cli;
 pub mod config;
+pub mod ledger;
 pub mod limits;
 pub mod logging;
 pub mod metrics;

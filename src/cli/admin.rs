@@ -20,7 +20,7 @@ pub struct Common {
     /// Sidecar config file (YAML): where the store is and where the admin API listens
     /// [default: $TOLLGATE_CONFIG, else ./tollgate.yaml when it exists, else built-in defaults]
     #[arg(long, value_name = "FILE", global = true)]
-    config: Option<PathBuf>,
+    pub(super) config: Option<PathBuf>,
 }
 
 /// Prepaid accounts: each holds a balance in credits and any number of API keys.
@@ -182,16 +182,32 @@ pub fn credits(args: CreditsArgs) -> Result<ExitCode, Failed> {
     execute(&args.common, op)
 }
 
-/// Applies the operation to the store, or through the running sidecar's admin API.
-fn execute(common: &Common, op: Op) -> Result<ExitCode, Failed> {
+/// Applies the operation to the store, or through the running sidecar's admin API, and prints
+/// the answer.
+pub(super) fn execute(common: &Common, op: Op) -> Result<ExitCode, Failed> {
+    print(&reply(common, op)?)
+}
+
+/// The sidecar config the command works with.
+pub(super) fn config(common: &Common) -> Result<Config, Failed> {
     let resolved = Config::load(config_path(common.config.as_ref()).as_deref())
         .map_err(|e| format!("invalid configuration:\n{e}"))?;
-    let config = resolved.config;
-    let runtime = tokio::runtime::Builder::new_current_thread()
+    Ok(resolved.config)
+}
+
+/// A runtime for one command.
+pub(super) fn runtime() -> Result<tokio::runtime::Runtime, Failed> {
+    tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-        .map_err(|e| format!("cannot start: {e}"))?;
-    let reply = runtime.block_on(async {
+        .map_err(|e| format!("cannot start: {e}"))
+}
+
+/// The answer to the operation, from the store or through the running sidecar's admin API.
+pub(super) fn reply(common: &Common, op: Op) -> Result<Reply, Failed> {
+    let config = config(common)?;
+    let runtime = runtime()?;
+    runtime.block_on(async {
         match Store::open(&config.store) {
             Ok(store) => Ok(admin::apply(&store, op, crate::unix_now()).await),
             Err(e) if e.in_use() => through_api(&config, &op).await,
@@ -200,11 +216,17 @@ fn execute(common: &Common, op: Op) -> Result<ExitCode, Failed> {
                 config.store.display()
             )),
         }
-    })?;
-    print(&reply)
+    })
 }
 
-async fn through_api(config: &Config, op: &Op) -> Result<Reply, Failed> {
+/// A request to the running sidecar's admin API, with the admin token; the URL is made of
+/// `admin.listen` and `target`.
+pub(super) fn admin_request(
+    config: &Config,
+    method: &str,
+    target: &str,
+    timeout: Option<std::time::Duration>,
+) -> Result<(reqwest::RequestBuilder, std::net::SocketAddr), Failed> {
     let token = admin::token::read(&admin::token::source(config)).map_err(|e| {
         format!("a sidecar holds the store, so this goes through its admin API, but {e}")
     })?;
@@ -212,16 +234,28 @@ async fn through_api(config: &Config, op: &Op) -> Result<Reply, Failed> {
     if address.ip().is_unspecified() {
         address.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
     }
-    let (method, target, body) = op.to_http();
     let url = format!("http://{address}{target}");
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let client = reqwest::Client::builder()
-        .timeout(std::time::Duration::from_secs(30))
+    let mut client = reqwest::Client::builder();
+    if let Some(timeout) = timeout {
+        client = client.timeout(timeout);
+    }
+    let client = client
         .build()
         .map_err(|e| format!("cannot build an HTTP client: {e}"))?;
     let method =
         reqwest::Method::from_bytes(method.as_bytes()).map_err(|e| format!("bad method: {e}"))?;
-    let mut request = client.request(method, &url).bearer_auth(token);
+    Ok((client.request(method, &url).bearer_auth(token), address))
+}
+
+async fn through_api(config: &Config, op: &Op) -> Result<Reply, Failed> {
+    let (method, target, body) = op.to_http();
+    let (mut request, address) = admin_request(
+        config,
+        method,
+        &target,
+        Some(std::time::Duration::from_secs(300)),
+    )?;
     if let Some(body) = body {
         request = request.json(&body);
     }
@@ -238,7 +272,7 @@ async fn through_api(config: &Config, op: &Op) -> Result<Reply, Failed> {
     Ok(Reply { status, body })
 }
 
-fn print(reply: &Reply) -> Result<ExitCode, Failed> {
+pub(super) fn print(reply: &Reply) -> Result<ExitCode, Failed> {
     if reply.status < 400 || reply.body.get("error").is_none() {
         let text = serde_json::to_string_pretty(&reply.body).unwrap_or_default();
         println!("{text}");

@@ -8,6 +8,7 @@ mod admin;
 mod check;
 mod explain;
 mod fmt;
+mod ledger;
 mod run;
 mod test;
 
@@ -50,6 +51,8 @@ enum Command {
     Keys(admin::KeysArgs),
     /// Credits: top up, balance, usage, audit.
     Credits(admin::CreditsArgs),
+    /// The payment ledger: list, show, bundles, export for reconciliation, verify.
+    Ledger(ledger::LedgerArgs),
 }
 
 /// Runs the command line; returns the process exit code.
@@ -64,6 +67,7 @@ pub fn main() -> ExitCode {
         Command::Accounts(args) => admin::accounts(args),
         Command::Keys(args) => admin::keys(args),
         Command::Credits(args) => admin::credits(args),
+        Command::Ledger(args) => ledger::ledger(args),
     };
     match result {
         Ok(code) => code,

@@ -9,6 +9,7 @@
 
 pub mod accounts;
 pub mod ledger;
+pub mod ledger_read;
 pub mod sale;
 mod spend;
 mod writer;

@@ -13,6 +13,8 @@ mod config;
 mod decide_table;
 // The `tollgate` binary: check, fmt, explain, test as an operator runs them.
 mod cli;
+// `tollgate ledger`: listings, bundle summaries, the reconciliation export, verify.
+mod ledger;
 // Golden snapshots of rendered diagnostics, one bad policy per mistake.
 mod diagnostics;
 // Property tests: the fmt round trip, comment placement, the parser never panics.

@@ -6,6 +6,7 @@ mod chain_settlement;
 mod deferred;
 mod harness;
 mod interop;
+mod ledger;
 mod lifecycle;
 mod ops;
 mod payments;
