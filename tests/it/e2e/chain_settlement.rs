@@ -140,6 +140,18 @@ async fn settled(sidecar: &Sidecar, within: Duration) {
     }
 }
 
+/// GETs an admin API path as JSON, with its status.
+async fn admin(sidecar: &Sidecar, path: &str) -> (u16, Value) {
+    let response = harness::client()
+        .get(sidecar.admin_url(path))
+        .bearer_auth(sidecar.admin_token())
+        .send()
+        .await
+        .unwrap();
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap_or(Value::Null))
+}
+
 fn pay_to() -> Address {
     PAY_TO.parse().unwrap()
 }
@@ -215,6 +227,41 @@ async fn a_deferred_bundle_settles_on_chain_and_a_bad_authorization_fails_alone(
     assert_eq!(s.chain.balance_of(pay_to()).await, 5 * PRICE);
     assert_eq!(s.chain.balance_of(broke.address()).await, 0);
     assert_eq!(s.upstream.seen(), 6, "every buyer was served at once");
+    // The ledger says which failed and why, in the facilitator's words.
+    let (_, failed) = admin(&s.sidecar, "/v1/ledger?state=failed").await;
+    let reasons: Vec<String> = failed["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| format!("{} {}", e["payer"], e["status"]["reason"]))
+        .collect();
+    assert_eq!(reasons.len(), 2, "{failed}");
+    assert!(
+        reasons.iter().any(|r| r.contains("insufficient_balance")),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons.iter().any(|r| r.contains("nonce_already_used")),
+        "{reasons:?}"
+    );
+    let (_, confirmed) = admin(&s.sidecar, "/v1/ledger?state=confirmed").await;
+    let mut ledger_txs: Vec<String> = confirmed["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["status"]["tx"].as_str().unwrap().to_lowercase())
+        .collect();
+    ledger_txs.sort();
+    let mut chain_txs: Vec<String> = transfers.iter().map(|t| t.2.to_string()).collect();
+    chain_txs.sort();
+    chain_txs.retain(|tx| ledger_txs.contains(tx));
+    assert_eq!(ledger_txs.len(), 4);
+    assert_eq!(
+        chain_txs, ledger_txs,
+        "every confirmed entry names its transfer"
+    );
+    let (status, report) = admin(&s.sidecar, "/v1/ledger/verify").await;
+    assert_eq!(status, 200, "{report}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -304,11 +351,18 @@ async fn the_export_of_a_thousand_payments_equals_the_transfers_on_chain() {
     let dir = harness::scratch_dir("chain-export");
     std::fs::write(
         dir.join("policy.toll"),
-        policy(&chain.facilitator_url(), "deferred every 5s or 100 payments"),
+        policy(
+            &chain.facilitator_url(),
+            "deferred every 5s or 100 payments",
+        ),
     )
     .unwrap();
     let sidecar = launch(&dir, &upstream, "").await;
-    let response = harness::client().get(sidecar.url("/paid/0")).send().await.unwrap();
+    let response = harness::client()
+        .get(sidecar.url("/paid/0"))
+        .send()
+        .await
+        .unwrap();
     let required = harness::decode(response.headers()["payment-required"].to_str().unwrap());
     let offer = required["accepts"][0].clone();
     let total = 1_000;
@@ -354,14 +408,23 @@ async fn the_export_of_a_thousand_payments_equals_the_transfers_on_chain() {
     assert_eq!(confirmed.len(), total, "every payment settled");
     let exported: u128 = confirmed
         .iter()
-        .map(|r| r["amount_atomic"].as_str().unwrap().parse::<u128>().unwrap())
+        .map(|r| {
+            r["amount_atomic"]
+                .as_str()
+                .unwrap()
+                .parse::<u128>()
+                .unwrap()
+        })
         .sum();
     let transfers = chain.transfers_to(pay_to()).await;
     let on_chain: u128 = transfers.iter().map(|(_, value, _, _)| value).sum();
     assert_eq!(exported, on_chain);
     assert_eq!(on_chain, total as u128 * PRICE);
     assert_eq!(chain.balance_of(pay_to()).await, on_chain);
-    let mut hashes: Vec<String> = transfers.iter().map(|(_, _, tx, _)| tx.to_string()).collect();
+    let mut hashes: Vec<String> = transfers
+        .iter()
+        .map(|(_, _, tx, _)| tx.to_string())
+        .collect();
     let mut exported_hashes: Vec<String> = confirmed
         .iter()
         .map(|r| r["tx_hash"].as_str().unwrap().to_lowercase())
