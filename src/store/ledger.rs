@@ -23,11 +23,13 @@
 
 use alloy::primitives::{Address, B256};
 use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+
 use serde_json::Value;
 use sled::Transactional;
 
 use super::accounts::{Tx, answer, json, json_tx, next, parse, parse_tx, settle_tx};
-use super::{NonceKey, Store, StoreError};
+use super::{NonceKey, Store, StoreError, Trees};
 
 /// Where a payment's settlement stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -283,11 +285,9 @@ pub enum Recorded {
     Used,
 }
 
-/// Why a ledger transaction stopped without writing.
+/// Why a ledger transaction stopped without writing: the state machine refused a change.
 #[derive(Debug, Clone, PartialEq, Eq)]
-enum Stop {
-    /// The nonce was claimed before.
-    Used,
+pub(super) enum Stop {
     Bad(BadTransition),
 }
 
@@ -344,7 +344,7 @@ pub struct Page {
 }
 
 /// Inside a transaction: the trees every fact writes.
-struct Books<'a> {
+pub(super) struct Books<'a> {
     meta: &'a sled::transaction::TransactionalTree,
     facts: &'a sled::transaction::TransactionalTree,
     status: &'a sled::transaction::TransactionalTree,
@@ -402,6 +402,125 @@ fn append_fact(
     Ok(fact)
 }
 
+/// A payment on its way to the writer thread.
+#[derive(Debug, Clone)]
+pub(super) struct PaymentRecord {
+    pub(super) key: NonceKey,
+    pub(super) entry: Entry,
+    /// The [`Authorization`] as JSON.
+    pub(super) authorization: Vec<u8>,
+}
+
+/// One caller's changes on their way to the writer thread.
+#[derive(Debug, Clone)]
+pub(super) struct ChangeSet {
+    pub(super) changes: Vec<Change>,
+    pub(super) now: u64,
+}
+
+/// What a writer batch answers each record and each change set.
+pub(super) type BatchAnswers = (
+    Vec<Result<Recorded, StoreError>>,
+    Vec<Result<Result<Vec<Fact>, BadTransition>, StoreError>>,
+);
+
+impl Trees {
+    /// Applies a writer batch in one transaction: every record (nonce claim, entry,
+    /// authorization, `recorded` fact) and every change set (all of a set or none of it). A
+    /// record whose nonce is used — before or earlier in the batch — is [`Recorded::Used`].
+    pub(super) fn ledger_batch(&self, records: &[PaymentRecord], sets: &[ChangeSet]) -> BatchAnswers {
+        let result = (
+            &self.nonces,
+            &self.meta,
+            &self.payments,
+            &self.authorizations,
+            &self.payment_facts,
+            &self.payment_status,
+            &self.open_payments,
+        )
+            .transaction(|(nonces, meta, payments, auths, facts, status, open)| {
+                let books = Books {
+                    meta,
+                    facts,
+                    status,
+                    open,
+                };
+                let mut recorded = Vec::with_capacity(records.len());
+                for record in records {
+                    let nonce = record.key.bytes();
+                    if nonces.get(nonce)?.is_some() {
+                        recorded.push(Recorded::Used);
+                        continue;
+                    }
+                    nonces.insert(&nonce[..], &record.entry.valid_before.to_be_bytes())?;
+                    let mut entry = record.entry.clone();
+                    entry.seq = next(meta, "payment")?;
+                    payments.insert(&entry.seq.to_be_bytes(), json_tx(&entry)?)?;
+                    auths.insert(&entry.seq.to_be_bytes(), record.authorization.as_slice())?;
+                    append_fact(&books, entry.seq, State::Recorded, Detail::default(), entry.at)?;
+                    recorded.push(Recorded::Fresh { seq: entry.seq });
+                }
+                let mut changed = Vec::with_capacity(sets.len());
+                for set in sets {
+                    changed.push(apply_set(&books, set)?);
+                }
+                Ok((recorded, changed))
+            });
+        match settle_tx::<_, Stop>(result) {
+            Ok(Ok((recorded, changed))) => (
+                recorded.into_iter().map(Ok).collect(),
+                changed.into_iter().map(Ok).collect(),
+            ),
+            Ok(Err(stop)) => {
+                let why = format!("the ledger batch stopped: {stop:?}");
+                (
+                    records.iter().map(|_| Err(StoreError(why.clone()))).collect(),
+                    sets.iter().map(|_| Err(StoreError(why.clone()))).collect(),
+                )
+            }
+            Err(e) => (
+                records.iter().map(|_| Err(StoreError(e.0.clone()))).collect(),
+                sets.iter().map(|_| Err(StoreError(e.0.clone()))).collect(),
+            ),
+        }
+    }
+}
+
+/// Applies one change set inside a batch: all of it, or — when the state machine refuses one
+/// change — none of it, answered with the refusal.
+fn apply_set(books: &Books<'_>, set: &ChangeSet) -> Tx<Result<Vec<Fact>, BadTransition>, Stop> {
+    // Check the whole set first, following the states it moves through.
+    let mut states: HashMap<u64, Option<State>> = HashMap::new();
+    for change in &set.changes {
+        let from = match states.get(&change.entry) {
+            Some(state) => *state,
+            None => match books.status.get(change.entry.to_be_bytes())? {
+                Some(bytes) => Some(parse_tx::<Status, Stop>(&bytes)?.state),
+                None => None,
+            },
+        };
+        if !from.is_some_and(|f| f.may_become(change.state)) {
+            return Ok(Err(BadTransition {
+                entry: change.entry,
+                from,
+                to: change.state,
+            }));
+        }
+        states.insert(change.entry, Some(change.state));
+    }
+    let mut written = Vec::with_capacity(set.changes.len());
+    for change in &set.changes {
+        written.push(append_fact(
+            books,
+            change.entry,
+            change.state,
+            change.detail.clone(),
+            set.now,
+        )?);
+    }
+    Ok(Ok(written))
+}
+
 /// What one transaction of changes wrote: its facts, and the bundle it submitted.
 type Applied = (Vec<Fact>, Option<Bundle>);
 
@@ -415,79 +534,33 @@ pub struct Change {
 
 impl Store {
     /// Claims the authorization's nonce and records its payment in one transaction, then waits
-    /// until both are on disk (one group-committed fsync). Of any number of concurrent
-    /// attempts with one nonce, exactly one is [`Recorded::Fresh`].
+    /// until both are on disk. The writer thread applies every record queued meanwhile in one
+    /// transaction and one fsync (group commit). Of any number of concurrent attempts with one
+    /// nonce, exactly one is [`Recorded::Fresh`].
     pub async fn record_payment(
         &self,
         key: &NonceKey,
-        draft: Entry,
+        entry: Entry,
         authorization: &Authorization,
     ) -> Result<Recorded, StoreError> {
-        let t = &self.trees;
-        let nonce = key.bytes();
-        let auth = json(authorization)?;
-        let result = (
-            &t.nonces,
-            &t.meta,
-            &t.payments,
-            &t.authorizations,
-            &t.payment_facts,
-            &t.payment_status,
-            &t.open_payments,
-        )
-            .transaction(|(nonces, meta, payments, auths, facts, status, open)| {
-                if nonces.get(nonce)?.is_some() {
-                    return answer(Stop::Used);
-                }
-                nonces.insert(&nonce[..], &draft.valid_before.to_be_bytes())?;
-                let mut entry = draft.clone();
-                entry.seq = next(meta, "payment")?;
-                payments.insert(&entry.seq.to_be_bytes(), json_tx(&entry)?)?;
-                auths.insert(&entry.seq.to_be_bytes(), auth.as_slice())?;
-                let books = Books {
-                    meta,
-                    facts,
-                    status,
-                    open,
-                };
-                append_fact(
-                    &books,
-                    entry.seq,
-                    State::Recorded,
-                    Detail::default(),
-                    entry.at,
-                )?;
-                Ok(Recorded::Fresh { seq: entry.seq })
-            });
-        let recorded = match settle_tx(result)? {
-            Ok(recorded) => recorded,
-            Err(Stop::Used) => Recorded::Used,
-            Err(Stop::Bad(b)) => {
-                return Err(StoreError(format!(
-                    "a new entry cannot start as {:?}",
-                    b.to
-                )));
-            }
+        let record = PaymentRecord {
+            key: *key,
+            entry,
+            authorization: json(authorization)?,
         };
-        if matches!(recorded, Recorded::Fresh { .. }) {
-            self.durable().await?;
-        }
-        Ok(recorded)
+        self.writer.record(record).await
     }
 
-    /// Records state changes in one transaction; with `durable`, waits until they are on disk.
-    /// A change the state machine refuses aborts them all.
+    /// Records state changes in one transaction (a change the state machine refuses leaves the
+    /// others of this call unwritten); with `durable`, answers once they are on disk. Changes
+    /// from concurrent callers share the writer's transaction and fsync.
     pub async fn record_changes(
         &self,
         changes: &[Change],
         now: u64,
         durable: bool,
     ) -> Result<Result<Vec<Fact>, BadTransition>, StoreError> {
-        let recorded = self.apply_changes(changes, None, now)?;
-        if durable && recorded.is_ok() {
-            self.durable().await?;
-        }
-        Ok(recorded.map(|(facts, _)| facts))
+        self.writer.change(changes.to_vec(), now, durable).await
     }
 
     /// Submits a bundle: every entry becomes `submitted` with the bundle's id, and the bundle
@@ -563,11 +636,6 @@ impl Store {
         Ok(match settle_tx(result)? {
             Ok(done) => Ok(done),
             Err(Stop::Bad(bad)) => Err(bad),
-            Err(Stop::Used) => Err(BadTransition {
-                entry: 0,
-                from: None,
-                to: State::Recorded,
-            }),
         })
     }
 

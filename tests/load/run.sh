@@ -89,7 +89,7 @@ gate credits top-up --account "$ACCOUNT" --credits 100000000 --reference load >/
 for _ in $(seq 100); do curl -sf "http://$OPS/readyz" >/dev/null && break; sleep 0.1; done
 
 # Enough unique payments for the paid runs at up to 20k req/s.
-PAYMENTS=$(( (DURATION + 2) * 30000 ))
+PAYMENTS=$(( (DURATION + 2) * 32000 ))
 "$BIN/examples/presign" "http://$GATE/paid" "$PAYMENTS" "$WORK/payments.txt"
 
 cat > "$WORK/paid.lua" <<'LUA'
@@ -138,13 +138,14 @@ run "direct upstream"             "http://$UP/free"    "$CONNS"
 run "nginx reverse proxy"         "http://$NGINX/free" "$CONNS"
 run "bare Pingora proxy"          "http://$BARE/free"  "$CONNS"
 run "tollgate free route"         "http://$GATE/free"  "$CONNS"
-split -n l/3 "$WORK/payments.txt" "$WORK/pay."
+split -n l/4 "$WORK/payments.txt" "$WORK/pay."
 run "tollgate paid route (x402)"  "http://$GATE/paid"  "$CONNS" --payments "$WORK/pay.aa"
 run "tollgate paid, deferred"     "http://$GATE/deferred" "$CONNS" --payments "$WORK/pay.ac"
 run "tollgate prepaid route"      "http://$GATE/prepaid" "$CONNS" --key "$KEY"
 run "direct upstream, paced"      "http://$UP/free"    "$MODERATE" --paced
 run "tollgate free route, paced"  "http://$GATE/free"  "$MODERATE" --paced
 run "tollgate paid route, paced"  "http://$GATE/paid"  "$MODERATE" --payments "$WORK/pay.ab" --paced
+run "tollgate deferred, paced"    "http://$GATE/deferred" "$MODERATE" --payments "$WORK/pay.ad" --paced
 run "tollgate prepaid, paced"     "http://$GATE/prepaid" "$MODERATE" --key "$KEY" --paced
 echo
 # Deferred payments settle after the run: wait for the queue to drain, then count them.
