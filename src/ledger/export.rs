@@ -67,6 +67,17 @@ impl Format {
     }
 }
 
+/// A field a client chose (the request id, the path), made safe to open in a spreadsheet: a
+/// leading `=`, `+`, `-`, `@`, tab or carriage return would make it a formula, so it gets a `'`
+/// in front (OWASP's advice for CSV injection). The JSON export keeps the text as sent.
+fn defused(text: &str) -> String {
+    if text.starts_with(['=', '+', '-', '@', '\t', '\r']) {
+        format!("'{text}")
+    } else {
+        text.to_string()
+    }
+}
+
 /// The columns of every row.
 pub const COLUMNS: [&str; 21] = [
     "seq",
@@ -233,11 +244,11 @@ impl<'a> Line<'a> {
         let mut fields: Vec<String> = vec![
             self.seq.to_string(),
             self.recorded_at.clone(),
-            self.request_id.into(),
+            defused(self.request_id),
             self.service.into(),
             self.route.into(),
             self.method.into(),
-            self.path.into(),
+            defused(self.path),
             self.buyer.clone(),
             self.rail.into(),
             self.network.into(),
@@ -421,4 +432,19 @@ fn add(
         total.fiat = Some(sum);
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::defused;
+
+    #[test]
+    fn client_text_that_a_spreadsheet_would_run_is_defused() {
+        assert_eq!(defused("=HYPERLINK(\"x\")"), "'=HYPERLINK(\"x\")");
+        assert_eq!(defused("+1"), "'+1");
+        assert_eq!(defused("-2"), "'-2");
+        assert_eq!(defused("@SUM(A1)"), "'@SUM(A1)");
+        assert_eq!(defused("req-1"), "req-1");
+        assert_eq!(defused("/v1/forecast"), "/v1/forecast");
+    }
 }

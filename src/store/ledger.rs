@@ -428,7 +428,11 @@ impl Trees {
     /// Applies a writer batch in one transaction: every record (nonce claim, entry,
     /// authorization, `recorded` fact) and every change set (all of a set or none of it). A
     /// record whose nonce is used — before or earlier in the batch — is [`Recorded::Used`].
-    pub(super) fn ledger_batch(&self, records: &[PaymentRecord], sets: &[ChangeSet]) -> BatchAnswers {
+    pub(super) fn ledger_batch(
+        &self,
+        records: &[PaymentRecord],
+        sets: &[ChangeSet],
+    ) -> BatchAnswers {
         let result = (
             &self.nonces,
             &self.meta,
@@ -457,7 +461,13 @@ impl Trees {
                     entry.seq = next(meta, "payment")?;
                     payments.insert(&entry.seq.to_be_bytes(), json_tx(&entry)?)?;
                     auths.insert(&entry.seq.to_be_bytes(), record.authorization.as_slice())?;
-                    append_fact(&books, entry.seq, State::Recorded, Detail::default(), entry.at)?;
+                    append_fact(
+                        &books,
+                        entry.seq,
+                        State::Recorded,
+                        Detail::default(),
+                        entry.at,
+                    )?;
                     recorded.push(Recorded::Fresh { seq: entry.seq });
                 }
                 let mut changed = Vec::with_capacity(sets.len());
@@ -474,12 +484,18 @@ impl Trees {
             Ok(Err(stop)) => {
                 let why = format!("the ledger batch stopped: {stop:?}");
                 (
-                    records.iter().map(|_| Err(StoreError(why.clone()))).collect(),
+                    records
+                        .iter()
+                        .map(|_| Err(StoreError(why.clone())))
+                        .collect(),
                     sets.iter().map(|_| Err(StoreError(why.clone()))).collect(),
                 )
             }
             Err(e) => (
-                records.iter().map(|_| Err(StoreError(e.0.clone()))).collect(),
+                records
+                    .iter()
+                    .map(|_| Err(StoreError(e.0.clone())))
+                    .collect(),
                 sets.iter().map(|_| Err(StoreError(e.0.clone()))).collect(),
             ),
         }
@@ -735,13 +751,20 @@ impl Store {
     /// The facts of one entry, in order.
     pub fn facts_of(&self, entry: u64) -> Result<Vec<Fact>, StoreError> {
         let mut facts = Vec::new();
-        // Facts of an entry come after its recording; a scan is fine for one entry's history.
-        self.each_payment_fact(0, |fact| {
+        // An entry's facts lie between its `recorded` fact — whose sequence number is at least
+        // the entry's, since every entry has one — and the last fact its status names.
+        let last = match self.trees.payment_status.get(entry.to_be_bytes())? {
+            Some(bytes) => parse::<Status>(&bytes)?.fact,
+            None => return Ok(facts),
+        };
+        let range = entry.to_be_bytes()..=last.to_be_bytes();
+        for item in self.trees.payment_facts.range(range) {
+            let (_, bytes) = item?;
+            let fact: Fact = parse(&bytes)?;
             if fact.entry == entry {
                 facts.push(fact);
             }
-            Ok(())
-        })?;
+        }
         Ok(facts)
     }
 

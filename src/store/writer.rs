@@ -198,7 +198,10 @@ fn run(trees: &Trees, queue: &mpsc::Receiver<Job>) {
         let (mut recorded, mut changed) = ledger_results;
         if recorded.len() != records.len() || changed.len() != sets.len() {
             let why = "the store's writer failed unexpectedly".to_string();
-            recorded = records.iter().map(|_| Err(StoreError(why.clone()))).collect();
+            recorded = records
+                .iter()
+                .map(|_| Err(StoreError(why.clone())))
+                .collect();
             changed = sets.iter().map(|_| Err(StoreError(why.clone()))).collect();
         }
         if let Err(e) = &flushed {
@@ -267,8 +270,14 @@ fn not_collected(trees: &Trees, seq: u64, now: u64, why: &str) {
     };
     let (_, answers) = trees.ledger_batch(&[], &[set]);
     match answers.into_iter().next() {
-        Some(Ok(Ok(_))) => tracing::warn!(entry = seq, why, "a payment's request will not be served; it is not collected"),
-        other => tracing::error!(entry = seq, why, outcome = ?other, "a payment whose request will not be served could not be marked: it stays recorded"),
+        Some(Ok(Ok(_))) => tracing::warn!(
+            entry = seq,
+            why,
+            "a payment's request will not be served; it is not collected"
+        ),
+        other => {
+            tracing::error!(entry = seq, why, outcome = ?other, "a payment whose request will not be served could not be marked: it stays recorded")
+        }
     }
 }
 

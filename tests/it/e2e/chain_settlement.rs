@@ -29,6 +29,14 @@ fn policy(facilitator: &str, bundle: &str) -> String {
     price 0.01 USDC
     settle before response
   }}
+  route GET "/windowed/**" {{
+    price 0.01 USDC
+    settle deferred every 2s
+  }}
+  route GET "/valued/**" {{
+    price 0.01 USDC
+    settle deferred every 60s or 0.03 USDC
+  }}
 }}
 "#
     )
@@ -434,4 +442,53 @@ async fn the_export_of_a_thousand_payments_equals_the_transfers_on_chain() {
     assert_eq!(hashes, exported_hashes, "each row names its own transfer");
     let verified = admin("/v1/ledger/verify").send().await.unwrap();
     assert_eq!(verified.status(), 200, "{}", verified.text().await.unwrap());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bundles_close_by_window_and_by_value_on_chain() {
+    let buyer = Wallet::new(66);
+    let s = setup("chain-triggers", &[&buyer], "after response", false).await;
+    // Value: 0.02 of 0.03 USDC stays queued; the third payment closes the bundle.
+    for i in 0..2 {
+        assert_eq!(
+            pay(&s.sidecar, &buyer, &format!("/valued/{i}"))
+                .await
+                .status(),
+            200
+        );
+    }
+    // Window: two payments, settled once the oldest has waited 2 s.
+    for i in 0..2 {
+        assert_eq!(
+            pay(&s.sidecar, &buyer, &format!("/windowed/{i}"))
+                .await
+                .status(),
+            200
+        );
+    }
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    assert_eq!(
+        s.chain.transfers_to(pay_to()).await.len(),
+        2,
+        "the window bundle"
+    );
+    assert_eq!(
+        metric(&s.sidecar, r#"tollgate_payments_open{state="queued"}"#).await,
+        2.0
+    );
+    assert_eq!(pay(&s.sidecar, &buyer, "/valued/2").await.status(), 200);
+    settled(&s.sidecar, Duration::from_secs(30)).await;
+    assert_eq!(s.chain.transfers_to(pay_to()).await.len(), 5);
+    let (_, bundles) = admin(&s.sidecar, "/v1/bundles").await;
+    let closed: Vec<String> = bundles["bundles"]
+        .as_array()
+        .map(|b| {
+            b.iter()
+                .map(|b| b["closed_by"].as_str().unwrap_or("").to_string())
+                .collect()
+        })
+        .unwrap_or_default();
+    assert_eq!(closed, ["window", "value"], "{bundles}");
+    let (status, report) = admin(&s.sidecar, "/v1/ledger/verify").await;
+    assert_eq!(status, 200, "{report}");
 }
