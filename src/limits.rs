@@ -96,6 +96,11 @@ impl Holds {
     pub fn hand_over_unsettled(&mut self) {
         self.unsettled = None;
     }
+
+    /// Whether the request holds some of its buyer's unsettled value.
+    pub fn holds_unsettled(&self) -> bool {
+        self.unsettled.is_some()
+    }
 }
 
 /// A request counter's key: (scope, buyer).

@@ -121,8 +121,9 @@ pub struct Metrics {
     /// `tollgate_payments_open{state}`: payments not final yet (recorded, queued, submitted,
     /// unresolved).
     pub payments_open: Gauges<1>,
-    /// `tollgate_unsettled_atomic{asset}`: value admitted and not final yet, atomic units.
-    pub unsettled: Gauges<1>,
+    /// `tollgate_unsettled_atomic{asset, network}`: value admitted and not final yet, atomic
+    /// units.
+    pub unsettled: Gauges<2>,
     /// `tollgate_settlement_oldest_unsettled_seconds`: age of the oldest payment not final.
     pub oldest_unsettled_seconds: IntGauge,
     /// `tollgate_settlement_lag_seconds`: from recorded to confirmed.
@@ -279,7 +280,7 @@ impl Metrics {
                 &registry,
                 "tollgate_unsettled_atomic",
                 "x402 value admitted whose settlement is not final, in the asset's atomic units.",
-                ["asset"],
+                ["asset", "network"],
             )?,
             oldest_unsettled_seconds: gauge(
                 "tollgate_settlement_oldest_unsettled_seconds",

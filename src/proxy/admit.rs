@@ -178,6 +178,7 @@ impl Gate {
                 timing
             },
             backend,
+            unsettled_held: deferred && holds.holds_unsettled(),
             credits: route.sells,
         };
         let recorded = self
@@ -216,6 +217,9 @@ impl Gate {
             match self.settle(&admitted).await {
                 Ok(receipt) => admitted.receipt = Some(receipt),
                 Err(refusal) => {
+                    // Not settled before the call could go out: not collected (an entry that
+                    // reached the facilitator is already `failed` or `unresolved`).
+                    self.settlement.request_done(seq, 0).await;
                     self.limiter.finish(&self.store, holds, false);
                     return Err(refusal);
                 }

@@ -361,6 +361,13 @@ impl ProxyHttp for Gate {
         }
         // Not settled (the upstream answered 400 or more): no longer awaiting settlement.
         self.unqueue(&mut ctx.queued);
+        // The ledger learns the upstream's answer before the buyer does: a deferred payment is
+        // `queued` (or, on 400 and above, not collected) durably first, so after a crash an
+        // entry still `recorded` is one whose buyer got nothing.
+        self.settlement
+            .request_done(paid.seq, ctx.upstream_status)
+            .instrument(ctx.span.clone().unwrap_or_else(tracing::Span::none))
+            .await;
         if let Some(receipt) = &paid.receipt {
             response.insert_header(paid.payment.version.receipt_header(), receipt.as_str())?;
             response.insert_header(
@@ -404,8 +411,8 @@ impl ProxyHttp for Gate {
 
     async fn logging(&self, session: &mut Session, error: Option<&Error>, ctx: &mut Ctx) {
         if let Some(paid) = &ctx.paid {
-            // The ledger learns how the request ended: a deferred payment is queued (or not
-            // collected), an `after response` one that was not settled is not collected.
+            // A request that ended without the upstream's answer (`response_filter` did not
+            // run): its payment is not collected. Otherwise this changes nothing.
             self.settlement
                 .request_done(paid.seq, ctx.upstream_status)
                 .instrument(ctx.span.clone().unwrap_or_else(tracing::Span::none))

@@ -5,7 +5,8 @@
 //! that could not be opened is [`SettleError::NotSent`] (nothing reached the facilitator, so
 //! the authorization is untouched); a timeout, a 5xx or an unreadable answer after the request
 //! went out is [`SettleError::Unknown`] (the facilitator may have settled it); an answer with
-//! `success: false` is [`SettleError::Refused`] with its receipt.
+//! `success: false` and an x402 error code is [`SettleError::Refused`] with its receipt — but
+//! one that names a transaction, says `settlement_pending` or gives free text is `Unknown`.
 
 use std::collections::BTreeSet;
 use std::time::Duration;
@@ -50,6 +51,21 @@ impl SettleError {
                 .unwrap_or_else(|| "refused without a reason".into()),
         }
     }
+}
+
+/// Whether a `success: false` answer means the payment did not and will not settle. Not when
+/// it names a transaction (one was broadcast: the official facilitator answers
+/// `settlement_pending` with its hash when waiting for the receipt fails), nor when its reason
+/// is free text rather than an x402 error code (the official v1 path answers any exception
+/// after broadcasting with the exception's message).
+fn is_definite_refusal(receipt: &SettleResponse) -> bool {
+    let reason = receipt.error_reason.as_deref().unwrap_or("");
+    receipt.transaction.is_empty()
+        && !reason.is_empty()
+        && reason != "settlement_pending"
+        && reason
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
 }
 
 /// One kind of payment a facilitator settles (`/supported`'s `kinds`).
@@ -133,7 +149,18 @@ impl Facilitator {
         }
         match serde_json::from_slice::<SettleResponse>(&body) {
             Ok(receipt) if receipt.success && status.is_success() => Ok(receipt),
-            Ok(receipt) if !receipt.success => Err(SettleError::Refused(receipt)),
+            Ok(receipt) if !receipt.success && is_definite_refusal(&receipt) => {
+                Err(SettleError::Refused(receipt))
+            }
+            Ok(receipt) if !receipt.success => Err(SettleError::Unknown(format!(
+                "the facilitator answered success: false without a definite refusal ({}{})",
+                receipt.error_reason.as_deref().unwrap_or("no reason"),
+                if receipt.transaction.is_empty() {
+                    String::new()
+                } else {
+                    format!(", transaction {}", receipt.transaction)
+                }
+            ))),
             _ => Err(SettleError::Unknown(format!(
                 "the facilitator answered {status} without a settlement result"
             ))),

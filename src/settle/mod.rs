@@ -6,7 +6,7 @@
 //!   `submitted` (on disk before the facilitator is called), calls the backend, records the
 //!   outcome, and answers the proxy, which serves or refuses on it;
 //! - `deferred`: [`Settlement::request_done`] queues the entry once the upstream answered
-//!   below 400 (or marks it `refunded`), and the worker ([`Settlement::run`], a background
+//!   below 400 (or marks it `refunded`), before that answer goes to the buyer; the worker ([`Settlement::run`], a background
 //!   service) closes bundles by count, value, window, or the earliest `validBefore` minus
 //!   [`DEADLINE_MARGIN_SECS`], whichever comes first, submits each bundle durably, and settles
 //!   its authorizations one `/settle` each (the facilitator API has no batch call; the bundle is
@@ -19,9 +19,10 @@
 //!
 //! Backends are keyed by their address, not by the policy snapshot: a reload never strands a
 //! queued payment. After a crash, [`Settlement::recover`] puts the books right before the
-//! first request: `submitted` entries become `unresolved` (the call may have gone out),
-//! deferred `recorded` entries are queued (their upstream saw the request), and other
-//! `recorded` entries are `refunded` (their buyer was never answered with the content).
+//! first request: `submitted` entries become `unresolved` (the call may have gone out), and
+//! `recorded` entries are `refunded` — a deferred payment is `queued` durably before the
+//! upstream's answer goes to its buyer, and the others settle before it, so an entry still
+//! `recorded` is one whose buyer got nothing.
 //!
 //! The per-buyer unsettled value of deferred payments is held in the [`Limiter`] from admission
 //! until the entry's final state, and re-held from the ledger at startup, so a restart cannot
@@ -55,18 +56,23 @@ pub const MIN_VALIDITY_SECS: u64 = 5;
 /// Most payments in one bundle.
 pub const MAX_BUNDLE: usize = 1_000;
 
-/// Most `/settle` calls in flight at once, across every bundle and backend.
+/// Most `/settle` calls of deferred bundles in flight at once, across every bundle and backend.
+/// (A `before`/`after response` call is made by its request, outside this bound, so a large
+/// bundle never holds a buyer's answer back.)
 pub const MAX_CALLS: usize = 16;
 
 /// How often the worker looks at the queue.
 const TICK: Duration = Duration::from_millis(250);
+
+/// How long past `validBefore` an unused nonce is taken as never settling.
+const EXPIRY_MARGIN_SECS: u64 = 60;
 
 /// How often unresolved payments are examined on chain.
 const EVIDENCE_EVERY_SECS: u64 = 5;
 
 /// First wait after a backend could not be reached; doubles up to [`MAX_BACKOFF_SECS`].
 const FIRST_BACKOFF_SECS: u64 = 1;
-const MAX_BACKOFF_SECS: u64 = 60;
+const MAX_BACKOFF_SECS: u64 = 10;
 
 /// The settlement service; cheap to clone.
 #[derive(Clone)]
@@ -122,7 +128,7 @@ fn close_reason(entries: &[&Open], now: u64) -> Option<&'static str> {
         value,
     } = &first.entry.timing
     else {
-        return Some("timing");
+        return None; // only deferred payments are queued
     };
     let count = entries.len() as u64;
     let total: u128 = entries.iter().map(|o| o.entry.amount).sum();
@@ -220,7 +226,6 @@ impl Settlement {
             if let Some((state, reason)) = change {
                 match state {
                     State::Unresolved => recovery.unresolved += 1,
-                    State::Queued => recovery.queued += 1,
                     _ => recovery.refunded += 1,
                 }
                 changes.push(Change {
@@ -242,7 +247,7 @@ impl Settlement {
         let mut open = i.open.lock().unwrap_or_else(|p| p.into_inner());
         open.clear();
         for row in i.store.open_payments()? {
-            if matches!(row.entry.timing, Timing::Deferred { .. }) {
+            if row.entry.unsettled_held {
                 i.limiter.hold_unsettled(
                     &BuyerId::Payer(row.entry.payer),
                     &row.entry.symbol,
@@ -317,7 +322,7 @@ impl Settlement {
         self.record(&[submitted], true)
             .await
             .map_err(|e| SettleError::NotSent(e.to_string()))?;
-        let outcome = self.call(&client, seq).await;
+        let outcome = self.call(&client, seq, false).await;
         let change = match &outcome {
             Ok(receipt) => confirmed(seq, receipt),
             // Nothing left tollgate: the authorization is untouched and the buyer is refused.
@@ -336,10 +341,12 @@ impl Settlement {
         outcome
     }
 
-    /// The request of a paid entry ended. `upstream_status` is 0 when no response came.
-    /// Deferred: queued when the upstream answered below 400, else `refunded` (the buyer is
-    /// not charged for an error). `after response` entries the request did not settle are
-    /// `refunded` too. Entries already settled or refused are left alone.
+    /// The upstream answered a paid entry's request (`upstream_status`, from `response_filter`,
+    /// before the answer goes to the buyer), or the request ended without an answer (0, from
+    /// `logging`). Deferred: `queued` when the upstream answered below 400, else `refunded`
+    /// (the buyer is not charged for an error). `after response` entries the request did not
+    /// settle are `refunded` too. Entries already past `recorded` are left alone, so a second
+    /// call changes nothing.
     pub async fn request_done(&self, seq: u64, upstream_status: u16) {
         let Some(open) = self.open_state(seq) else {
             return;
@@ -365,8 +372,8 @@ impl Settlement {
         } else {
             State::Refunded
         };
-        // A lost `queued` fact is found `recorded` after a crash and queued then: no fsync.
-        let durable = state != State::Queued;
+        // Durable before the answer goes on: after a crash, `recorded` means "never answered".
+        let durable = true;
         let change = Change {
             entry: seq,
             state,
@@ -389,8 +396,13 @@ impl Settlement {
         self.open_state(seq).map(|o| o.entry)
     }
 
-    /// One `/settle` call, within the concurrency bound, measured.
-    async fn call(&self, client: &Facilitator, seq: u64) -> Result<SettleResponse, SettleError> {
+    /// One `/settle` call, measured; a bundle's calls (`bounded`) share [`MAX_CALLS`].
+    async fn call(
+        &self,
+        client: &Facilitator,
+        seq: u64,
+        bounded: bool,
+    ) -> Result<SettleResponse, SettleError> {
         let i = &self.inner;
         let authorization = match i.store.authorization(seq) {
             Ok(Some(a)) => a,
@@ -401,11 +413,16 @@ impl Settlement {
             }
             Err(e) => return Err(SettleError::NotSent(e.to_string())),
         };
-        let _permit = i
-            .calls
-            .acquire()
-            .await
-            .map_err(|_| SettleError::NotSent("settlement is shutting down".into()))?;
+        let _permit = if bounded {
+            Some(
+                i.calls
+                    .acquire()
+                    .await
+                    .map_err(|_| SettleError::NotSent("settlement is shutting down".into()))?,
+            )
+        } else {
+            None
+        };
         let started = std::time::Instant::now();
         let outcome = client
             .settle(
@@ -428,15 +445,26 @@ impl Settlement {
     }
 
     /// Records changes in the ledger and in the worker's view; releases what a final deferred
-    /// entry held of its buyer's unsettled limit.
+    /// entry held of its buyer's unsettled limit. When the store answers an error, the changes
+    /// may still have been applied (a failed flush leaves them in sled's memory, durable with
+    /// the next flush that succeeds): the entries are read back and the view follows the store.
     async fn record(&self, changes: &[Change], durable: bool) -> Result<(), StoreError> {
         let i = &self.inner;
         let now = (i.clock)();
-        let facts = i
-            .store
-            .record_changes(changes, now, durable)
-            .await?
-            .map_err(|bad| StoreError(format!("the ledger refused a state change: {bad:?}")))?;
+        let recorded = i.store.record_changes(changes, now, durable).await;
+        let facts = match recorded {
+            Ok(Ok(facts)) => facts,
+            Ok(Err(bad)) => {
+                self.reconcile(changes.iter().map(|c| c.entry));
+                return Err(StoreError(format!(
+                    "the ledger refused a state change: {bad:?}"
+                )));
+            }
+            Err(e) => {
+                self.reconcile(changes.iter().map(|c| c.entry));
+                return Err(e);
+            }
+        };
         let mut open = i.open.lock().unwrap_or_else(|p| p.into_inner());
         for fact in &facts {
             i.metrics.ledger_facts.with([fact.state.as_str()]).inc();
@@ -452,6 +480,31 @@ impl Settlement {
             }
         }
         Ok(())
+    }
+
+    /// Makes the worker's view of `entries` what the store says (after an error).
+    fn reconcile(&self, entries: impl Iterator<Item = u64>) {
+        let i = &self.inner;
+        let now = (i.clock)();
+        let mut open = i.open.lock().unwrap_or_else(|p| p.into_inner());
+        for seq in entries {
+            let status = match i.store.payment(seq) {
+                Ok(Some(row)) => row.status,
+                Ok(None) => continue,
+                Err(e) => {
+                    tracing::error!(entry = seq, error = %e, "cannot read a payment back after a store error");
+                    continue;
+                }
+            };
+            if status.state.is_final() {
+                if let Some(gone) = open.remove(&seq) {
+                    self.finished(&gone.entry, status.state, now);
+                }
+            } else if let Some(o) = open.get_mut(&seq) {
+                o.state = status.state;
+                o.since = status.since;
+            }
+        }
     }
 
     fn finished(&self, entry: &Entry, state: State, now: u64) {
@@ -474,6 +527,7 @@ impl Settlement {
     /// The worker: closes and settles bundles until shutdown.
     pub async fn run(&self, mut shutdown: ShutdownWatch) {
         let mut bundles = tokio::task::JoinSet::new();
+        let mut evidence: Option<tokio::task::JoinHandle<()>> = None;
         let mut examined_at = 0;
         loop {
             tokio::select! {
@@ -487,9 +541,16 @@ impl Settlement {
                 let me = self.clone();
                 bundles.spawn(async move { me.settle_bundle(bundle).await });
             }
-            if now >= examined_at + EVIDENCE_EVERY_SECS {
+            // Reading the chain may take a while: in its own task, one at a time, so bundles
+            // keep closing meanwhile.
+            if now >= examined_at + EVIDENCE_EVERY_SECS
+                && evidence.as_ref().is_none_or(|task| task.is_finished())
+            {
                 examined_at = now;
-                self.resolve_by_evidence(now).await;
+                let me = self.clone();
+                evidence = Some(tokio::spawn(
+                    async move { me.resolve_by_evidence(now).await },
+                ));
             }
             self.refresh_gauges(now);
         }
@@ -529,16 +590,23 @@ impl Settlement {
                     .push(o.clone());
             }
         }
-        if !expired.is_empty()
-            && let Err(e) = self.record(&expired, true).await
-        {
-            tracing::error!(error = %e, "recording expired payments failed");
+        // One at a time: a change the store refuses must not hold the others back.
+        for change in expired {
+            if let Err(e) = self.record(std::slice::from_ref(&change), true).await {
+                tracing::error!(entry = change.entry, error = %e, "recording an expired payment failed");
+            }
         }
         let mut submitted = Vec::new();
         for (_, group) in groups {
             let mut refs: Vec<&Open> = group.iter().collect();
             refs.sort_by_key(|o| o.entry.seq);
-            refs.truncate(MAX_BUNDLE);
+            let most = match &refs.first().map(|o| o.entry.timing.clone()) {
+                Some(Timing::Deferred {
+                    payments: Some(n), ..
+                }) => usize::try_from(*n).unwrap_or(MAX_BUNDLE).min(MAX_BUNDLE),
+                _ => MAX_BUNDLE,
+            };
+            refs.truncate(most);
             let Some(closed_by) = close_reason(&refs, now) else {
                 continue;
             };
@@ -593,10 +661,14 @@ impl Settlement {
                     tracing::error!(
                         ?bad,
                         "the ledger refused a bundle; its payments stay queued"
-                    )
+                    );
+                    self.reconcile(refs.iter().map(|o| o.entry.seq));
                 }
                 Err(e) => {
-                    tracing::error!(error = %e, "submitting a bundle failed; its payments stay queued")
+                    // Maybe applied and not durable: follow the store. Entries it shows
+                    // `submitted` are resolved like any unknown outcome after a restart.
+                    tracing::error!(error = %e, "submitting a bundle failed; its payments stay queued");
+                    self.reconcile(refs.iter().map(|o| o.entry.seq));
                 }
             }
         }
@@ -622,13 +694,15 @@ impl Settlement {
         for &seq in &bundle.entries {
             let me = self.clone();
             let client = client.clone();
-            calls.spawn(async move { (seq, me.call(&client, seq).await) });
+            calls.spawn(async move { (seq, me.call(&client, seq, true).await) });
         }
         let mut changes = Vec::new();
         let mut unreachable = false;
         let mut confirmed_count = 0usize;
         while let Some(done) = calls.join_next().await {
-            let Ok((seq, outcome)) = done else { continue };
+            let Ok((seq, outcome)) = done else {
+                continue; // its entry is found unanswered below
+            };
             changes.push(match outcome {
                 Ok(receipt) => {
                     confirmed_count += 1;
@@ -645,6 +719,16 @@ impl Settlement {
                     detail: reason(e.reason()),
                 },
             });
+        }
+        // A call whose task failed: nobody knows what it did.
+        for &seq in &bundle.entries {
+            if !changes.iter().any(|c| c.entry == seq) {
+                changes.push(Change {
+                    entry: seq,
+                    state: State::Unresolved,
+                    detail: reason("outcome unknown: the settlement task failed".into()),
+                });
+            }
         }
         changes.sort_by_key(|c| c.entry);
         if let Err(e) = self.record(&changes, true).await {
@@ -706,11 +790,22 @@ impl Settlement {
                     },
                 },
                 evidence::Verdict::UsedOtherwise { why } => failed(seq, format!("evidence: {why}")),
-                evidence::Verdict::Unused if entry.valid_before <= now => failed(
-                    seq,
-                    "evidence: the nonce is unused and the authorization expired; it never settled"
-                        .into(),
-                ),
+                // Expired by a margin: a transaction already sent may still be mined in a block
+                // stamped before `validBefore` (block lag, clock skew).
+                evidence::Verdict::Unused
+                    if entry.valid_before.saturating_add(EXPIRY_MARGIN_SECS) <= now =>
+                {
+                    failed(
+                        seq,
+                        "evidence: the nonce is unused and the authorization expired; it never settled"
+                            .into(),
+                    )
+                }
+                evidence::Verdict::Unused
+                    if entry.valid_before <= now.saturating_add(MIN_VALIDITY_SECS) =>
+                {
+                    continue; // too late to submit, too early to call it never settled
+                }
                 evidence::Verdict::Unused if deferred && entry.valid_after < now => {
                     self.settle_again(&entry).await;
                     continue;
@@ -764,7 +859,7 @@ impl Settlement {
             return;
         }
         let outcome = match self.backend(&entry.backend) {
-            Ok(client) => self.call(&client, seq).await,
+            Ok(client) => self.call(&client, seq, true).await,
             Err(e) => Err(e),
         };
         let change = match outcome {
@@ -814,11 +909,13 @@ impl Settlement {
         let i = &self.inner;
         let open = i.open.lock().unwrap_or_else(|p| p.into_inner());
         let mut by_state: HashMap<State, i64> = HashMap::new();
-        let mut unsettled: HashMap<&str, u128> = HashMap::new();
+        let mut unsettled: HashMap<(&str, &str), u128> = HashMap::new();
         let mut oldest = now;
         for o in open.values() {
             *by_state.entry(o.state).or_default() += 1;
-            *unsettled.entry(o.entry.symbol.as_str()).or_default() += o.entry.amount;
+            *unsettled
+                .entry((o.entry.symbol.as_str(), o.entry.network.as_str()))
+                .or_default() += o.entry.amount;
             oldest = oldest.min(o.entry.at);
         }
         for state in [
@@ -833,10 +930,10 @@ impl Settlement {
                 .set(by_state.get(&state).copied().unwrap_or(0));
         }
         i.metrics.unsettled.reset();
-        for (symbol, value) in unsettled {
+        for ((symbol, network), value) in unsettled {
             i.metrics
                 .unsettled
-                .with([symbol])
+                .with([symbol, network])
                 .set(i64::try_from(value).unwrap_or(i64::MAX));
         }
         i.metrics

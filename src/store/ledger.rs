@@ -159,6 +159,11 @@ pub struct Entry {
     pub timing: Timing,
     /// The settlement backend, by its address (`https://x402.org/facilitator`).
     pub backend: String,
+    /// Whether the payment counts against its buyer's `limit buyer unsettled` until it is
+    /// final (a deferred payment on a route with that limit): what the settlement service
+    /// releases at the end, and holds again after a restart.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub unsettled_held: bool,
     /// Credits the payment bought, on a route that sells them.
     #[serde(
         default,
@@ -238,7 +243,8 @@ impl Status {
                 tx: d.tx.clone().or_else(|| old.tx.clone()),
                 block: d.block.or(old.block),
                 upstream_status: d.upstream_status.or(old.upstream_status),
-                reason: d.reason.clone().or_else(|| old.reason.clone()),
+                // A reason belongs to its fact: a later state without one has none.
+                reason: d.reason.clone(),
             },
         }
     }
@@ -272,7 +278,8 @@ pub struct Bundle {
     /// Sum of the entries' amounts.
     #[serde(with = "crate::money::as_string")]
     pub total: u128,
-    /// What closed it: `count`, `value`, `window`, `deadline`, `shutdown`, `restart`.
+    /// What closed it: `count` (its payment count, or 1,000), `value`, `window`, `deadline`
+    /// (the earliest `validBefore` minus the margin).
     pub closed_by: String,
 }
 
@@ -874,6 +881,7 @@ mod tests {
                 value: None,
             },
             backend: "http://127.0.0.1:1".into(),
+            unsettled_held: false,
             credits: None,
         }
     }

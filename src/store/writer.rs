@@ -213,9 +213,9 @@ fn run(trees: &Trees, queue: &mpsc::Receiver<Job>) {
             }
             results = debits.iter().map(|_| Err(StoreError(e.clone()))).collect();
             // Payments recorded but not durable are refused: their entries are not collected.
-            for (result, record) in recorded.iter().zip(&records) {
+            for result in &recorded {
                 if let Ok(Recorded::Fresh { seq }) = result {
-                    not_collected(trees, *seq, record.entry.at, e);
+                    not_collected(trees, *seq, e);
                 }
             }
             recorded = records.iter().map(|_| Err(StoreError(e.clone()))).collect();
@@ -235,12 +235,11 @@ fn run(trees: &Trees, queue: &mpsc::Receiver<Job>) {
                 );
             }
         }
-        for ((answer, record), result) in recorded_answers.into_iter().zip(&records).zip(recorded) {
+        for (answer, result) in recorded_answers.into_iter().zip(recorded) {
             if let Err(Ok(Recorded::Fresh { seq })) = answer.send(result) {
                 not_collected(
                     trees,
                     seq,
-                    record.entry.at,
                     "the request was cancelled while its payment was recorded",
                 );
             }
@@ -256,7 +255,8 @@ fn run(trees: &Trees, queue: &mpsc::Receiver<Job>) {
 
 /// Marks a recorded payment whose request will not be served as not collected (`refunded`);
 /// durable with the next flush that succeeds.
-fn not_collected(trees: &Trees, seq: u64, now: u64, why: &str) {
+fn not_collected(trees: &Trees, seq: u64, why: &str) {
+    let now = crate::unix_now();
     let set = ChangeSet {
         changes: vec![Change {
             entry: seq,

@@ -52,6 +52,7 @@ fn draft() -> (NonceKey, Entry) {
         valid_before: 1_796_043_600,
         timing: Timing::AfterResponse,
         backend: "https://x402.org/facilitator".into(),
+        unsettled_held: false,
         credits: None,
     };
     (key, entry)

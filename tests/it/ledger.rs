@@ -93,6 +93,7 @@ fn draft(i: u64) -> (NonceKey, Entry) {
             value: None,
         },
         backend: "https://x402.org/facilitator".into(),
+        unsettled_held: false,
         credits: None,
     };
     (key, entry)

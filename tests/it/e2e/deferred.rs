@@ -129,8 +129,19 @@ async fn a_window_closes_a_bundle_and_an_upstream_error_is_not_collected() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unknown_outcome_is_unresolved_and_never_sent_again() {
+    unknown_outcome(FacilitatorMode::Broken).await;
+}
+
+/// The official facilitator's `success: false` + `settlement_pending` + a transaction hash is
+/// not a refusal: the transfer may land.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pending_settlement_is_unresolved_not_failed() {
+    unknown_outcome(FacilitatorMode::Pending).await;
+}
+
+async fn unknown_outcome(mode: FacilitatorMode) {
     let w = world("deferred-unknown").await;
-    w.facilitator.set_mode(FacilitatorMode::Broken);
+    w.facilitator.set_mode(mode);
     let served = w.pay_v2("/windowed/a", &Tweak::default()).await;
     assert_eq!(served.status(), 200);
     for _ in 0..100 {
@@ -150,6 +161,10 @@ async fn an_unknown_outcome_is_unresolved_and_never_sent_again() {
         w.facilitator.calls(),
         calls,
         "an unresolved payment was sent to the facilitator again"
+    );
+    assert_eq!(
+        metric(&w, r#"tollgate_ledger_facts_total{state="failed"}"#).await,
+        0.0
     );
 }
 

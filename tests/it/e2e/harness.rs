@@ -209,6 +209,9 @@ pub enum FacilitatorMode {
     Refuse,
     /// Answers every `/settle` with a 500.
     Broken,
+    /// Answers `success: false`, `settlement_pending` with a transaction hash: what the
+    /// official facilitator says when its transaction was sent but the receipt did not come.
+    Pending,
 }
 
 #[derive(Debug, Clone)]
@@ -268,6 +271,9 @@ impl Facilitator {
                     let network = network_of(&body);
                     match *current.lock().unwrap() {
                         FacilitatorMode::Broken => return json_response(500, &json!({"error": "boom"})),
+                        FacilitatorMode::Pending => {
+                            return json_response(200, &json!({"success": false, "errorReason": "settlement_pending", "transaction": format!("0x{}", "ab".repeat(32)), "network": network}));
+                        }
                         FacilitatorMode::Refuse => {
                             return json_response(200, &json!({"success": false, "errorReason": "insufficient_funds", "transaction": "", "network": network}));
                         }
