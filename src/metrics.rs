@@ -368,6 +368,8 @@ impl Metrics {
                 self.bundles.with([offer.asset.symbol.as_str()]);
                 self.bundle_value.with([offer.asset.symbol.as_str()]);
                 if let Some(network) = policy.networks.get(offer.network) {
+                    self.unsettled
+                        .with([offer.asset.symbol.as_str(), network.name.as_str()]);
                     self.payments_verified.with([network.name.as_str()]);
                     self.revenue
                         .with([offer.asset.symbol.as_str(), network.name.as_str()]);

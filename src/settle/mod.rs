@@ -93,6 +93,8 @@ struct Inner {
     /// The chain read for evidence (`settlement.rpc`), and its chain id once known.
     evidence: Option<evidence::Chain>,
     evidence_chain: Mutex<Option<u64>>,
+    /// The (asset, network) series of `tollgate_unsettled_atomic` set so far.
+    unsettled_shown: Mutex<std::collections::HashSet<(String, String)>>,
 }
 
 struct Backend {
@@ -195,6 +197,7 @@ impl Settlement {
                 wake: Notify::new(),
                 evidence,
                 evidence_chain: Mutex::new(None),
+                unsettled_shown: Mutex::new(std::collections::HashSet::new()),
             }),
         })
     }
@@ -929,8 +932,15 @@ impl Settlement {
                 .with([state.as_str()])
                 .set(by_state.get(&state).copied().unwrap_or(0));
         }
-        i.metrics.unsettled.reset();
+        // Series once set go back to 0 rather than vanish: dashboards keep their line.
+        let mut shown = i.unsettled_shown.lock().unwrap_or_else(|p| p.into_inner());
+        for (symbol, network) in shown.iter() {
+            if !unsettled.contains_key(&(symbol.as_str(), network.as_str())) {
+                i.metrics.unsettled.with([symbol, network]).set(0);
+            }
+        }
         for ((symbol, network), value) in unsettled {
+            shown.insert((symbol.to_string(), network.to_string()));
             i.metrics
                 .unsettled
                 .with([symbol, network])
