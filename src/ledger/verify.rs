@@ -227,6 +227,7 @@ pub fn verify(store: &Store) -> Result<Report, StoreError> {
     let mut by_state: BTreeMap<&'static str, u64> =
         State::ALL.iter().map(|s| (s.as_str(), 0)).collect();
     let mut unsettled: BTreeMap<(String, String), Unsettled> = BTreeMap::new();
+    let mut sales: Vec<(u64, u128, String)> = Vec::new();
     let mut failure: Option<StoreError> = None;
     store.scan_payments(|(key, entry)| {
         if key.is_some_and(|k| k > entry_counter) {
@@ -273,6 +274,12 @@ pub fn verify(store: &Store) -> Result<Report, StoreError> {
                 .entry(Some(seq)),
             ),
         }
+        if let (Ok(e), Some(status)) = (&entry, folded.get(&seq))
+            && let Some(credits) = e.credits
+            && status.state == State::Confirmed
+        {
+            sales.push((seq, credits, sale_reference(e)));
+        }
         if let Err(e) = check_entry(
             store,
             fact_counter,
@@ -290,6 +297,23 @@ pub fn verify(store: &Store) -> Result<Report, StoreError> {
     })?;
     if let Some(e) = failure {
         return Err(e);
+    }
+    // A settled credit sale has its top-up: the reference names the payment that bought it.
+    if !sales.is_empty() {
+        let credited = store.topup_references()?;
+        for (seq, credits, reference) in sales {
+            if !credited.contains(&reference) {
+                breaks.push(
+                    Break::new(
+                        "sale_uncredited",
+                        format!(
+                            "entry {seq} bought {credits} credits and settled, but no top-up has the reference {reference}: credit it with that reference (a repeat credits once)"
+                        ),
+                    )
+                    .entry(Some(seq)),
+                );
+            }
+        }
     }
     if last_entry != entry_counter {
         breaks.push(Break::new(
@@ -402,6 +426,16 @@ fn shown(key: Option<u64>) -> String {
     key.map_or_else(
         || "a key that is not a sequence number".into(),
         |k| k.to_string(),
+    )
+}
+
+/// The top-up reference a credit sale writes (`proxy::sell`): `x402:<caip2>:<payer>:<nonce>`.
+fn sale_reference(entry: &Entry) -> String {
+    format!(
+        "x402:eip155:{}:{}:{}",
+        entry.chain_id,
+        entry.payer.to_checksum(None),
+        entry.nonce
     )
 }
 
@@ -958,6 +992,47 @@ mod tests {
         let report = verify(&store).unwrap();
         assert_eq!(kinds(&store), ["credit_balance"]);
         assert_eq!(report.breaks[0].account, Some(1));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[tokio::test]
+    async fn a_settled_credit_sale_without_its_top_up_is_a_break() {
+        let dir = std::env::temp_dir().join(format!("tollgate-verify-sale-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let store = Store::open(&dir).unwrap();
+        let auth = Authorization {
+            version: 2,
+            payload: serde_json::json!({}),
+            requirements: serde_json::json!({}),
+        };
+        let (key, mut e) = entry(7, 50_000);
+        e.credits = Some(100);
+        e.timing = Timing::BeforeResponse;
+        let reference = sale_reference(&e);
+        store.record_payment(&key, e, &auth).await.unwrap();
+        let settle = |state| Change {
+            entry: 1,
+            state,
+            detail: Detail::default(),
+        };
+        store
+            .record_changes(
+                &[settle(State::Submitted), settle(State::Confirmed)],
+                1,
+                true,
+            )
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(kinds(&store), ["sale_uncredited"]);
+        let account = store.create_account("buyer", 1).await.unwrap();
+        store
+            .top_up(account.id, 100, &reference, 2)
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(kinds(&store).is_empty());
+        assert!(reference.starts_with("x402:eip155:84532:0x"), "{reference}");
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

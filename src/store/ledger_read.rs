@@ -150,3 +150,20 @@ impl Store {
         })
     }
 }
+
+impl Store {
+    /// The references of every credit top-up (`ledger verify` matches credit sales with them).
+    pub fn topup_references(&self) -> Result<std::collections::HashSet<String>, StoreError> {
+        let mut references = std::collections::HashSet::new();
+        for item in self.trees.ledger.iter() {
+            let (_, bytes) = item?;
+            if let Ok(fact) = decode::<super::accounts::Fact>(&bytes)
+                && fact.kind == super::accounts::FactKind::Topup
+                && let Some(reference) = fact.reference
+            {
+                references.insert(reference);
+            }
+        }
+        Ok(references)
+    }
+}

@@ -849,4 +849,8 @@ async fn an_agent_buys_credits_with_x402_then_spends_them() {
     let response = buy(Some(key.clone())).await;
     expect_error(response, 402, "settlement_failed").await;
     assert_eq!(w.balance(account).await, 195);
+    // Each settled sale has its top-up: the ledger's two books agree.
+    let (status, report) = w.admin("GET", "/v1/ledger/verify", None).await;
+    assert_eq!(status, 200, "{report}");
+    assert_eq!(report["entries"], 3, "{report}");
 }
