@@ -585,6 +585,7 @@ impl Cx<'_> {
                 continue;
             };
             route.id = compiled.len();
+            self.bundle_window(&route, span);
             match matcher.insert(route.method.as_deref(), &route.pattern, route.id) {
                 Ok(()) => {
                     compiled.push(route);
@@ -884,6 +885,37 @@ impl Cx<'_> {
                 format!("x402 buyers sign authorizations valid for {secs}s, and a payment that arrives with less than {margin}s left is refused as expired"),
             )
             .help = Some("official clients set validBefore = now + timeout: use at least 10s".into());
+        }
+    }
+
+    /// A deferred bundle must reach the chain while its authorizations are valid, so it closes
+    /// [`crate::settle::DEADLINE_MARGIN_SECS`] before the earliest `validBefore`, and buyers
+    /// sign for the route's `timeout`: a window longer than that never runs its course.
+    fn bundle_window(&mut self, route: &Route, span: Span) {
+        let margin = crate::settle::DEADLINE_MARGIN_SECS;
+        let (Timing::Deferred(bundle), Some(price)) = (&route.settle, route.price()) else {
+            return;
+        };
+        if price.offers.is_empty() {
+            return;
+        }
+        let Some(window) = bundle.every_secs else {
+            return;
+        };
+        let reach = route.timeout_secs.saturating_sub(margin);
+        if window > reach {
+            self.warning(
+                "bundle_window_too_long",
+                span,
+                format!(
+                    "bundles here wait up to {window}s, but buyers' authorizations are valid for {}s (the route's timeout): a bundle closes {reach}s after its first payment, {margin}s before they expire",
+                    route.timeout_secs
+                ),
+            )
+            .help = Some(format!(
+                "raise the route's `timeout` to at least {}s to bundle for {window}s (tollgate keeps each nonce until its authorization expires)",
+                window + margin
+            ));
         }
     }
 

@@ -424,3 +424,29 @@ fn networks_of_one_kind_do_not_warn() {
         );
     }
 }
+
+#[test]
+fn a_bundle_window_longer_than_the_authorizations_warns_at_the_route() {
+    let policy = |timeout: &str| {
+        format!(
+            "service \"s\" {{\n  pay_to 0x209693Bc6afc0C5328bA36FaF03C514EF312287C\n  accept x402 on base-sepolia\n  settle via facilitator \"https://x402.org/facilitator\" deferred every 5m\n  {timeout}\n  default deny\n  route GET \"/x\" {{ price 0.01 USDC }}\n}}\n"
+        )
+    };
+    assert_diagnostic(
+        "window.toll",
+        &policy(""),
+        &Expected {
+            code: "bundle_window_too_long",
+            message: "bundles here wait up to 300s, but buyers' authorizations are valid for 60s \
+                      (the route's timeout): a bundle closes 30s after its first payment, 30s \
+                      before they expire",
+            help: Some(
+                "raise the route's `timeout` to at least 330s to bundle for 300s (tollgate keeps \
+                 each nonce until its authorization expires)",
+            ),
+            underlined: "route GET \"/x\" { price 0.01 USDC }",
+        },
+    );
+    let checked = policy::check(Source::new("window.toll", policy("timeout 10m")));
+    assert!(checked.diagnostics.is_empty(), "{:?}", checked.diagnostics);
+}
