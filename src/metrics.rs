@@ -148,14 +148,7 @@ impl Metrics {
             registry.register(Box::new(g.clone()))?;
             Ok(g)
         };
-        let histogram = |name: &str, help: &str| -> Result<Histogram, prometheus::Error> {
-            let h = Histogram::with_opts(
-                HistogramOpts::new(name, help).buckets(LATENCY_BUCKETS.to_vec()),
-            )?;
-            registry.register(Box::new(h.clone()))?;
-            Ok(h)
-        };
-        let custom_histogram =
+        let histogram =
             |name: &str, help: &str, buckets: &[f64]| -> Result<Histogram, prometheus::Error> {
                 let h =
                     Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets.to_vec()))?;
@@ -216,19 +209,22 @@ impl Metrics {
             )?,
             settlement_queue: gauge(
                 "tollgate_settlement_queue_depth",
-                "x402 payments admitted and not settled yet.",
+                "`after response` x402 payments whose request is waiting for its settlement.",
             )?,
             settlement_seconds: histogram(
                 "tollgate_settlement_duration_seconds",
                 "Time to settle one payment with the facilitator.",
+                &LATENCY_BUCKETS,
             )?,
             verification_seconds: histogram(
                 "tollgate_verification_duration_seconds",
                 "Time to verify one x402 payment locally (decode, match, EIP-712, recover).",
+                &LATENCY_BUCKETS,
             )?,
             upstream_seconds: histogram(
                 "tollgate_upstream_duration_seconds",
                 "Time from forwarding a request to the upstream's response head.",
+                &LATENCY_BUCKETS,
             )?,
             limit_refusals: Counters::new(
                 &registry,
@@ -286,12 +282,12 @@ impl Metrics {
                 "tollgate_settlement_oldest_unsettled_seconds",
                 "Age of the oldest x402 payment whose settlement is not final (0 when none).",
             )?,
-            settlement_lag_seconds: custom_histogram(
+            settlement_lag_seconds: histogram(
                 "tollgate_settlement_lag_seconds",
                 "Time from a payment's record to its confirmation.",
                 &LAG_BUCKETS,
             )?,
-            bundle_payments: custom_histogram(
+            bundle_payments: histogram(
                 "tollgate_settlement_bundle_payments",
                 "Payments per submitted deferred bundle.",
                 &BUNDLE_BUCKETS,

@@ -741,20 +741,6 @@ impl Store {
         Ok(())
     }
 
-    /// Every fact, in sequence order, from `after` on.
-    pub fn each_payment_fact(
-        &self,
-        after: u64,
-        mut visit: impl FnMut(Fact) -> Result<(), StoreError>,
-    ) -> Result<(), StoreError> {
-        let start = after.saturating_add(1);
-        for item in self.trees.payment_facts.range(start.to_be_bytes()..) {
-            let (_, bytes) = item?;
-            visit(parse(&bytes)?)?;
-        }
-        Ok(())
-    }
-
     /// The facts of one entry, in order.
     pub fn facts_of(&self, entry: u64) -> Result<Vec<Fact>, StoreError> {
         let mut facts = Vec::new();
@@ -781,16 +767,6 @@ impl Store {
             Some(bytes) => parse(&bytes).map(Some),
             None => Ok(None),
         }
-    }
-
-    /// Every bundle, oldest first.
-    pub fn bundles(&self) -> Result<Vec<Bundle>, StoreError> {
-        self.trees
-            .bundles
-            .iter()
-            .values()
-            .map(|v| parse(&v?))
-            .collect()
     }
 
     /// Counters of the payment ledger: entries, facts, bundles.
