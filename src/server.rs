@@ -374,7 +374,6 @@ fn recover(settlement: &Settlement) -> Result<(), String> {
     }
     tracing::info!(
         open = recovery.open,
-        queued = recovery.queued,
         refunded = recovery.refunded,
         unresolved = recovery.unresolved,
         "payment ledger recovered"

@@ -115,7 +115,6 @@ struct Open {
 /// What [`Settlement::recover`] found and did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Recovery {
-    pub queued: usize,
     pub unresolved: usize,
     pub refunded: usize,
     pub open: usize,

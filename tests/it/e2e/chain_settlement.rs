@@ -328,7 +328,7 @@ async fn kill_9_during_deferred_settlement_settles_every_payment_exactly_once() 
                 .find_map(|w| w.strip_prefix(key)?.parse().ok())
                 .unwrap_or(0)
         };
-        caught_in_flight += count("unresolved=") + count("queued=");
+        caught_in_flight += count("open=");
     }
     assert!(
         caught_in_flight > 0,

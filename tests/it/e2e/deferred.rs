@@ -139,6 +139,12 @@ async fn a_pending_settlement_is_unresolved_not_failed() {
     unknown_outcome(FacilitatorMode::Pending).await;
 }
 
+/// A 200 whose body is not a settlement result says nothing about the transfer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreadable_success_is_unresolved_not_confirmed() {
+    unknown_outcome(FacilitatorMode::Garbage).await;
+}
+
 async fn unknown_outcome(mode: FacilitatorMode) {
     let w = world("deferred-unknown").await;
     w.facilitator.set_mode(mode);
@@ -164,6 +170,10 @@ async fn unknown_outcome(mode: FacilitatorMode) {
     );
     assert_eq!(
         metric(&w, r#"tollgate_ledger_facts_total{state="failed"}"#).await,
+        0.0
+    );
+    assert_eq!(
+        metric(&w, r#"tollgate_ledger_facts_total{state="confirmed"}"#).await,
         0.0
     );
 }

@@ -212,6 +212,8 @@ pub enum FacilitatorMode {
     /// Answers `success: false`, `settlement_pending` with a transaction hash: what the
     /// official facilitator says when its transaction was sent but the receipt did not come.
     Pending,
+    /// Answers 200 with a body that is not a settlement result.
+    Garbage,
 }
 
 #[derive(Debug, Clone)]
@@ -271,6 +273,13 @@ impl Facilitator {
                     let network = network_of(&body);
                     match *current.lock().unwrap() {
                         FacilitatorMode::Broken => return json_response(500, &json!({"error": "boom"})),
+                        FacilitatorMode::Garbage => {
+                            return Response::builder()
+                                .status(200)
+                                .header("content-type", "application/json")
+                                .body(Full::new(Bytes::from_static(b"{\"success\": tru")))
+                                .unwrap();
+                        }
                         FacilitatorMode::Pending => {
                             return json_response(200, &json!({"success": false, "errorReason": "settlement_pending", "transaction": format!("0x{}", "ab".repeat(32)), "network": network}));
                         }
