@@ -544,6 +544,10 @@ fn apply_set(books: &Books<'_>, set: &ChangeSet) -> Tx<Result<Vec<Fact>, BadTran
     Ok(Ok(written))
 }
 
+/// How far an entry's time may run ahead of a later-numbered entry's: time ranges are searched
+/// and cut with this margin, then filtered exactly.
+pub const RECORD_SKEW_SECS: u64 = 60;
+
 /// What one transaction of changes wrote: its facts, and the bundle it submitted.
 type Applied = (Vec<Fact>, Option<Bundle>);
 
@@ -725,10 +729,17 @@ impl Store {
         query: &Query,
         mut visit: impl FnMut(Row) -> bool,
     ) -> Result<(), StoreError> {
-        let start = query.after.map_or(1, |a| a.saturating_add(1));
+        let mut start = query.after.map_or(1, |a| a.saturating_add(1));
+        if let Some(from) = query.from {
+            start = start.max(self.first_recorded_since(from.saturating_sub(RECORD_SKEW_SECS))?);
+        }
+        let stop = query.to.map(|to| to.saturating_add(RECORD_SKEW_SECS));
         for item in self.trees.payments.range(start.to_be_bytes()..) {
             let (key, bytes) = item?;
             let entry: Entry = parse(&bytes)?;
+            if stop.is_some_and(|stop| entry.at >= stop) {
+                break;
+            }
             let seq = super::accounts::u64_of(&key).unwrap_or(entry.seq);
             let row = Row {
                 status: self.status_of(seq)?,
@@ -739,6 +750,28 @@ impl Store {
             }
         }
         Ok(())
+    }
+
+    /// The first entry recorded at or after `since`, by binary search: entries are numbered in
+    /// the order they were written, and their times follow that order to within
+    /// [`RECORD_SKEW_SECS`] (a time is taken when the payment is admitted, its number when the
+    /// writer records it).
+    fn first_recorded_since(&self, since: u64) -> Result<u64, StoreError> {
+        let (last, _, _) = self.payment_counts()?;
+        let (mut lo, mut hi) = (1u64, last.saturating_add(1));
+        while lo < hi {
+            let mid = lo + (hi - lo) / 2;
+            let at = match self.trees.payments.get(mid.to_be_bytes())? {
+                Some(bytes) => parse::<Entry>(&bytes)?.at,
+                None => return Ok(1), // a gap: scan from the start (verify reports it)
+            };
+            if at < since {
+                lo = mid + 1;
+            } else {
+                hi = mid;
+            }
+        }
+        Ok(lo)
     }
 
     /// The facts of one entry, in order.
@@ -1032,6 +1065,36 @@ mod tests {
             )
             .unwrap();
         assert_eq!(page.entries.len(), 1);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[tokio::test]
+    async fn a_time_range_finds_its_entries_without_reading_the_others() {
+        let (store, dir) = temp_store("range");
+        // Times follow numbers only roughly: entry 61 was admitted before entry 60.
+        for i in 0..100u8 {
+            let at = match i {
+                60 => 1_049,
+                _ => 1_000 + u64::from(i),
+            };
+            let mut e = entry(i, 1, at);
+            e.nonce = B256::repeat_byte(i);
+            store.record_payment(&key(i), e, &auth()).await.unwrap();
+        }
+        let query = Query {
+            from: Some(1_050),
+            to: Some(1_060),
+            ..Query::default()
+        };
+        let page = store.payments(&query, 100).unwrap();
+        let times: Vec<u64> = page.entries.iter().map(|r| r.entry.at).collect();
+        assert_eq!(
+            times,
+            (1_050..1_060).filter(|t| *t != 1_060).collect::<Vec<_>>()
+        );
+        let all = store.payments(&Query::default(), 1_000).unwrap();
+        assert_eq!(all.entries.len(), 100);
+        assert_eq!(store.first_recorded_since(1_050).unwrap(), 51);
         let _ = std::fs::remove_dir_all(&dir);
     }
 }
