@@ -125,9 +125,7 @@ pub fn verify(store: &Store) -> Result<Report, StoreError> {
             return false;
         }
         facts += 1;
-        last_fact += 1;
-        let expected = last_fact;
-        if key != Some(expected) {
+        if let Some(expected) = missing(&mut last_fact, key) {
             breaks.push(
                 Break::new(
                     "fact_gap",
@@ -138,7 +136,6 @@ pub fn verify(store: &Store) -> Result<Report, StoreError> {
                 )
                 .fact(Some(expected)),
             );
-            last_fact = key.unwrap_or(expected);
         }
         let fact = match fact {
             Ok(fact) => fact,
@@ -234,9 +231,7 @@ pub fn verify(store: &Store) -> Result<Report, StoreError> {
             return false;
         }
         entries += 1;
-        last_entry += 1;
-        let expected = last_entry;
-        if key != Some(expected) {
+        if let Some(expected) = missing(&mut last_entry, key) {
             breaks.push(
                 Break::new(
                     "entry_gap",
@@ -247,7 +242,6 @@ pub fn verify(store: &Store) -> Result<Report, StoreError> {
                 )
                 .entry(Some(expected)),
             );
-            last_entry = key.unwrap_or(expected);
         }
         let Some(seq) = key else {
             breaks.push(Break::new(
@@ -427,6 +421,14 @@ fn shown(key: Option<u64>) -> String {
         || "a key that is not a sequence number".into(),
         |k| k.to_string(),
     )
+}
+
+/// Steps a gap-free numbering on to the record stored under `key`: the number that should
+/// have come instead, when it did not (then the count goes on from `key`).
+fn missing(last: &mut u64, key: Option<u64>) -> Option<u64> {
+    let expected = *last + 1;
+    *last = key.unwrap_or(expected);
+    (key != Some(expected)).then_some(expected)
 }
 
 /// The top-up reference a credit sale writes (`proxy::sell`): `x402:<caip2>:<payer>:<nonce>`.
