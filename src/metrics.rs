@@ -133,6 +133,9 @@ pub struct Metrics {
     /// `tollgate_settlement_bundles_total{asset}` and `…_bundle_value_atomic_total{asset}`.
     pub bundles: Counters<1>,
     pub bundle_value: Counters<1>,
+    /// `tollgate_settlement_gas_total`: gas used by the settlement transactions tollgate sent
+    /// itself (`settle via rpc`), once per mined transaction.
+    pub settlement_gas: IntCounter,
 }
 
 impl Metrics {
@@ -213,7 +216,7 @@ impl Metrics {
             )?,
             settlement_seconds: histogram(
                 "tollgate_settlement_duration_seconds",
-                "Time to settle one payment with the facilitator.",
+                "Time to settle one payment with the facilitator, or one transaction on chain (settle via rpc), until its confirmations.",
                 &LATENCY_BUCKETS,
             )?,
             verification_seconds: histogram(
@@ -303,6 +306,10 @@ impl Metrics {
                 "tollgate_settlement_bundle_value_atomic_total",
                 "Value of submitted deferred bundles, in the asset's atomic units.",
                 ["asset"],
+            )?,
+            settlement_gas: single(
+                "tollgate_settlement_gas_total",
+                "Gas used by settlement transactions tollgate sent through its relayer (settle via rpc).",
             )?,
             policy_info,
             registry,

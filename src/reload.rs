@@ -49,8 +49,22 @@ impl Loaded {
 
     fn new(policy: Policy, now: u64) -> Result<Loaded, String> {
         let terms = Terms::new(&policy);
-        if let Backend::Facilitator { url } = &policy.settlement.backend {
-            crate::settle::facilitator::check_supported(url, &policy, &terms)?;
+        match &policy.settlement.backend {
+            Backend::Facilitator { url } => {
+                crate::settle::facilitator::check_supported(url, &policy, &terms)?;
+            }
+            Backend::Rpc { url, .. } => {
+                if let Some(checked) = crate::settle::onchain::check(&policy, &terms)? {
+                    tracing::info!(
+                        node = %url,
+                        chain_id = checked.chain_id,
+                        relayer = %checked.relayer,
+                        gas_balance_wei = %checked.gas_balance,
+                        "settlement node checked: chain, tokens, Multicall3, relayer gas"
+                    );
+                }
+            }
+            Backend::None => {}
         }
         Ok(Loaded {
             labels: policy.routes.iter().map(|r| r.display()).collect(),
@@ -225,20 +239,7 @@ pub fn load(sources: &[PathBuf]) -> Result<Policy, String> {
             warning.message
         );
     }
-    supported(&policy)?;
     Ok(policy)
-}
-
-/// Refuses policies whose settlement this build cannot perform, rather than admitting payments
-/// it would never settle.
-fn supported(policy: &Policy) -> Result<(), String> {
-    if let Backend::Rpc { .. } = policy.settlement.backend {
-        return Err(format!(
-            "{}: `settle via rpc` is not available in this version; use `settle via facilitator \"…\"`",
-            policy.origin
-        ));
-    }
-    Ok(())
 }
 
 /// Reloads on SIGHUP and when the policy file's content changes.

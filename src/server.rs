@@ -94,7 +94,13 @@ pub fn run(config: &Config) -> Result<(), String> {
         store.clone(),
         limiter.clone(),
         metrics.clone(),
+        live.clone(),
         config.settlement.rpc.as_deref(),
+        crate::settle::relayer::Settings {
+            confirmations: config.settlement.confirmations,
+            max_fee_per_gas: config.settlement.max_fee_per_gas,
+            replace_after: Duration::from_secs(config.settlement.replace_after_secs),
+        },
     )?;
     recover(&settlement)?;
     let limits = &config.connections;

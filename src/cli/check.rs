@@ -14,6 +14,11 @@ pub struct Args {
     /// Also validate this sidecar config file (YAML) and the TOLLGATE_* environment
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
+    /// Also ask the settlement backends what startup asks them: the facilitator what it
+    /// settles; for `settle via rpc`, the node's chain, each asset's EIP-3009 functions,
+    /// Multicall3, and the relayer's gas
+    #[arg(long)]
+    online: bool,
 }
 
 pub fn run(args: Args) -> Result<ExitCode, Failed> {
@@ -75,14 +80,26 @@ pub fn run(args: Args) -> Result<ExitCode, Failed> {
         errors += checked.errors();
         warnings += checked.warnings();
         match (&checked.policy, checked.errors()) {
-            (Some(p), 0) => println!(
-                "ok    {} (service {:?}, {} route{}, version {})",
-                path.display(),
-                p.service,
-                p.routes.len(),
-                if p.routes.len() == 1 { "" } else { "s" },
-                p.version
-            ),
+            (Some(p), 0) => {
+                println!(
+                    "ok    {} (service {:?}, {} route{}, version {})",
+                    path.display(),
+                    p.service,
+                    p.routes.len(),
+                    if p.routes.len() == 1 { "" } else { "s" },
+                    p.version
+                );
+                if args.online {
+                    match online(p) {
+                        Ok(said) => println!("ok    {} online: {said}", path.display()),
+                        Err(why) => {
+                            eprintln!("error: {why}");
+                            println!("FAIL  {} online", path.display());
+                            errors += 1;
+                        }
+                    }
+                }
+            }
             (None, 0) => println!("ok    {}", path.display()),
             (_, n) => println!(
                 "FAIL  {} ({n} error{})",
@@ -103,4 +120,25 @@ pub fn run(args: Args) -> Result<ExitCode, Failed> {
     } else {
         ExitCode::SUCCESS
     })
+}
+
+/// What startup would learn from the policy's settlement backend.
+fn online(policy: &crate::policy::Policy) -> Result<String, String> {
+    let terms = crate::x402::Terms::new(policy);
+    match &policy.settlement.backend {
+        crate::policy::Backend::Facilitator { url } => {
+            crate::settle::facilitator::check_supported(url, policy, &terms)?;
+            Ok(format!("the facilitator at {url} settles every network quoted (or could not be asked; see the warning)"))
+        }
+        crate::policy::Backend::Rpc { url, .. } => {
+            match crate::settle::onchain::check(policy, &terms)? {
+                Some(c) => Ok(format!(
+                    "node {url} is chain {}; every asset answers EIP-3009; Multicall3 present; relayer {} holds {} wei of gas",
+                    c.chain_id, c.relayer, c.gas_balance
+                )),
+                None => Ok("nothing to settle".into()),
+            }
+        }
+        crate::policy::Backend::None => Ok("no settlement backend".into()),
+    }
 }

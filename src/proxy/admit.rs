@@ -140,7 +140,7 @@ impl Gate {
         let settle_after = matches!(timing, ledger::Timing::AfterResponse) && route.sells.is_none();
         let backend = match &loaded.policy.settlement.backend {
             policy::Backend::Facilitator { url } => url.clone(),
-            policy::Backend::Rpc { url, .. } => url.clone(),
+            policy::Backend::Rpc { url, .. } => crate::settle::onchain::backend_name(url),
             policy::Backend::None => String::new(),
         };
         let version = payment.version;

@@ -4,23 +4,17 @@
 //! (`cancelAuthorization`) or spent it in a transfer elsewhere. So [`Chain::examine`] reads
 //! the token's `authorizationState(from, nonce)`, then the `AuthorizationUsed(from, nonce)`
 //! event and, in the same transaction's receipt, the `Transfer(from, pay_to, amount)` that
-//! makes it this payment. Plain JSON-RPC over HTTP (`eth_chainId`, `eth_call`, `eth_getLogs`,
-//! `eth_getTransactionReceipt`); the ABI encoding is alloy's.
+//! makes it this payment — buried under the configured confirmations, or it is not evidence
+//! yet. Read through alloy's provider, like everything tollgate asks of a node.
 
-use std::time::Duration;
-
-use alloy::primitives::{Address, B256, U256};
+use alloy::primitives::{B256, Bytes, U256};
+use alloy::providers::{Provider, RootProvider};
+use alloy::rpc::types::{Filter, Log, TransactionRequest};
 use alloy::sol_types::{SolCall, SolEvent};
-use serde_json::{Value, json};
 
+use super::evm::{AuthorizationCanceled, AuthorizationUsed, Transfer, authorizationStateCall};
+use super::relayer::{self, short};
 use crate::store::ledger::Entry;
-
-alloy::sol! {
-    function authorizationState(address authorizer, bytes32 nonce) external view returns (bool);
-    event AuthorizationUsed(address indexed authorizer, bytes32 indexed nonce);
-    event AuthorizationCanceled(address indexed authorizer, bytes32 indexed nonce);
-    event Transfer(address indexed from, address indexed to, uint256 value);
-}
 
 /// How far back (in blocks) the events of a nonce are looked for: about a day on Base (2 s
 /// blocks). Older unknown outcomes stay unresolved, with the reason.
@@ -35,113 +29,77 @@ pub enum Verdict {
     UsedOtherwise { why: String },
     /// The nonce is unused: the payment did not settle (yet).
     Unused,
-    /// The nonce is used but its event is out of reach: still unknown.
+    /// The nonce is used but its event is out of reach, or not yet deep enough: still unknown.
     Unclear { why: String },
 }
 
 /// A JSON-RPC node of one chain.
 #[derive(Debug, Clone)]
 pub struct Chain {
-    client: reqwest::Client,
-    url: String,
+    provider: RootProvider,
 }
 
 impl Chain {
     pub fn new(url: &str) -> Result<Chain, String> {
-        let _ = rustls::crypto::ring::default_provider().install_default();
-        let client = reqwest::Client::builder()
-            .timeout(Duration::from_secs(10))
-            .connect_timeout(Duration::from_secs(5))
-            .build()
-            .map_err(|e| format!("cannot build the RPC client: {e}"))?;
         Ok(Chain {
-            client,
-            url: url.to_string(),
+            provider: relayer::provider(url)?,
         })
-    }
-
-    async fn rpc(&self, method: &str, params: Value) -> Result<Value, String> {
-        let body = json!({"jsonrpc": "2.0", "id": 1, "method": method, "params": params});
-        let answer: Value = self
-            .client
-            .post(&self.url)
-            .json(&body)
-            .send()
-            .await
-            .map_err(|e| format!("{method}: {}", e.without_url()))?
-            .json()
-            .await
-            .map_err(|e| format!("{method}: {}", e.without_url()))?;
-        if let Some(error) = answer.get("error") {
-            return Err(format!("{method}: {error}"));
-        }
-        answer
-            .get("result")
-            .cloned()
-            .ok_or_else(|| format!("{method}: no result"))
     }
 
     /// The node's chain id.
     pub async fn chain_id(&self) -> Result<u64, String> {
-        let id = self.rpc("eth_chainId", json!([])).await?;
-        quantity(&id).ok_or_else(|| format!("eth_chainId answered {id}"))
+        self.provider
+            .get_chain_id()
+            .await
+            .map_err(|e| format!("eth_chainId: {}", short(&e)))
     }
 
-    /// Reads what the chain knows about `entry`'s authorization.
-    pub async fn examine(&self, entry: &Entry) -> Result<Verdict, String> {
+    /// Reads what the chain knows about `entry`'s authorization; a transfer counts once its
+    /// block has `confirmations` blocks (its own included).
+    pub async fn examine(&self, entry: &Entry, confirmations: u64) -> Result<Verdict, String> {
         let call = authorizationStateCall {
             authorizer: entry.payer,
             nonce: entry.nonce,
         };
-        let data = format!("0x{}", alloy::hex::encode(call.abi_encode()));
         let answer = self
-            .rpc(
-                "eth_call",
-                json!([{"to": entry.asset.to_string(), "data": data}, "latest"]),
+            .provider
+            .call(
+                TransactionRequest::default()
+                    .to(entry.asset)
+                    .input(Bytes::from(call.abi_encode()).into()),
             )
-            .await?;
-        let bytes = answer
-            .as_str()
-            .and_then(|h| alloy::hex::decode(h).ok())
-            .ok_or_else(|| format!("authorizationState answered {answer}"))?;
-        let used = authorizationStateCall::abi_decode_returns(&bytes)
+            .await
+            .map_err(|e| format!("authorizationState: {}", short(&e)))?;
+        let used = authorizationStateCall::abi_decode_returns(&answer)
             .map_err(|e| format!("authorizationState answered something else: {e}"))?;
         if !used {
             return Ok(Verdict::Unused);
         }
-        let latest = quantity(&self.rpc("eth_blockNumber", json!([])).await?).unwrap_or(0);
-        let from_block = latest.saturating_sub(LOOKBACK_BLOCKS);
-        let topics = |signature: B256| {
-            json!([
-                signature.to_string(),
-                B256::left_padding_from(entry.payer.as_slice()).to_string(),
-                entry.nonce.to_string()
-            ])
+        let latest = self
+            .provider
+            .get_block_number()
+            .await
+            .map_err(|e| format!("eth_blockNumber: {}", short(&e)))?;
+        let events = |signature: B256| {
+            Filter::new()
+                .address(entry.asset)
+                .from_block(latest.saturating_sub(LOOKBACK_BLOCKS))
+                .event_signature(signature)
+                .topic1(B256::left_padding_from(entry.payer.as_slice()))
+                .topic2(entry.nonce)
         };
         let logs = self
-            .rpc(
-                "eth_getLogs",
-                json!([{
-                    "address": entry.asset.to_string(),
-                    "fromBlock": format!("0x{from_block:x}"),
-                    "toBlock": "latest",
-                    "topics": topics(AuthorizationUsed::SIGNATURE_HASH),
-                }]),
-            )
-            .await?;
-        let Some(log) = logs.as_array().and_then(|l| l.first()) else {
+            .provider
+            .get_logs(&events(AuthorizationUsed::SIGNATURE_HASH))
+            .await
+            .map_err(|e| format!("eth_getLogs: {}", short(&e)))?;
+        let Some(log) = logs.first() else {
             let cancelled = self
-                .rpc(
-                    "eth_getLogs",
-                    json!([{
-                        "address": entry.asset.to_string(),
-                        "fromBlock": format!("0x{from_block:x}"),
-                        "toBlock": "latest",
-                        "topics": topics(AuthorizationCanceled::SIGNATURE_HASH),
-                    }]),
-                )
-                .await?;
-            if cancelled.as_array().is_some_and(|l| !l.is_empty()) {
+                .provider
+                .get_logs(&events(AuthorizationCanceled::SIGNATURE_HASH))
+                .await
+                .map_err(|e| format!("eth_getLogs: {}", short(&e)))?;
+            if !cancelled.is_empty() {
                 return Ok(Verdict::UsedOtherwise {
                     why: "the payer cancelled the authorization on chain".into(),
                 });
@@ -153,18 +111,28 @@ impl Chain {
             });
         };
         let tx = log
-            .get("transactionHash")
-            .and_then(Value::as_str)
-            .ok_or("an AuthorizationUsed log without a transaction")?
-            .to_string();
-        let block = log.get("blockNumber").and_then(quantity).unwrap_or(0);
-        let receipt = self.rpc("eth_getTransactionReceipt", json!([tx])).await?;
-        let paid = receipt
-            .get("logs")
-            .and_then(Value::as_array)
-            .is_some_and(|logs| logs.iter().any(|l| is_transfer(l, entry)));
+            .transaction_hash
+            .ok_or("an AuthorizationUsed log without a transaction")?;
+        let block = log.block_number.unwrap_or(0);
+        if latest.saturating_add(1).saturating_sub(block) < confirmations {
+            return Ok(Verdict::Unclear {
+                why: format!(
+                    "settled in block {block}, waiting for {confirmations} confirmations"
+                ),
+            });
+        }
+        let receipt = self
+            .provider
+            .get_transaction_receipt(tx)
+            .await
+            .map_err(|e| format!("eth_getTransactionReceipt: {}", short(&e)))?
+            .ok_or_else(|| format!("no receipt for {tx}"))?;
+        let paid = receipt.inner.logs().iter().any(|l| is_transfer(l, entry));
         if paid {
-            Ok(Verdict::Settled { tx, block })
+            Ok(Verdict::Settled {
+                tx: tx.to_string(),
+                block,
+            })
         } else {
             Ok(Verdict::UsedOtherwise {
                 why: format!(
@@ -177,30 +145,11 @@ impl Chain {
 }
 
 /// Whether a receipt log is the `Transfer(payer, pay_to, amount)` of `entry`'s token.
-fn is_transfer(log: &Value, entry: &Entry) -> bool {
-    let address = log
-        .get("address")
-        .and_then(Value::as_str)
-        .and_then(|a| a.parse::<Address>().ok());
-    let topics: Vec<B256> = log
-        .get("topics")
-        .and_then(Value::as_array)
-        .map(|t| t.iter().filter_map(|v| v.as_str()?.parse().ok()).collect())
-        .unwrap_or_default();
-    let data = log
-        .get("data")
-        .and_then(Value::as_str)
-        .and_then(|d| alloy::hex::decode(d).ok())
-        .unwrap_or_default();
-    let value = (data.len() == 32).then(|| U256::from_be_slice(&data));
-    address == Some(entry.asset)
+fn is_transfer(log: &Log, entry: &Entry) -> bool {
+    let topics = log.topics();
+    log.address() == entry.asset
         && topics.first() == Some(&Transfer::SIGNATURE_HASH)
         && topics.get(1) == Some(&B256::left_padding_from(entry.payer.as_slice()))
         && topics.get(2) == Some(&B256::left_padding_from(entry.pay_to.as_slice()))
-        && value == Some(U256::from(entry.amount))
-}
-
-/// A JSON-RPC quantity (`"0x1a"`).
-fn quantity(value: &Value) -> Option<u64> {
-    u64::from_str_radix(value.as_str()?.strip_prefix("0x")?, 16).ok()
+        && log.data().data.as_ref() == U256::from(entry.amount).to_be_bytes::<32>().as_slice()
 }

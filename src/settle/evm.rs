@@ -6,7 +6,7 @@
 //! [`super::onchain`] sends what this builds.
 
 use alloy::primitives::{Address, B256, Bytes, U256, address};
-use alloy::sol_types::SolCall;
+use alloy::sol_types::{SolCall, SolEvent};
 
 use crate::store::ledger::{Authorization, Entry};
 use crate::x402::verify::{self, Signed};
@@ -178,7 +178,6 @@ pub fn is_transfer(log: &alloy::rpc::types::Log, t: &Transfer3009) -> bool {
         && log.data().data.as_ref() == t.signed.value.to_be_bytes::<32>().as_slice()
 }
 
-use alloy::sol_types::SolEvent;
 
 #[cfg(test)]
 mod tests {

@@ -29,7 +29,10 @@
 //! reset `limit buyer unsettled`.
 
 pub mod evidence;
+pub mod evm;
 pub mod facilitator;
+pub mod onchain;
+pub mod relayer;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -42,6 +45,8 @@ pub use facilitator::{Facilitator, Kind, SETTLE_TIMEOUT, SettleError};
 
 use crate::limits::{BuyerId, Limiter};
 use crate::metrics::Metrics;
+use crate::reload::Live;
+use onchain::{Outcome, Rpc};
 use crate::store::ledger::{Bundle, Change, Detail, Entry, State, Timing};
 use crate::store::{Store, StoreError};
 use crate::x402::wire::SettleResponse;
@@ -86,19 +91,35 @@ struct Inner {
     metrics: Arc<Metrics>,
     clock: fn() -> u64,
     backends: Mutex<HashMap<String, Backend>>,
+    /// One connection to a settlement node at a time: two relayers for one account would
+    /// hand out the same nonces.
+    connecting: tokio::sync::Mutex<()>,
+    /// The policy in force: where `settle via rpc` finds its relayer key.
+    live: Arc<Live>,
+    relayer: relayer::Settings,
     /// Every entry whose state is not final, as the ledger says: the worker's view.
     open: Mutex<BTreeMap<u64, Open>>,
     calls: Semaphore,
     wake: Notify,
-    /// The chain read for evidence (`settlement.rpc`), and its chain id once known.
-    evidence: Option<evidence::Chain>,
-    evidence_chain: Mutex<Option<u64>>,
+    /// The node read for evidence about facilitator-settled payments (`settlement.rpc`).
+    evidence_url: Option<String>,
+    /// Evidence readers by node URL, with each node's chain id once known. A payment settled
+    /// `via rpc` is examined through its own node.
+    evidence: Mutex<HashMap<String, (evidence::Chain, Option<u64>)>>,
     /// The (asset, network) series of `tollgate_unsettled_atomic` set so far.
     unsettled_shown: Mutex<std::collections::HashSet<(String, String)>>,
 }
 
+/// Who settles a payment.
+#[derive(Clone)]
+enum Client {
+    Facilitator(Facilitator),
+    /// tollgate itself, through a node (`settle via rpc`).
+    Rpc(Arc<Rpc>),
+}
+
 struct Backend {
-    client: Facilitator,
+    client: Client,
     /// Unix seconds before which the backend is not called again (it could not be reached).
     down_until: u64,
     backoff_secs: u64,
@@ -176,14 +197,20 @@ impl BundleKey {
 }
 
 impl Settlement {
-    /// `rpc`: a JSON-RPC node read for evidence about unknown outcomes (`settlement.rpc`).
+    /// `rpc`: a JSON-RPC node read for evidence about unknown outcomes (`settlement.rpc`);
+    /// `relayer`: how `settle via rpc` sends its transactions.
     pub fn new(
         store: Store,
         limiter: Arc<Limiter>,
         metrics: Arc<Metrics>,
+        live: Arc<Live>,
         rpc: Option<&str>,
+        relayer: relayer::Settings,
     ) -> Result<Settlement, String> {
-        let evidence = rpc.map(evidence::Chain::new).transpose()?;
+        let mut evidence = HashMap::new();
+        if let Some(url) = rpc {
+            evidence.insert(url.to_string(), (evidence::Chain::new(url)?, None));
+        }
         Ok(Settlement {
             inner: Arc::new(Inner {
                 store,
@@ -191,11 +218,14 @@ impl Settlement {
                 metrics,
                 clock: crate::unix_now,
                 backends: Mutex::new(HashMap::new()),
+                connecting: tokio::sync::Mutex::new(()),
+                live,
+                relayer,
                 open: Mutex::new(BTreeMap::new()),
                 calls: Semaphore::new(MAX_CALLS),
                 wake: Notify::new(),
-                evidence,
-                evidence_chain: Mutex::new(None),
+                evidence_url: rpc.map(str::to_string),
+                evidence: Mutex::new(evidence),
                 unsettled_shown: Mutex::new(std::collections::HashSet::new()),
             }),
         })
@@ -271,21 +301,71 @@ impl Settlement {
         Ok(recovery)
     }
 
-    /// The client of the facilitator at `url`, made once.
-    fn backend(&self, url: &str) -> Result<Facilitator, SettleError> {
-        let mut backends = self
-            .inner
+    /// Who settles the payments of backend `name`, made once: a facilitator client, or for
+    /// `rpc:URL` a relayer on that node with the key the policy in force names.
+    async fn client(&self, name: &str) -> Result<Client, SettleError> {
+        let Some(url) = onchain::node_url(name) else {
+            return self.facilitator(name).map(Client::Facilitator);
+        };
+        let key = match &self.inner.live.current().policy.settlement.backend {
+            crate::policy::Backend::Rpc { url: u, relayer } if u == url => relayer.clone(),
+            _ => {
+                return Err(SettleError::NotSent(format!(
+                    "the policy in force does not settle through {url}; these payments wait for one that does"
+                )));
+            }
+        };
+        let cached = |backends: &HashMap<String, Backend>| match backends.get(name) {
+            Some(Backend {
+                client: Client::Rpc(rpc),
+                ..
+            }) if rpc.key_source == key => Some(Client::Rpc(rpc.clone())),
+            _ => None,
+        };
+        if let Some(client) = cached(&self.lock_backends()) {
+            return Ok(client);
+        }
+        let _one = self.inner.connecting.lock().await;
+        if let Some(client) = cached(&self.lock_backends()) {
+            return Ok(client);
+        }
+        let rpc = Rpc::connect(url, &key, self.inner.relayer)
+            .await
+            .map_err(SettleError::NotSent)?;
+        tracing::info!(node = url, chain_id = rpc.chain_id(), relayer = %rpc.relayer(), "settling on chain through the relayer");
+        let client = Client::Rpc(Arc::new(rpc));
+        let mut backends = self.lock_backends();
+        let backend = backends.entry(name.to_string()).or_insert_with(|| Backend {
+            client: client.clone(),
+            down_until: 0,
+            backoff_secs: FIRST_BACKOFF_SECS,
+        });
+        backend.client = client.clone();
+        Ok(client)
+    }
+
+    fn lock_backends(&self) -> std::sync::MutexGuard<'_, HashMap<String, Backend>> {
+        self.inner
             .backends
             .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        if let Some(b) = backends.get(url) {
-            return Ok(b.client.clone());
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The client of the facilitator at `url`, made once.
+    fn facilitator(&self, url: &str) -> Result<Facilitator, SettleError> {
+        let mut backends = self.lock_backends();
+        if let Some(Backend {
+            client: Client::Facilitator(f),
+            ..
+        }) = backends.get(url)
+        {
+            return Ok(f.clone());
         }
         let client = Facilitator::new(url, SETTLE_TIMEOUT).map_err(SettleError::NotSent)?;
         backends.insert(
             url.to_string(),
             Backend {
-                client: client.clone(),
+                client: Client::Facilitator(client.clone()),
                 down_until: 0,
                 backoff_secs: FIRST_BACKOFF_SECS,
             },
@@ -315,7 +395,7 @@ impl Settlement {
         let entry = self
             .open_entry(seq)
             .ok_or_else(|| SettleError::NotSent(format!("payment {seq} is not open")))?;
-        let client = self.backend(&entry.backend)?;
+        let client = self.client(&entry.backend).await?;
         let submitted = Change {
             entry: seq,
             state: State::Submitted,
@@ -324,6 +404,26 @@ impl Settlement {
         self.record(&[submitted], true)
             .await
             .map_err(|e| SettleError::NotSent(e.to_string()))?;
+        let client = match client {
+            Client::Facilitator(f) => f,
+            Client::Rpc(rpc) => {
+                let outcome = self
+                    .on_chain(&rpc, std::slice::from_ref(&entry), false)
+                    .await
+                    .into_iter()
+                    .next()
+                    .map_or_else(|| Outcome::Unknown("no outcome".into()), |(_, o)| o);
+                let change = match &outcome {
+                    // Nothing left tollgate: the buyer is refused, the authorization untouched.
+                    Outcome::NotSent(why) => failed(seq, why.clone()),
+                    other => change_of(seq, other),
+                };
+                if let Err(e) = self.record(&[change], true).await {
+                    tracing::error!(entry = seq, error = %e, "a settlement outcome could not be recorded; the entry stays submitted and is resolved by evidence after a restart");
+                }
+                return self.receipt(&entry, outcome);
+            }
+        };
         let outcome = self.call(&client, seq, false).await;
         let change = match &outcome {
             Ok(receipt) => confirmed(seq, receipt),
@@ -679,8 +779,9 @@ impl Settlement {
 
     /// Settles every payment of a submitted bundle and records each outcome.
     async fn settle_bundle(&self, bundle: Bundle) {
-        let client = match self.backend(&bundle.backend) {
-            Ok(c) => c,
+        let client = match self.client(&bundle.backend).await {
+            Ok(Client::Facilitator(f)) => f,
+            Ok(Client::Rpc(rpc)) => return self.settle_bundle_on_chain(&rpc, bundle).await,
             Err(e) => {
                 // No call was made: back to the queue.
                 let back: Vec<Change> = bundle
@@ -751,9 +852,6 @@ impl Settlement {
     /// submitted again (the token's nonce makes a second transfer impossible). A payment whose
     /// buyer was refused (`before`/`after response`) is never submitted again.
     async fn resolve_by_evidence(&self, now: u64) {
-        let Some(chain) = self.inner.evidence.clone() else {
-            return;
-        };
         let unresolved: Vec<Arc<Entry>> = {
             let open = self.inner.open.lock().unwrap_or_else(|p| p.into_inner());
             open.values()
@@ -761,15 +859,11 @@ impl Settlement {
                 .map(|o| o.entry.clone())
                 .collect()
         };
-        if unresolved.is_empty() {
-            return;
-        }
-        let chain_id = self.evidence_chain_id(&chain).await;
         for entry in unresolved {
-            if chain_id != Some(entry.chain_id) {
+            let Some(chain) = self.evidence_for(&entry).await else {
                 continue;
-            }
-            let verdict = match chain.examine(&entry).await {
+            };
+            let verdict = match chain.examine(&entry, self.inner.relayer.confirmations).await {
                 Ok(v) => v,
                 Err(e) => {
                     tracing::warn!(entry = entry.seq, error = %e, "reading evidence for an unresolved payment failed; trying again later");
@@ -824,29 +918,51 @@ impl Settlement {
         }
     }
 
-    async fn evidence_chain_id(&self, chain: &evidence::Chain) -> Option<u64> {
-        if let Some(id) = *self
-            .inner
-            .evidence_chain
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-        {
-            return Some(id);
-        }
-        match chain.chain_id().await {
-            Ok(id) => {
-                *self
-                    .inner
-                    .evidence_chain
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner()) = Some(id);
-                Some(id)
+    /// The node that can tell what became of `entry`: its own (`settle via rpc`), else
+    /// `settlement.rpc`; only when that node is on the entry's chain.
+    async fn evidence_for(&self, entry: &Entry) -> Option<evidence::Chain> {
+        let url = match onchain::node_url(&entry.backend) {
+            Some(url) => url.to_string(),
+            None => self.inner.evidence_url.clone()?,
+        };
+        let known = {
+            let mut chains = self.inner.evidence.lock().unwrap_or_else(|p| p.into_inner());
+            if !chains.contains_key(&url) {
+                match evidence::Chain::new(&url) {
+                    Ok(chain) => {
+                        chains.insert(url.clone(), (chain, None));
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "the evidence node cannot be used");
+                        return None;
+                    }
+                }
             }
-            Err(e) => {
-                tracing::warn!(error = %e, "the settlement RPC node cannot be read; unresolved payments wait");
-                None
-            }
-        }
+            chains.get(&url).cloned()
+        };
+        let (chain, chain_id) = known?;
+        let chain_id = match chain_id {
+            Some(id) => id,
+            None => match chain.chain_id().await {
+                Ok(id) => {
+                    if let Some(known) = self
+                        .inner
+                        .evidence
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .get_mut(&url)
+                    {
+                        known.1 = Some(id);
+                    }
+                    id
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "the settlement RPC node cannot be read; unresolved payments wait");
+                    return None;
+                }
+            },
+        };
+        (chain_id == entry.chain_id).then_some(chain)
     }
 
     /// Submits an unresolved deferred payment whose nonce the chain shows unused.
@@ -860,8 +976,30 @@ impl Settlement {
         if self.record(&[again], true).await.is_err() {
             return;
         }
-        let outcome = match self.backend(&entry.backend) {
-            Ok(client) => self.call(&client, seq, true).await,
+        let outcome = match self.client(&entry.backend).await {
+            Ok(Client::Facilitator(client)) => self.call(&client, seq, true).await,
+            Ok(Client::Rpc(rpc)) => {
+                let entry = Arc::new(entry.clone());
+                let outcome = self
+                    .on_chain(&rpc, std::slice::from_ref(&entry), true)
+                    .await
+                    .into_iter()
+                    .next()
+                    .map_or_else(|| Outcome::Unknown("no outcome".into()), |(_, o)| o);
+                let change = match outcome {
+                    Outcome::Confirmed { .. } => change_of(seq, &outcome),
+                    // Refused now may mean the first attempt landed meanwhile: the chain decides.
+                    Outcome::Failed(why) | Outcome::NotSent(why) | Outcome::Unknown(why) => Change {
+                        entry: seq,
+                        state: State::Unresolved,
+                        detail: reason(why),
+                    },
+                };
+                if let Err(e) = self.record(&[change], true).await {
+                    tracing::error!(entry = seq, error = %e, "recording a settlement outcome failed");
+                }
+                return;
+            }
             Err(e) => Err(e),
         };
         let change = match outcome {
@@ -880,6 +1018,141 @@ impl Settlement {
         };
         if let Err(e) = self.record(&[change], true).await {
             tracing::error!(entry = seq, error = %e, "recording a settlement outcome failed");
+        }
+    }
+
+    /// Settles `entries` on chain in one transaction (see [`onchain`]); counts and times it.
+    /// A bundle (`bounded`) takes one of the [`MAX_CALLS`] permits.
+    async fn on_chain(&self, rpc: &Rpc, entries: &[Arc<Entry>], bounded: bool) -> Vec<(u64, Outcome)> {
+        let i = &self.inner;
+        let mut outcomes = Vec::new();
+        let mut batch = Vec::with_capacity(entries.len());
+        for entry in entries {
+            match i.store.authorization(entry.seq) {
+                Ok(Some(a)) => match evm::Transfer3009::of(entry, &a) {
+                    Ok(t) => batch.push(t),
+                    Err(why) => outcomes.push((entry.seq, Outcome::Failed(why))),
+                },
+                Ok(None) => outcomes.push((
+                    entry.seq,
+                    Outcome::Failed("no authorization on record".into()),
+                )),
+                Err(e) => outcomes.push((entry.seq, Outcome::NotSent(e.to_string()))),
+            }
+        }
+        let _permit = if bounded {
+            match i.calls.acquire().await {
+                Ok(p) => Some(p),
+                Err(_) => {
+                    outcomes.extend(batch.iter().map(|t| {
+                        (t.seq, Outcome::NotSent("settlement is shutting down".into()))
+                    }));
+                    return outcomes;
+                }
+            }
+        } else {
+            None
+        };
+        let started = std::time::Instant::now();
+        let settled = rpc.settle(batch).await;
+        i.metrics
+            .settlement_seconds
+            .observe(started.elapsed().as_secs_f64());
+        let mut gas_counted = std::collections::HashSet::new();
+        for (_, outcome) in &settled {
+            let result = match outcome {
+                Outcome::Confirmed { tx, gas_used, .. } => {
+                    if gas_counted.insert(*tx) {
+                        i.metrics.settlement_gas.inc_by(*gas_used);
+                    }
+                    "settled"
+                }
+                Outcome::Failed(_) => "refused",
+                Outcome::NotSent(_) => "unavailable",
+                Outcome::Unknown(_) => "unknown",
+            };
+            i.metrics.settlements.with([result]).inc();
+        }
+        outcomes.extend(settled);
+        outcomes
+    }
+
+    /// A deferred bundle settled on chain: one transaction, each outcome recorded.
+    async fn settle_bundle_on_chain(&self, rpc: &Rpc, bundle: Bundle) {
+        let mut entries = Vec::with_capacity(bundle.entries.len());
+        let mut changes = Vec::new();
+        for &seq in &bundle.entries {
+            match self.open_entry(seq) {
+                Some(entry) => entries.push(entry),
+                None => match self.inner.store.payment(seq) {
+                    Ok(Some(row)) => entries.push(Arc::new(row.entry)),
+                    _ => changes.push(Change {
+                        entry: seq,
+                        state: State::Unresolved,
+                        detail: reason("outcome unknown: the entry could not be read".into()),
+                    }),
+                },
+            }
+        }
+        let outcomes = self.on_chain(rpc, &entries, true).await;
+        let unreachable = !outcomes.is_empty()
+            && outcomes
+                .iter()
+                .all(|(_, o)| matches!(o, Outcome::NotSent(_)));
+        let confirmed_count = outcomes
+            .iter()
+            .filter(|(_, o)| matches!(o, Outcome::Confirmed { .. }))
+            .count();
+        let tx = outcomes.iter().find_map(|(_, o)| match o {
+            Outcome::Confirmed { tx, .. } => Some(*tx),
+            _ => None,
+        });
+        changes.extend(outcomes.iter().map(|(seq, o)| change_of(*seq, o)));
+        changes.sort_by_key(|c| c.entry);
+        if let Err(e) = self.record(&changes, true).await {
+            tracing::error!(bundle = bundle.id, error = %e, "recording a bundle's outcomes failed; its payments stay submitted and are resolved by evidence after a restart");
+        }
+        self.backend_reached(&bundle.backend, !unreachable);
+        tracing::info!(
+            bundle = bundle.id,
+            payments = bundle.entries.len(),
+            confirmed = confirmed_count,
+            tx = ?tx,
+            "settlement bundle done"
+        );
+    }
+
+    /// The receipt a buyer gets for a payment settled on chain now, or why it was refused.
+    fn receipt(&self, entry: &Entry, outcome: Outcome) -> Result<SettleResponse, SettleError> {
+        let version = self
+            .inner
+            .store
+            .authorization(entry.seq)
+            .ok()
+            .flatten()
+            .map_or(2, |a| a.version);
+        let network = if version == 1 {
+            entry.network.clone()
+        } else {
+            format!("eip155:{}", entry.chain_id)
+        };
+        let answer = |success: bool, error_reason: Option<String>, transaction: String| {
+            SettleResponse {
+                success,
+                error_reason,
+                payer: Some(entry.payer.to_string()),
+                transaction,
+                network: network.clone(),
+            }
+        };
+        match outcome {
+            Outcome::Confirmed { tx, .. } => Ok(answer(true, None, tx.to_string())),
+            Outcome::Failed(why) => {
+                let code = why.split(':').next().unwrap_or("reverted").to_string();
+                Err(SettleError::Refused(answer(false, Some(code), String::new())))
+            }
+            Outcome::NotSent(why) => Err(SettleError::NotSent(why)),
+            Outcome::Unknown(why) => Err(SettleError::Unknown(why)),
         }
     }
 
@@ -965,6 +1238,29 @@ fn confirmed(seq: u64, receipt: &SettleResponse) -> Change {
         detail: Detail {
             tx: (!receipt.transaction.is_empty()).then(|| receipt.transaction.clone()),
             ..Detail::default()
+        },
+    }
+}
+
+/// The ledger change of an on-chain outcome (a deferred entry that was not sent is queued again).
+fn change_of(seq: u64, outcome: &Outcome) -> Change {
+    match outcome {
+        Outcome::Confirmed { tx, block, gas_used } => Change {
+            entry: seq,
+            state: State::Confirmed,
+            detail: Detail {
+                tx: Some(tx.to_string()),
+                block: Some(*block),
+                gas_used: Some(*gas_used),
+                ..Detail::default()
+            },
+        },
+        Outcome::Failed(why) => failed(seq, why.clone()),
+        Outcome::NotSent(why) => requeued(seq, why.clone()),
+        Outcome::Unknown(why) => Change {
+            entry: seq,
+            state: State::Unresolved,
+            detail: reason(why.clone()),
         },
     }
 }

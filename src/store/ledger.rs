@@ -205,6 +205,9 @@ pub struct Detail {
     pub tx: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub block: Option<u64>,
+    /// Gas used by the whole transaction (`settle via rpc`; a bundle's payments share it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gas_used: Option<u64>,
     /// The upstream's status, once known.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub upstream_status: Option<u16>,
@@ -242,6 +245,7 @@ impl Status {
                 bundle: d.bundle.or(old.bundle),
                 tx: d.tx.clone().or_else(|| old.tx.clone()),
                 block: d.block.or(old.block),
+                gas_used: d.gas_used.or(old.gas_used),
                 upstream_status: d.upstream_status.or(old.upstream_status),
                 // A reason belongs to its fact: a later state without one has none.
                 reason: d.reason.clone(),

@@ -73,6 +73,10 @@ pub const CHAIN_ID: u64 = 84532;
 pub const FACILITATOR_KEY: &str =
     "0xac0974bec39a17e36ba4a6b4d238ff944bacb478cbed5efcae784d7bf4f2ff80";
 pub const FACILITATOR_ADDRESS: Address = address!("f39Fd6e51aad88F6F4ce6aB8827279cffFb92266");
+/// anvil's default account 2: the relayer of `settle via rpc` tests (10,000 ETH of gas).
+pub const RELAYER_KEY: &str =
+    "0x5de4111afa1a4b94908f83103eb1f1706367c2e68ca870fc3fb9a804cdab365a";
+pub const RELAYER_ADDRESS: Address = address!("3C44CdDdB6a900fa2b585dd299e03d12FA4293BC");
 /// anvil's default account 1 (unlocked in anvil): sends the test faucet's `mint` transactions,
 /// never the facilitator's account, so the two never race for a nonce.
 const FAUCET: Address = address!("70997970C51812dc3A010C7d01b50e0d17dc79C8");
@@ -195,10 +199,16 @@ impl DevChain {
 
     /// A fresh chain where each `(address, atomic units)` holds that much USDC.
     pub async fn start_with(funded: &[(Address, u128)]) -> DevChain {
+        DevChain::start_opts(funded, None).await
+    }
+
+    /// As [`DevChain::start_with`]; with `block_time`, anvil mines a block every that many
+    /// seconds instead of one per transaction (slow confirmations).
+    pub async fn start_opts(funded: &[(Address, u128)], block_time: Option<u64>) -> DevChain {
         let dir = scratch_dir("chain");
         let chain = chain_dir();
         let http = harness::client();
-        let (anvil, rpc_port) = start_anvil(&chain, &dir, &http).await;
+        let (anvil, rpc_port) = start_anvil(&chain, &dir, &http, block_time).await;
         let (facilitator, facilitator_port) = start_facilitator(&chain, &dir, rpc_port).await;
         let dev = DevChain {
             _facilitator: facilitator,
@@ -380,6 +390,29 @@ impl DevChain {
         quantity(&block["timestamp"])
     }
 
+    /// `evm_snapshot`: the chain's state now, to go back to with [`DevChain::revert`].
+    pub async fn snapshot(&self) -> Value {
+        self.rpc("evm_snapshot", json!([])).await
+    }
+
+    /// `evm_revert`: every block after the snapshot leaves the chain (a reorganisation, as a
+    /// node that follows the chain sees it); their transactions are gone, not pending.
+    pub async fn revert(&self, snapshot: &Value) {
+        assert_eq!(self.rpc("evm_revert", json!([snapshot])).await, true);
+    }
+
+    /// The relayer's transactions so far (its nonce at the latest block).
+    pub async fn relayer_nonce(&self) -> u64 {
+        quantity(
+            &self
+                .rpc(
+                    "eth_getTransactionCount",
+                    json!([RELAYER_ADDRESS, "latest"]),
+                )
+                .await,
+        )
+    }
+
     pub async fn block_number(&self) -> u64 {
         quantity(&self.rpc("eth_blockNumber", json!([])).await)
     }
@@ -424,6 +457,7 @@ async fn start_anvil(
     chain: &std::path::Path,
     dir: &std::path::Path,
     http: &reqwest::Client,
+    block_time: Option<u64>,
 ) -> (Proc, u16) {
     let binary = anvil_binary(chain);
     for _ in 0..3 {
@@ -439,6 +473,11 @@ async fn start_anvil(
                 &port.to_string(),
             ])
             .args(["--host", "127.0.0.1", "--silent"])
+            .args(
+                block_time
+                    .map(|secs| vec!["--block-time".to_string(), secs.to_string()])
+                    .unwrap_or_default(),
+            )
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(log)
@@ -927,4 +966,93 @@ async fn concurrent_settles_all_land_once_each() {
     assert_eq!(transactions.len(), N);
     assert_eq!(chain.balance_of(pay_to()).await, 1_000 * N as u128);
     assert_eq!(chain.authorizations_used(buyer.address()).await.len(), N);
+}
+
+/// A TCP relay in front of a node: the node as tollgate sees it can be taken down (connections
+/// refused, open ones cut) and brought back, or made slow, while the chain itself goes on.
+pub struct Relay {
+    pub port: u16,
+    target: u16,
+    delay_ms: std::sync::Arc<AtomicU64>,
+    task: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+impl Relay {
+    pub async fn start(target: u16) -> Relay {
+        let relay = Relay {
+            port: free_port(),
+            target,
+            delay_ms: std::sync::Arc::new(AtomicU64::new(0)),
+            task: std::sync::Mutex::new(None),
+        };
+        relay.up();
+        relay
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// Listens again (the same port).
+    pub fn up(&self) {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_reuseaddr(true).unwrap();
+        socket
+            .bind(([127, 0, 0, 1], self.port).into())
+            .unwrap();
+        let listener = socket.listen(64).unwrap();
+        let target = self.target;
+        let delay = self.delay_ms.clone();
+        let task = tokio::spawn(async move {
+            let mut connections = tokio::task::JoinSet::new();
+            loop {
+                let Ok((mut inbound, _)) = listener.accept().await else {
+                    continue;
+                };
+                let delay = delay.clone();
+                connections.spawn(async move {
+                    let ms = delay.load(Ordering::Relaxed);
+                    if ms > 0 {
+                        tokio::time::sleep(Duration::from_millis(ms)).await;
+                    }
+                    if let Ok(mut outbound) =
+                        tokio::net::TcpStream::connect(("127.0.0.1", target)).await
+                    {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                });
+                while connections.try_join_next().is_some() {}
+            }
+        });
+        *self.task.lock().unwrap() = Some(task);
+    }
+
+    /// Stops listening and cuts every open connection: the node is down.
+    pub fn down(&self) {
+        if let Some(task) = self.task.lock().unwrap().take() {
+            task.abort();
+        }
+    }
+
+    /// Every new connection waits this long before it reaches the node.
+    pub fn set_delay(&self, delay: Duration) {
+        self.delay_ms
+            .store(delay.as_millis() as u64, Ordering::Relaxed);
+    }
+
+    pub fn node_port(&self) -> u16 {
+        self.target
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.down();
+    }
+}
+
+impl DevChain {
+    pub fn rpc_port(&self) -> u16 {
+        self.rpc_port
+    }
 }

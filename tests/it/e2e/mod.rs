@@ -2,6 +2,7 @@
 //! facilitator that checks signatures, all on loopback. See [`harness`].
 
 mod chain;
+mod chain_relayer;
 mod chain_settlement;
 mod deferred;
 mod harness;

@@ -1,0 +1,322 @@
+//! `settle via rpc "URL" relayer KEY`: tollgate settles on chain itself, no facilitator.
+//!
+//! [`Rpc::settle`] takes a batch of authorizations (one for `before`/`after response`, a whole
+//! bundle for `deferred`) and:
+//! 1. **simulates** them in one `eth_call` of Multicall3 `aggregate3` (each call allowed to
+//!    fail): an authorization that can no longer succeed — nonce already used, expired, the
+//!    payer's balance short, a bad signature — is dropped and `failed` with the token's reason,
+//!    so it never costs gas and never sinks the others;
+//! 2. **sends one transaction** through the [`Relayer`]: the lone `transferWithAuthorization`
+//!    straight to the token, or `aggregate3` over the bundle with `allowFailure`;
+//! 3. **matches the receipt back** to entries: an authorization is `confirmed` when the receipt
+//!    holds its `AuthorizationUsed(payer, nonce)` and its `Transfer(payer, pay_to, value)`.
+//!
+//! [`check`] is what startup, reload and `tollgate check --online` ask of a node before any
+//! payment depends on it.
+
+use alloy::primitives::{Address, B256, Bytes, U256};
+use alloy::providers::Provider;
+use alloy::rpc::types::TransactionRequest;
+use alloy::sol_types::SolCall;
+
+use super::evm::{self, MULTICALL3, Transfer3009};
+use super::relayer::{self, Relayer, Settings, TxError};
+use crate::config::SecretRef;
+use crate::policy::{Backend, Policy};
+use crate::x402::Terms;
+
+/// How the ledger names the backend of a payment settled through the node at `url`.
+pub fn backend_name(url: &str) -> String {
+    format!("rpc:{url}")
+}
+
+/// The node's URL of a backend named by [`backend_name`].
+pub fn node_url(backend: &str) -> Option<&str> {
+    backend.strip_prefix("rpc:")
+}
+
+/// What became of one authorization.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Moved on chain, buried under the configured confirmations.
+    Confirmed { tx: B256, block: u64, gas_used: u64 },
+    /// Cannot succeed: the token's reason.
+    Failed(String),
+    /// Nothing happened on chain; it may be tried again.
+    NotSent(String),
+    /// May have happened: the chain's evidence decides.
+    Unknown(String),
+}
+
+/// One node and the relayer that sends through it.
+pub struct Rpc {
+    relayer: Relayer,
+    chain_id: u64,
+    /// The secret the relayer key came from, to notice a policy that changed it.
+    pub key_source: SecretRef,
+}
+
+impl Rpc {
+    /// Connects to `url` (reads its chain id) with the relayer key from `key`.
+    pub async fn connect(url: &str, key: &SecretRef, settings: Settings) -> Result<Rpc, String> {
+        let signer = relayer::parse_key(&read_key(key)?)?;
+        let provider = relayer::provider(url)?;
+        let chain_id = provider
+            .get_chain_id()
+            .await
+            .map_err(|e| format!("the settlement node cannot be read: {}", relayer::short(&e)))?;
+        Ok(Rpc {
+            relayer: Relayer::new(provider, signer, chain_id, settings),
+            chain_id,
+            key_source: key.clone(),
+        })
+    }
+
+    pub fn chain_id(&self) -> u64 {
+        self.chain_id
+    }
+
+    pub fn relayer(&self) -> Address {
+        self.relayer.address()
+    }
+
+    /// Settles `batch` in one transaction (see the module docs); one outcome per entry.
+    pub async fn settle(&self, batch: Vec<Transfer3009>) -> Vec<(u64, Outcome)> {
+        let mut outcomes = Vec::with_capacity(batch.len());
+        let every = |batch: &[Transfer3009], outcome: Outcome| {
+            batch
+                .iter()
+                .map(|t| (t.seq, outcome.clone()))
+                .collect::<Vec<_>>()
+        };
+        let results = match self.simulate(&batch).await {
+            Ok(r) if r.len() == batch.len() => r,
+            Ok(_) => {
+                return every(
+                    &batch,
+                    Outcome::NotSent("the simulation answered a different number of results".into()),
+                );
+            }
+            Err(why) => return every(&batch, Outcome::NotSent(why)),
+        };
+        let mut live = Vec::with_capacity(batch.len());
+        for (transfer, result) in batch.into_iter().zip(results) {
+            if result.success {
+                live.push(transfer);
+                continue;
+            }
+            let reason = evm::revert_reason(&result.returnData);
+            let outcome = if reason.starts_with("authorization_not_yet_valid") {
+                Outcome::NotSent(reason)
+            } else {
+                Outcome::Failed(reason)
+            };
+            outcomes.push((transfer.seq, outcome));
+        }
+        let (to, data) = match live.as_slice() {
+            [] => return outcomes,
+            [one] => (one.token, one.calldata()),
+            many => (MULTICALL3, evm::aggregate(many)),
+        };
+        let estimate = self
+            .relayer
+            .provider()
+            .estimate_gas(self.request(to, data.clone()))
+            .await;
+        let gas_limit = match estimate {
+            // A margin: state may move between the estimate and the block.
+            Ok(gas) => gas.saturating_add(gas / 5).saturating_add(10_000),
+            Err(e) => {
+                outcomes.extend(every(
+                    &live,
+                    Outcome::NotSent(format!("estimating gas: {}", relayer::short(&e))),
+                ));
+                return outcomes;
+            }
+        };
+        match self.relayer.submit(to, data, gas_limit).await {
+            Ok(mined) if !mined.success => outcomes.extend(every(
+                &live,
+                Outcome::NotSent(format!(
+                    "transaction {} reverted as a whole in block {}; nothing moved",
+                    mined.tx, mined.block
+                )),
+            )),
+            Ok(mined) => {
+                for t in live {
+                    let used = mined.logs.iter().any(|l| evm::is_authorization_used(l, &t));
+                    let paid = mined.logs.iter().any(|l| evm::is_transfer(l, &t));
+                    let outcome = if used && paid {
+                        Outcome::Confirmed {
+                            tx: mined.tx,
+                            block: mined.block,
+                            gas_used: mined.gas_used,
+                        }
+                    } else {
+                        Outcome::Failed(format!(
+                            "reverted: the authorization failed inside transaction {} (block {})",
+                            mined.tx, mined.block
+                        ))
+                    };
+                    outcomes.push((t.seq, outcome));
+                }
+            }
+            Err(TxError::NotSent(why)) => outcomes.extend(every(&live, Outcome::NotSent(why))),
+            Err(TxError::Unknown(why)) => outcomes.extend(every(&live, Outcome::Unknown(why))),
+        }
+        outcomes
+    }
+
+    fn request(&self, to: Address, data: Bytes) -> TransactionRequest {
+        TransactionRequest::default()
+            .from(self.relayer.address())
+            .to(to)
+            .input(data.into())
+    }
+
+    /// Every transfer of `batch` simulated at the latest block, in order, each on its own.
+    async fn simulate(&self, batch: &[Transfer3009]) -> Result<Vec<evm::Result3>, String> {
+        let answer = self
+            .relayer
+            .provider()
+            .call(self.request(MULTICALL3, evm::aggregate(batch)))
+            .await
+            .map_err(|e| format!("simulating the settlement: {}", relayer::short(&e)))?;
+        evm::aggregate_results(&answer)
+    }
+}
+
+/// Reads the relayer key from where the policy says it is. Never shows the key.
+pub fn read_key(source: &SecretRef) -> Result<String, String> {
+    match source {
+        SecretRef::Env(name) => std::env::var(name).map_err(|_| {
+            format!("the relayer key is read from the environment variable {name}, which is not set")
+        }),
+        SecretRef::File(path) => std::fs::read_to_string(path)
+            .map_err(|e| format!("cannot read the relayer key file {}: {e}", path.display())),
+    }
+}
+
+/// What the startup check found.
+#[derive(Debug, Clone)]
+pub struct Checked {
+    pub chain_id: u64,
+    pub relayer: Address,
+    /// The relayer's balance, in wei.
+    pub gas_balance: U256,
+}
+
+/// Refuses a policy whose `settle via rpc` cannot work: the key unreadable, the node
+/// unreachable or on another chain than a network the policy quotes, an asset that is not an
+/// EIP-3009 token there, no Multicall3 for bundles, or a relayer without gas.
+pub fn check(policy: &Policy, terms: &Terms) -> Result<Option<Checked>, String> {
+    let Backend::Rpc { url, relayer } = &policy.settlement.backend else {
+        return Ok(None);
+    };
+    let mut assets: Vec<(String, u64, Address)> = Vec::new();
+    for id in 0..policy.routes.len() {
+        for offer in terms
+            .route(id)
+            .map(|t| t.offers.as_slice())
+            .unwrap_or_default()
+        {
+            let key = (offer.network.clone(), offer.chain_id, offer.asset);
+            if !assets.contains(&key) {
+                assets.push(key);
+            }
+        }
+    }
+    let url = url.clone();
+    let key = relayer.clone();
+    let origin = policy.origin.clone();
+    // Startup runs outside any runtime and a reload inside one: ask from a thread of its own.
+    let checked = std::thread::spawn(move || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| e.to_string())
+            .and_then(|runtime| runtime.block_on(check_node(&url, &key, &assets)))
+    })
+    .join()
+    .unwrap_or_else(|_| Err("the check failed unexpectedly".into()));
+    checked
+        .map(Some)
+        .map_err(|why| format!("{origin}: `settle via rpc`: {why}"))
+}
+
+async fn check_node(
+    url: &str,
+    key: &SecretRef,
+    assets: &[(String, u64, Address)],
+) -> Result<Checked, String> {
+    let settings = Settings {
+        confirmations: 1,
+        max_fee_per_gas: u128::MAX,
+        replace_after: std::time::Duration::from_secs(60),
+    };
+    let rpc = Rpc::connect(url, key, settings).await?;
+    let provider = rpc.relayer.provider();
+    for (network, chain_id, asset) in assets {
+        if *chain_id != rpc.chain_id {
+            return Err(format!(
+                "the node is on chain {}, but the policy quotes {network} (chain {chain_id}); point `via rpc` at a node of {network}",
+                rpc.chain_id
+            ));
+        }
+        let code = provider
+            .get_code_at(*asset)
+            .await
+            .map_err(|e| format!("reading the token {asset}: {}", relayer::short(&e)))?;
+        if code.is_empty() {
+            return Err(format!(
+                "there is no contract at the asset address {asset} on {network}"
+            ));
+        }
+        let probe = evm::authorizationStateCall {
+            authorizer: Address::ZERO,
+            nonce: B256::ZERO,
+        };
+        let answer = provider
+            .call(
+                TransactionRequest::default()
+                    .to(*asset)
+                    .input(Bytes::from(probe.abi_encode()).into()),
+            )
+            .await
+            .map_err(|e| {
+                format!(
+                    "the asset {asset} on {network} does not answer authorizationState (EIP-3009): {}",
+                    relayer::short(&e)
+                )
+            })?;
+        evm::authorizationStateCall::abi_decode_returns(&answer).map_err(|_| {
+            format!("the asset {asset} on {network} does not answer authorizationState (EIP-3009)")
+        })?;
+    }
+    let multicall = provider
+        .get_code_at(MULTICALL3)
+        .await
+        .map_err(|e| format!("reading Multicall3: {}", relayer::short(&e)))?;
+    if multicall.is_empty() {
+        return Err(format!(
+            "there is no Multicall3 at {MULTICALL3} on chain {}: settlement transactions need it",
+            rpc.chain_id
+        ));
+    }
+    let gas_balance = provider
+        .get_balance(rpc.relayer())
+        .await
+        .map_err(|e| format!("reading the relayer's balance: {}", relayer::short(&e)))?;
+    if gas_balance.is_zero() {
+        return Err(format!(
+            "the relayer {} has no gas on chain {}: send it some of the chain's native currency (it pays gas only; payments go straight to pay_to)",
+            rpc.relayer(),
+            rpc.chain_id
+        ));
+    }
+    Ok(Checked {
+        chain_id: rpc.chain_id,
+        relayer: rpc.relayer(),
+        gas_balance,
+    })
+}

@@ -1,0 +1,425 @@
+//! The relayer: the account whose key pays the gas of the settlement transactions tollgate
+//! sends itself (`settle via rpc "URL" relayer KEY`). It never holds the money: each transfer
+//! moves USDC from the buyer straight to `pay_to`.
+//!
+//! It behaves like production infrastructure:
+//! - **nonces are managed here**: one lock hands out the account's next nonce, read from the
+//!   node's pending count once and after any doubt, so concurrent bundles never collide;
+//! - **fees** are EIP-1559: `2 × base fee + tip`, capped by `settlement.max_fee_per_gas`; a base
+//!   fee above the cap sends nothing (the payments wait);
+//! - **a stuck transaction is replaced**, never duplicated: after `settlement.replace_after`
+//!   without a receipt it is signed again with the same nonce and fees raised by a quarter
+//!   (up to the cap); every hash sent for a nonce is watched until one of them is mined;
+//! - **receipts are awaited to `settlement.confirmations` blocks**, and the block is checked to
+//!   be still canonical at that depth; a transaction a reorganisation dropped is broadcast again
+//!   (the same signed bytes: the token's nonces make a second transfer impossible).
+//!
+//! [`Relayer::submit`] answers [`TxError::NotSent`] only when nothing can have reached the
+//! chain, and [`TxError::Unknown`] whenever it may have: the caller's evidence decides those.
+
+use std::time::{Duration, Instant};
+
+use alloy::consensus::{SignableTransaction, TxEip1559, TxEnvelope};
+use alloy::eips::eip2718::Encodable2718;
+use alloy::network::TxSignerSync;
+use alloy::primitives::{Address, B256, Bytes, TxKind, U256};
+use alloy::providers::{Provider, RootProvider};
+use alloy::rpc::client::RpcClient;
+use alloy::rpc::types::{BlockNumberOrTag, Log};
+use alloy::signers::local::PrivateKeySigner;
+use alloy::transports::{RpcError, TransportError, TransportErrorKind};
+
+/// How long one JSON-RPC call may take.
+pub const RPC_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How often a sent transaction's receipt is looked for.
+const POLL: Duration = Duration::from_millis(250);
+
+/// How long a transaction is watched before its outcome is called unknown.
+const GIVE_UP_AFTER: Duration = Duration::from_secs(15 * 60);
+
+/// The relayer's settings (from `tollgate.yaml`'s `settlement` section).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Settings {
+    /// Blocks a transaction must have (its own counts as one) before it is final.
+    pub confirmations: u64,
+    /// Most wei per gas the relayer will pay.
+    pub max_fee_per_gas: u128,
+    /// How long a transaction may wait unmined before it is replaced.
+    pub replace_after: Duration,
+}
+
+/// Why a transaction has no outcome.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TxError {
+    /// Nothing reached the chain (the node could not be reached, or refused the transaction).
+    NotSent(String),
+    /// It may have reached the chain: only evidence can tell.
+    Unknown(String),
+}
+
+/// A transaction mined and buried under `confirmations` blocks.
+#[derive(Debug, Clone)]
+pub struct Mined {
+    pub tx: B256,
+    pub block: u64,
+    pub gas_used: u64,
+    /// Wei per gas actually paid.
+    pub gas_price: u128,
+    /// Whether the transaction itself succeeded (a reverted one moved nothing).
+    pub success: bool,
+    pub logs: Vec<Log>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Fees {
+    max_fee: u128,
+    tip: u128,
+}
+
+/// The gas account and the node it sends through.
+pub struct Relayer {
+    provider: RootProvider,
+    signer: PrivateKeySigner,
+    chain_id: u64,
+    settings: Settings,
+    /// The next nonce to use, when known; `None` makes the next send read it from the node.
+    next_nonce: tokio::sync::Mutex<Option<u64>>,
+}
+
+/// A JSON-RPC provider with timeouts (alloy's default HTTP client has none).
+pub fn provider(url: &str) -> Result<RootProvider, String> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let client = reqwest::Client::builder()
+        .timeout(RPC_TIMEOUT)
+        .connect_timeout(Duration::from_secs(5))
+        .user_agent(concat!("tollgate/", env!("CARGO_PKG_VERSION")))
+        .build()
+        .map_err(|e| format!("cannot build the RPC client: {e}"))?;
+    let url = url
+        .parse()
+        .map_err(|e| format!("invalid RPC URL {url:?}: {e}"))?;
+    Ok(RootProvider::new(
+        RpcClient::builder().http_with_client(client, url),
+    ))
+}
+
+/// A private key from its text (0x + 64 hex digits, surrounding whitespace ignored). The
+/// error never repeats the text.
+pub fn parse_key(text: &str) -> Result<PrivateKeySigner, String> {
+    text.trim()
+        .parse::<PrivateKeySigner>()
+        .map_err(|_| "the relayer key is not a private key (0x followed by 64 hex digits)".into())
+}
+
+impl Relayer {
+    pub fn new(
+        provider: RootProvider,
+        signer: PrivateKeySigner,
+        chain_id: u64,
+        settings: Settings,
+    ) -> Relayer {
+        Relayer {
+            provider,
+            signer,
+            chain_id,
+            settings,
+            next_nonce: tokio::sync::Mutex::new(None),
+        }
+    }
+
+    pub fn address(&self) -> Address {
+        self.signer.address()
+    }
+
+    pub fn provider(&self) -> &RootProvider {
+        &self.provider
+    }
+
+    /// Sends a call to `to` and waits until it is mined under enough blocks.
+    pub async fn submit(&self, to: Address, data: Bytes, gas_limit: u64) -> Result<Mined, TxError> {
+        let mut fees = self.fees().await.map_err(TxError::NotSent)?;
+        let (nonce, first) = self.send_new(to, &data, gas_limit, fees).await?;
+        let mut sent = vec![first];
+        let started = Instant::now();
+        let mut last_send = Instant::now();
+        // The receipt seen last, to notice a reorganisation.
+        let mut seen: Option<(B256, u64)> = None;
+        loop {
+            tokio::time::sleep(POLL).await;
+            if started.elapsed() > GIVE_UP_AFTER {
+                return Err(TxError::Unknown(format!(
+                    "transaction {} not mined after {} s",
+                    sent.last().map(|(h, _)| *h).unwrap_or_default(),
+                    GIVE_UP_AFTER.as_secs()
+                )));
+            }
+            match self.mined(&sent).await {
+                Ok(Some(mined)) => {
+                    let latest = match self.provider.get_block_number().await {
+                        Ok(n) => n,
+                        Err(_) => continue,
+                    };
+                    seen = Some((mined.tx, mined.block));
+                    if latest.saturating_add(1).saturating_sub(mined.block)
+                        >= self.settings.confirmations
+                        && self.canonical(&mined).await
+                    {
+                        return Ok(mined);
+                    }
+                    continue;
+                }
+                Ok(None) => {}
+                Err(_) => continue, // the node is unreachable for now: keep watching
+            }
+            if let Some((tx, block)) = seen.take() {
+                tracing::warn!(%tx, block, "a settlement transaction left the chain (reorganisation); sending it again");
+                self.rebroadcast(&sent).await;
+                last_send = Instant::now();
+                continue;
+            }
+            if last_send.elapsed() >= self.settings.replace_after {
+                last_send = Instant::now();
+                match self.replace(nonce, to, &data, gas_limit, &mut fees).await {
+                    Ok(Some(replacement)) => sent.push(replacement),
+                    Ok(None) => self.rebroadcast(&sent).await,
+                    Err(e) => {
+                        tracing::warn!(nonce, error = %e, "replacing a stuck settlement transaction failed; still watching");
+                    }
+                }
+            }
+        }
+    }
+
+    /// The receipt of whichever of `sent` was mined.
+    async fn mined(&self, sent: &[(B256, Bytes)]) -> Result<Option<Mined>, TransportError> {
+        for (hash, _) in sent.iter().rev() {
+            if let Some(receipt) = self.provider.get_transaction_receipt(*hash).await? {
+                let Some(block) = receipt.block_number else {
+                    continue;
+                };
+                return Ok(Some(Mined {
+                    tx: *hash,
+                    block,
+                    gas_used: receipt.gas_used,
+                    gas_price: receipt.effective_gas_price,
+                    success: receipt.status(),
+                    logs: receipt.inner.logs().to_vec(),
+                }));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Whether the receipt's block is still the chain's block at that height.
+    async fn canonical(&self, mined: &Mined) -> bool {
+        let Ok(Some(receipt)) = self.provider.get_transaction_receipt(mined.tx).await else {
+            return false;
+        };
+        let Ok(Some(block)) = self
+            .provider
+            .get_block_by_number(BlockNumberOrTag::Number(mined.block))
+            .await
+        else {
+            return false;
+        };
+        receipt.block_hash == Some(block.header.hash)
+    }
+
+    /// Current fees under the cap, or why nothing should be sent now.
+    async fn fees(&self) -> Result<Fees, String> {
+        let block = self
+            .provider
+            .get_block_by_number(BlockNumberOrTag::Latest)
+            .await
+            .map_err(|e| format!("reading the latest block: {}", short(&e)))?
+            .ok_or("the node has no latest block")?;
+        let base = u128::from(block.header.base_fee_per_gas.unwrap_or(0));
+        let tip = self
+            .provider
+            .get_max_priority_fee_per_gas()
+            .await
+            .unwrap_or(1_000_000);
+        let cap = self.settings.max_fee_per_gas;
+        if base >= cap {
+            return Err(format!(
+                "the base fee ({base} wei per gas) is at or above settlement.max_fee_per_gas ({cap} wei); settlement waits for it to fall"
+            ));
+        }
+        let max_fee = base.saturating_mul(2).saturating_add(tip).min(cap);
+        Ok(Fees {
+            max_fee,
+            tip: tip.min(max_fee),
+        })
+    }
+
+    fn sign(
+        &self,
+        nonce: u64,
+        to: Address,
+        data: &Bytes,
+        gas_limit: u64,
+        fees: Fees,
+    ) -> Result<(B256, Bytes), String> {
+        let mut tx = TxEip1559 {
+            chain_id: self.chain_id,
+            nonce,
+            gas_limit,
+            max_fee_per_gas: fees.max_fee,
+            max_priority_fee_per_gas: fees.tip,
+            to: TxKind::Call(to),
+            value: U256::ZERO,
+            access_list: Default::default(),
+            input: data.clone(),
+        };
+        let signature = self
+            .signer
+            .sign_transaction_sync(&mut tx)
+            .map_err(|e| format!("signing the settlement transaction: {e}"))?;
+        let signed = tx.into_signed(signature);
+        let hash = *signed.hash();
+        Ok((hash, TxEnvelope::from(signed).encoded_2718().into()))
+    }
+
+    /// Takes the next nonce and sends a new transaction with it.
+    async fn send_new(
+        &self,
+        to: Address,
+        data: &Bytes,
+        gas_limit: u64,
+        fees: Fees,
+    ) -> Result<(u64, (B256, Bytes)), TxError> {
+        let mut next = self.next_nonce.lock().await;
+        for attempt in 0..2 {
+            let nonce = match *next {
+                Some(n) => n,
+                None => self
+                    .provider
+                    .get_transaction_count(self.address())
+                    .pending()
+                    .await
+                    .map_err(|e| TxError::NotSent(format!("reading the relayer's nonce: {}", short(&e))))?,
+            };
+            let (hash, raw) = self
+                .sign(nonce, to, data, gas_limit, fees)
+                .map_err(TxError::NotSent)?;
+            match self.provider.send_raw_transaction(&raw).await {
+                Ok(_) => {
+                    *next = Some(nonce + 1);
+                    tracing::debug!(%hash, nonce, "settlement transaction sent");
+                    return Ok((nonce, (hash, raw)));
+                }
+                Err(e) => match Sent::of(&e) {
+                    Sent::Refused(why) => {
+                        *next = None; // whatever the node holds, read it again
+                        if attempt == 0 && why.to_ascii_lowercase().contains("nonce") {
+                            continue; // a stale nonce: once more with the node's
+                        }
+                        return Err(TxError::NotSent(format!("the node refused the transaction: {why}")));
+                    }
+                    Sent::Unreachable(why) => {
+                        return Err(TxError::NotSent(format!("the node cannot be reached: {why}")));
+                    }
+                    Sent::Unknown(why) => {
+                        *next = None;
+                        return Err(TxError::Unknown(format!(
+                            "sending transaction {hash} (nonce {nonce}): {why}"
+                        )));
+                    }
+                },
+            }
+        }
+        Err(TxError::NotSent("the node keeps refusing the relayer's nonce".into()))
+    }
+
+    /// A replacement with raised fees, or `None` when the fees are already at the cap.
+    async fn replace(
+        &self,
+        nonce: u64,
+        to: Address,
+        data: &Bytes,
+        gas_limit: u64,
+        fees: &mut Fees,
+    ) -> Result<Option<(B256, Bytes)>, String> {
+        let cap = self.settings.max_fee_per_gas;
+        if fees.max_fee >= cap {
+            return Ok(None);
+        }
+        // Nodes accept a replacement that raises both fees by at least 10%.
+        let raise = |v: u128| v.saturating_add(v / 4).saturating_add(1);
+        let now = self.fees().await.unwrap_or(*fees);
+        let bumped = Fees {
+            max_fee: raise(fees.max_fee).max(now.max_fee).min(cap),
+            tip: raise(fees.tip).max(now.tip),
+        };
+        let bumped = Fees {
+            tip: bumped.tip.min(bumped.max_fee),
+            ..bumped
+        };
+        let (hash, raw) = self.sign(nonce, to, data, gas_limit, bumped)?;
+        match self.provider.send_raw_transaction(&raw).await {
+            Ok(_) => {
+                tracing::warn!(%hash, nonce, max_fee_per_gas = bumped.max_fee, "a settlement transaction was stuck; replaced with higher fees");
+                *fees = bumped;
+                Ok(Some((hash, raw)))
+            }
+            Err(e) => Err(short(&e)),
+        }
+    }
+
+    /// Sends the transactions already signed again (after a reorganisation dropped them, or
+    /// when a node forgot them). A node that already has one answers an error: harmless.
+    async fn rebroadcast(&self, sent: &[(B256, Bytes)]) {
+        for (hash, raw) in sent {
+            if let Err(e) = self.provider.send_raw_transaction(raw).await {
+                tracing::debug!(%hash, error = %short(&e), "rebroadcast not taken");
+            }
+        }
+    }
+}
+
+/// What a failed `eth_sendRawTransaction` means.
+enum Sent {
+    /// The node answered with an error: the transaction is not in its pool.
+    Refused(String),
+    /// No connection: nothing was sent.
+    Unreachable(String),
+    /// The request may have arrived.
+    Unknown(String),
+}
+
+impl Sent {
+    fn of(e: &TransportError) -> Sent {
+        match e {
+            RpcError::ErrorResp(payload) => Sent::Refused(payload.message.to_string()),
+            RpcError::Transport(TransportErrorKind::Custom(inner))
+                if inner
+                    .downcast_ref::<reqwest::Error>()
+                    .is_some_and(reqwest::Error::is_connect) =>
+            {
+                Sent::Unreachable(short(e))
+            }
+            _ => Sent::Unknown(short(e)),
+        }
+    }
+}
+
+/// A transport error in one line, without the URL (it may carry an API key).
+pub fn short(e: &TransportError) -> String {
+    match e {
+        RpcError::Transport(TransportErrorKind::Custom(inner)) => without_url(&inner.to_string()),
+        other => without_url(other.to_string().lines().next().unwrap_or_default()),
+    }
+}
+
+/// `error sending request for url (http://…)` without the parenthesis.
+fn without_url(text: &str) -> String {
+    match text.find(" for url (") {
+        Some(start) => {
+            let rest = text.get(start + " for url (".len()..).unwrap_or_default();
+            let after = rest.find(')').map_or("", |end| rest.get(end + 1..).unwrap_or_default());
+            format!("{}{after}", text.get(..start).unwrap_or_default())
+        }
+        None => text.to_string(),
+    }
+}

@@ -1,0 +1,454 @@
+//! `settle via rpc`: tollgate settles on anvil itself, through its relayer, with no
+//! facilitator. Bundles are one transaction (Multicall3 `aggregate3`); the ledger, the receipts
+//! and the chain are compared transaction by transaction.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use alloy::primitives::Address;
+use serde_json::{Value, json};
+
+use super::chain::{DevChain, RELAYER_KEY, Relay};
+use super::harness::{self, Launch, PAY_TO, Sidecar, Tweak, Upstream, Wallet};
+
+pub const PRICE: u128 = 10_000; // 0.01 USDC
+
+/// A policy settling through `node` with the relayer key in `<dir>/relayer.key`.
+pub fn policy(node: &str, dir: &std::path::Path, timing: &str) -> String {
+    let key = dir.join("relayer.key");
+    std::fs::write(&key, format!("{RELAYER_KEY}\n")).unwrap();
+    format!(
+        r#"service "relayed" {{
+  pay_to {PAY_TO}
+  accept x402 on base-sepolia
+  settle via rpc "{node}" relayer "{key}" {timing}
+  default deny
+
+  route GET "/paid/**" {{ price 0.01 USDC }}
+  route GET "/one/**" {{
+    price 0.01 USDC
+    settle deferred every 60s or 1 payments
+  }}
+  route GET "/ten/**" {{
+    price 0.01 USDC
+    settle deferred every 60s or 10 payments
+  }}
+  route GET "/hundred/**" {{
+    price 0.01 USDC
+    settle deferred every 60s or 100 payments
+  }}
+  route GET "/after/**" {{
+    price 0.01 USDC
+    settle after response
+  }}
+  route GET "/first/**" {{
+    price 0.01 USDC
+    settle before response
+  }}
+}}
+"#,
+        key = key.display()
+    )
+}
+
+/// A dev chain, an upstream and a sidecar settling through the relayer.
+pub struct Setup {
+    pub chain: DevChain,
+    pub sidecar: Sidecar,
+    pub upstream: Upstream,
+    pub dir: std::path::PathBuf,
+    pub yaml: String,
+}
+
+/// `node`: the URL the policy names (the chain's own, or a [`Relay`] in front of it).
+pub async fn setup_on(
+    name: &str,
+    chain: DevChain,
+    node: Option<&str>,
+    timing: &str,
+    yaml: &str,
+) -> Setup {
+    let upstream = Upstream::start().await;
+    let dir = harness::scratch_dir(name);
+    let node = node.map_or_else(|| chain.rpc_url(), str::to_string);
+    std::fs::write(dir.join("policy.toll"), policy(&node, &dir, timing)).unwrap();
+    let sidecar = launch(&dir, &upstream, yaml).await;
+    Setup {
+        chain,
+        sidecar,
+        upstream,
+        dir,
+        yaml: yaml.to_string(),
+    }
+}
+
+pub async fn launch(dir: &std::path::Path, upstream: &Upstream, yaml: &str) -> Sidecar {
+    Sidecar::launch(
+        dir,
+        &upstream.url(),
+        Launch {
+            yaml,
+            ..Launch::default()
+        },
+    )
+    .await
+}
+
+pub fn funding(wallets: &[&Wallet], each: u128) -> Vec<(Address, u128)> {
+    wallets.iter().map(|w| (w.address(), each)).collect()
+}
+
+/// A payment header for `path` signed by `wallet`, and the decoded payload.
+pub async fn sign(sidecar: &Sidecar, wallet: &Wallet, path: &str) -> (String, Value) {
+    let response = harness::client()
+        .get(sidecar.url(path))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 402, "{path}");
+    let required = harness::decode(response.headers()["payment-required"].to_str().unwrap());
+    let header = wallet.pay_v2(&required["accepts"][0], &Tweak::default());
+    let payload = harness::decode(&header);
+    (header, payload)
+}
+
+pub async fn pay(sidecar: &Sidecar, wallet: &Wallet, path: &str) -> reqwest::Response {
+    let (header, _) = sign(sidecar, wallet, path).await;
+    send(sidecar, path, &header).await
+}
+
+pub async fn send(sidecar: &Sidecar, path: &str, header: &str) -> reqwest::Response {
+    harness::client()
+        .get(sidecar.url(path))
+        .header("payment-signature", header)
+        .timeout(Duration::from_secs(60))
+        .send()
+        .await
+        .unwrap()
+}
+
+/// One metric series' value (0 when absent).
+pub async fn metric(sidecar: &Sidecar, series: &str) -> f64 {
+    let text = sidecar.metrics().await;
+    text.lines()
+        .find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// Waits until no payment is open.
+pub async fn settled(sidecar: &Sidecar, within: Duration) {
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        let mut open = 0.0;
+        for state in ["recorded", "queued", "submitted", "unresolved"] {
+            open += metric(
+                sidecar,
+                &format!("tollgate_payments_open{{state=\"{state}\"}}"),
+            )
+            .await;
+        }
+        if open == 0.0 {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{open} payments still open\n{}",
+            sidecar.log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// GETs an admin API path as JSON, with its status.
+pub async fn admin(sidecar: &Sidecar, path: &str) -> (u16, Value) {
+    let response = harness::client()
+        .get(sidecar.admin_url(path))
+        .bearer_auth(sidecar.admin_token())
+        .send()
+        .await
+        .unwrap();
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap_or(Value::Null))
+}
+
+/// Every ledger entry in `state` (the admin API pages by 100; this reads them all).
+pub async fn entries(sidecar: &Sidecar, state: &str) -> Vec<Value> {
+    let mut all = Vec::new();
+    let mut after = 0u64;
+    loop {
+        let (status, page) = admin(
+            sidecar,
+            &format!("/v1/ledger?state={state}&after={after}&limit=1000"),
+        )
+        .await;
+        assert_eq!(status, 200, "{page}");
+        let list = page["entries"].as_array().cloned().unwrap_or_default();
+        if list.is_empty() {
+            return all;
+        }
+        after = list
+            .iter()
+            .map(|e| e["seq"].as_u64().unwrap())
+            .max()
+            .unwrap();
+        all.extend(list);
+    }
+}
+
+pub fn pay_to() -> Address {
+    PAY_TO.parse().unwrap()
+}
+
+/// A transaction's receipt from the node (JSON).
+pub async fn receipt(chain: &DevChain, tx: &str) -> Value {
+    chain.rpc("eth_getTransactionReceipt", json!([tx])).await
+}
+
+fn quantity(v: &Value) -> u64 {
+    u64::from_str_radix(v.as_str().unwrap().trim_start_matches("0x"), 16).unwrap()
+}
+
+/// Bundles of 1, 10 and 100 each settle in one transaction, and `after response` in one of
+/// its own; prints the gas per payment of each (the README's figures).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bundles_of_1_10_and_100_settle_in_one_transaction_each() {
+    let buyer = Wallet::new(71);
+    let chain = DevChain::start_with(&funding(&[&buyer], 10_000_000)).await;
+    let s = setup_on("relayer-sizes", chain, None, "after response", "").await;
+    let routes = [("after", 1usize), ("one", 1), ("ten", 10), ("hundred", 100)];
+    let mut served = 0;
+    for (route, count) in routes {
+        for i in 0..count {
+            let response = pay(&s.sidecar, &buyer, &format!("/{route}/{i}")).await;
+            assert_eq!(response.status(), 200, "{route} {i}");
+            if route == "after" {
+                let receipt =
+                    harness::decode(response.headers()["payment-response"].to_str().unwrap());
+                assert_eq!(receipt["success"], true, "{receipt}");
+                assert_eq!(receipt["network"], "eip155:84532");
+                assert_eq!(receipt["payer"], buyer.address().to_string());
+            }
+            served += 1;
+        }
+    }
+    settled(&s.sidecar, Duration::from_secs(120)).await;
+
+    let confirmed = entries(&s.sidecar, "confirmed").await;
+    assert_eq!(confirmed.len(), served, "{}", s.sidecar.log());
+    // Group the confirmed entries by transaction, per route.
+    let mut by_tx: BTreeMap<String, (String, usize, u64)> = BTreeMap::new();
+    for e in &confirmed {
+        let tx = e["status"]["tx"].as_str().unwrap().to_string();
+        let route = e["route"].as_str().unwrap().to_string();
+        let gas = e["status"]["gas_used"].as_u64().unwrap();
+        let slot = by_tx.entry(tx).or_insert((route.clone(), 0, gas));
+        assert_eq!(slot.0, route, "one transaction, one route");
+        slot.1 += 1;
+    }
+    let mut sizes: Vec<usize> = by_tx.values().map(|(_, n, _)| *n).collect();
+    sizes.sort();
+    assert_eq!(sizes, vec![1, 1, 10, 100], "{by_tx:?}");
+    for (tx, (route, n, gas)) in &by_tx {
+        let r = receipt(&s.chain, tx).await;
+        assert_eq!(r["status"], "0x1");
+        assert_eq!(quantity(&r["gasUsed"]), *gas, "the ledger's gas is the receipt's");
+        assert_eq!(
+            r["from"].as_str().unwrap().to_lowercase(),
+            super::chain::RELAYER_ADDRESS.to_string().to_lowercase()
+        );
+        eprintln!(
+            "GAS route={route} payments={n} gas={gas} per_payment={}",
+            gas / *n as u64
+        );
+    }
+    // Nothing moved twice, and nothing but the payments moved.
+    let used = s.chain.authorizations_used(buyer.address()).await;
+    assert_eq!(used.len(), served);
+    assert_eq!(s.chain.transfers_to(pay_to()).await.len(), served);
+    assert_eq!(s.chain.balance_of(pay_to()).await, served as u128 * PRICE);
+    assert_eq!(s.chain.relayer_nonce().await, 4, "one transaction per bundle");
+    assert_eq!(
+        metric(&s.sidecar, "tollgate_settlement_gas_total").await as u64,
+        by_tx.values().map(|(_, _, g)| g).sum::<u64>()
+    );
+    let (status, report) = admin(&s.sidecar, "/v1/ledger/verify").await;
+    assert_eq!(status, 200, "{report}");
+}
+
+/// A bundle mixing a good authorization, one whose payer has no funds and one whose nonce
+/// was already used: the simulation drops the two bad ones with the token's reasons, the good
+/// one settles alone — one transaction, straight to the token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bundle_with_bad_authorizations_confirms_the_good_one_and_names_the_failures() {
+    let rich = Wallet::new(72);
+    let broke = Wallet::new(73);
+    let chain = DevChain::start_with(&funding(&[&rich], 1_000_000)).await;
+    let s = setup_on(
+        "relayer-mixed",
+        chain,
+        None,
+        "deferred every 60s or 3 payments",
+        "",
+    )
+    .await;
+    assert_eq!(pay(&s.sidecar, &rich, "/paid/good").await.status(), 200);
+    assert_eq!(pay(&s.sidecar, &broke, "/paid/broke").await.status(), 200);
+    // The payer spends this authorization elsewhere (the official facilitator) first.
+    let (header, payload) = sign(&s.sidecar, &rich, "/paid/spent").await;
+    let direct: Value = harness::client()
+        .post(format!("{}/settle", s.chain.facilitator_url()))
+        .json(&json!({
+            "x402Version": 2,
+            "paymentPayload": payload,
+            "paymentRequirements": payload["accepted"],
+        }))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(direct["success"], true, "{direct}");
+    assert_eq!(send(&s.sidecar, "/paid/spent", &header).await.status(), 200);
+    settled(&s.sidecar, Duration::from_secs(60)).await;
+
+    let confirmed = entries(&s.sidecar, "confirmed").await;
+    assert_eq!(confirmed.len(), 1, "{}", s.sidecar.log());
+    assert_eq!(confirmed[0]["path"], "/paid/good");
+    let failed = entries(&s.sidecar, "failed").await;
+    let reasons: BTreeMap<String, String> = failed
+        .iter()
+        .map(|e| {
+            (
+                e["path"].as_str().unwrap().to_string(),
+                e["status"]["reason"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    assert!(
+        reasons["/paid/broke"].starts_with("insufficient_balance"),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons["/paid/spent"].starts_with("nonce_already_used"),
+        "{reasons:?}"
+    );
+    // The failures cost no gas: one transaction, the good transfer, sent to the token itself.
+    assert_eq!(s.chain.relayer_nonce().await, 1);
+    let tx = confirmed[0]["status"]["tx"].as_str().unwrap();
+    let r = receipt(&s.chain, tx).await;
+    assert_eq!(
+        r["to"].as_str().unwrap().to_lowercase(),
+        s.chain.token().to_string().to_lowercase()
+    );
+    assert_eq!(s.chain.balance_of(pay_to()).await, 2 * PRICE, "good + spent");
+    assert_eq!(
+        metric(&s.sidecar, r#"tollgate_settlements_total{result="refused"}"#).await,
+        2.0
+    );
+    let (status, report) = admin(&s.sidecar, "/v1/ledger/verify").await;
+    assert_eq!(status, 200, "{report}");
+}
+
+/// `before response` and `after response` through the relayer: the receipt names the
+/// transaction; a payer without funds is refused (402 `settlement_failed`) and, before the
+/// response, the upstream never sees the request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn before_and_after_response_settle_through_the_relayer_and_refuse_what_cannot_settle() {
+    let buyer = Wallet::new(74);
+    let broke = Wallet::new(75);
+    let chain = DevChain::start_with(&funding(&[&buyer], 1_000_000)).await;
+    let s = setup_on("relayer-now", chain, None, "after response", "").await;
+    for path in ["/after/x", "/first/y"] {
+        let response = pay(&s.sidecar, &buyer, path).await;
+        assert_eq!(response.status(), 200, "{path}");
+        let receipt = harness::decode(response.headers()["payment-response"].to_str().unwrap());
+        assert_eq!(receipt["success"], true);
+        let tx = receipt["transaction"].as_str().unwrap().to_string();
+        let used = s.chain.authorizations_used(buyer.address()).await;
+        assert!(
+            used.iter().any(|(_, hash, _)| hash.to_string() == tx),
+            "{path}: {tx} is not an AuthorizationUsed transaction: {used:?}"
+        );
+    }
+    let seen = s.upstream.seen();
+    let refused = pay(&s.sidecar, &broke, "/first/broke").await;
+    let body = super::expect_error(refused, 402, "settlement_failed").await;
+    assert!(body.to_string().contains("insufficient_balance"), "{body}");
+    assert_eq!(s.upstream.seen(), seen, "before response: never forwarded");
+    let refused = pay(&s.sidecar, &broke, "/after/broke").await;
+    super::expect_error(refused, 402, "settlement_failed").await;
+    assert_eq!(s.chain.balance_of(pay_to()).await, 2 * PRICE);
+    assert_eq!(s.chain.relayer_nonce().await, 2, "refusals cost no gas");
+    settled(&s.sidecar, Duration::from_secs(30)).await;
+    assert_eq!(entries(&s.sidecar, "failed").await.len(), 2);
+}
+
+/// The node goes down: deferred payments are served and wait, `before`/`after response` fail
+/// closed (503, nothing served unpaid, counted); when the node is back everything waiting
+/// settles. A slow node only makes settlement slower.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_down_holds_deferred_payments_and_fails_immediate_ones_closed() {
+    let buyer = Wallet::new(76);
+    let chain = DevChain::start_with(&funding(&[&buyer], 1_000_000)).await;
+    let relay = Relay::start(chain.rpc_port()).await;
+    let s = setup_on(
+        "relayer-down",
+        chain,
+        Some(&relay.url()),
+        "deferred every 1s",
+        "",
+    )
+    .await;
+    assert_eq!(pay(&s.sidecar, &buyer, "/paid/up").await.status(), 200);
+    settled(&s.sidecar, Duration::from_secs(30)).await;
+
+    relay.down();
+    for i in 0..3 {
+        assert_eq!(
+            pay(&s.sidecar, &buyer, &format!("/paid/down-{i}"))
+                .await
+                .status(),
+            200,
+            "deferred: served, settled later"
+        );
+    }
+    let seen = s.upstream.seen();
+    let response = pay(&s.sidecar, &buyer, "/first/down").await;
+    super::expect_error(response, 503, "settlement_unavailable").await;
+    assert_eq!(s.upstream.seen(), seen, "before response: not forwarded");
+    let response = pay(&s.sidecar, &buyer, "/after/down").await;
+    super::expect_error(response, 503, "settlement_unavailable").await;
+    assert!(
+        metric(&s.sidecar, r#"tollgate_settlements_total{result="unavailable"}"#).await >= 2.0
+    );
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        s.chain.transfers_to(pay_to()).await.len(),
+        1,
+        "nothing settles while the node is down"
+    );
+    assert!(
+        metric(&s.sidecar, r#"tollgate_payments_open{state="queued"}"#).await >= 3.0,
+        "{}",
+        s.sidecar.log()
+    );
+
+    relay.set_delay(Duration::from_millis(1500));
+    relay.up();
+    settled(&s.sidecar, Duration::from_secs(90)).await;
+    assert_eq!(s.chain.transfers_to(pay_to()).await.len(), 4);
+    assert_eq!(s.chain.balance_of(pay_to()).await, 4 * PRICE);
+    let failed: BTreeSet<String> = entries(&s.sidecar, "failed")
+        .await
+        .iter()
+        .map(|e| e["path"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(
+        failed,
+        BTreeSet::from(["/first/down".to_string(), "/after/down".to_string()]),
+        "the refused buyers were never charged"
+    );
+    let (status, report) = admin(&s.sidecar, "/v1/ledger/verify").await;
+    assert_eq!(status, 200, "{report}");
+}
