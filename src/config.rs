@@ -73,13 +73,39 @@ pub struct Config {
 }
 
 /// Settlement settings that belong to the deployment, not to the policy.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SettlementConfig {
     /// A JSON-RPC node of the chain payments settle on (`settlement.rpc`), read for evidence:
     /// a payment whose settlement outcome is unknown (`unresolved`) is decided from the token's
     /// `authorizationState` and `AuthorizationUsed`/`Transfer` events. Without it, unresolved
     /// payments stay unresolved and are reported, never guessed.
     pub rpc: Option<String>,
+    /// Blocks a settlement transaction sent by tollgate's relayer (`settle via rpc`) must have,
+    /// the block that includes it counting as 1, before its payments are `confirmed`
+    /// (`settlement.confirmations`). From 1 to [`MAX_CONFIRMATIONS`]; default 1.
+    pub confirmations: u64,
+    /// The most, in wei, the relayer offers per gas for a settlement transaction
+    /// (`settlement.max_fee_per_gas`, written with a unit: `50 gwei`, `1500000 wei`), replacements
+    /// included. At least 1 wei; default 100 gwei.
+    pub max_fee_per_gas: u128,
+    /// Seconds a settlement transaction sent by the relayer may wait unmined before it is
+    /// replaced: the same nonce with a higher fee, never above `max_fee_per_gas`
+    /// (`settlement.replace_after`). At least 1; default 30.
+    pub replace_after_secs: u64,
+}
+
+/// The most `settlement.confirmations` may ask for.
+pub const MAX_CONFIRMATIONS: u64 = 1000;
+
+impl Default for SettlementConfig {
+    fn default() -> Self {
+        SettlementConfig {
+            rpc: None,
+            confirmations: 1,
+            max_fee_per_gas: 100_000_000_000,
+            replace_after_secs: 30,
+        }
+    }
 }
 
 /// Protection of the proxy listener against idle and slow clients (README "Security").
@@ -386,10 +412,13 @@ enum Field {
     BodyTimeout,
     BodyMinRate,
     SettlementRpc,
+    SettlementConfirmations,
+    SettlementMaxFeePerGas,
+    SettlementReplaceAfter,
 }
 
 impl Field {
-    const ALL: [Field; 16] = [
+    const ALL: [Field; 19] = [
         Field::Listen,
         Field::Upstream,
         Field::PublicUrl,
@@ -406,6 +435,9 @@ impl Field {
         Field::BodyTimeout,
         Field::BodyMinRate,
         Field::SettlementRpc,
+        Field::SettlementConfirmations,
+        Field::SettlementMaxFeePerGas,
+        Field::SettlementReplaceAfter,
     ];
 
     fn path(self) -> &'static str {
@@ -426,6 +458,9 @@ impl Field {
             Field::BodyTimeout => "connections.body_timeout",
             Field::BodyMinRate => "connections.body_min_rate",
             Field::SettlementRpc => "settlement.rpc",
+            Field::SettlementConfirmations => "settlement.confirmations",
+            Field::SettlementMaxFeePerGas => "settlement.max_fee_per_gas",
+            Field::SettlementReplaceAfter => "settlement.replace_after",
         }
     }
 
@@ -447,11 +482,15 @@ impl Field {
             Field::BodyTimeout => "TOLLGATE_CONNECTIONS_BODY_TIMEOUT",
             Field::BodyMinRate => "TOLLGATE_CONNECTIONS_BODY_MIN_RATE",
             Field::SettlementRpc => "TOLLGATE_SETTLEMENT_RPC",
+            Field::SettlementConfirmations => "TOLLGATE_SETTLEMENT_CONFIRMATIONS",
+            Field::SettlementMaxFeePerGas => "TOLLGATE_SETTLEMENT_MAX_FEE_PER_GAS",
+            Field::SettlementReplaceAfter => "TOLLGATE_SETTLEMENT_REPLACE_AFTER",
         }
     }
 
     /// Whether a YAML number is taken as text (a directory called `2024` is plausible; a
-    /// number where an address, URL or name is expected is a mistake).
+    /// number where an address, URL or name is expected is a mistake). A fee is taken too, so
+    /// that a number without its unit is refused for that, not as "expected a string".
     fn accepts_numbers(self) -> bool {
         matches!(
             self,
@@ -462,6 +501,9 @@ impl Field {
                 | Field::HeadTimeout
                 | Field::BodyTimeout
                 | Field::BodyMinRate
+                | Field::SettlementConfirmations
+                | Field::SettlementMaxFeePerGas
+                | Field::SettlementReplaceAfter
         )
     }
 }
@@ -483,7 +525,12 @@ const TOP_KEYS: &[(&str, Node)] = &[
     ("connections", Node::Section(CONNECTION_KEYS)),
     ("settlement", Node::Section(SETTLEMENT_KEYS)),
 ];
-const SETTLEMENT_KEYS: &[(&str, Node)] = &[("rpc", Node::Leaf(Field::SettlementRpc))];
+const SETTLEMENT_KEYS: &[(&str, Node)] = &[
+    ("rpc", Node::Leaf(Field::SettlementRpc)),
+    ("confirmations", Node::Leaf(Field::SettlementConfirmations)),
+    ("max_fee_per_gas", Node::Leaf(Field::SettlementMaxFeePerGas)),
+    ("replace_after", Node::Leaf(Field::SettlementReplaceAfter)),
+];
 const OPS_KEYS: &[(&str, Node)] = &[("listen", Node::Leaf(Field::OpsListen))];
 const ADMIN_KEYS: &[(&str, Node)] = &[
     ("listen", Node::Leaf(Field::AdminListen)),
@@ -875,8 +922,20 @@ fn build(raw: &Raw, errors: &mut Vec<ConfigError>, warnings: &mut Vec<String>) -
     if let Some(v) = r.scalar(Field::BodyMinRate, |s| parse_count(s, "bytes per second")) {
         limits.body_min_rate = v;
     }
+    let settlement = &mut config.settlement;
     if let Some(v) = r.scalar(Field::SettlementRpc, parse_rpc_url) {
-        config.settlement.rpc = Some(v);
+        settlement.rpc = Some(v);
+    }
+    if let Some(v) = r.scalar(Field::SettlementConfirmations, parse_confirmations) {
+        settlement.confirmations = v;
+    }
+    if let Some(v) = r.scalar(Field::SettlementMaxFeePerGas, parse_fee_per_gas) {
+        settlement.max_fee_per_gas = v;
+    }
+    if let Some(v) = r.scalar(Field::SettlementReplaceAfter, |s| {
+        parse_secs_at_least_one(s, "the wait before a replacement")
+    }) {
+        settlement.replace_after_secs = v;
     }
 
     // Cross-field checks only on fully valid values (an invalid field holds its default).
@@ -949,10 +1008,109 @@ fn parse_max_connections(text: &str) -> Result<Option<usize>, String> {
 
 /// A duration such as `30s`, `2m` (a bare number is seconds); at least one second.
 fn parse_timeout(text: &str) -> Result<u64, String> {
+    parse_secs_at_least_one(text, "a timeout")
+}
+
+/// A duration such as `30s`, `2m` (a bare number is seconds); at least one second. `what`
+/// names it in the error: `"0s" is too short: <what> is at least 1s`.
+fn parse_secs_at_least_one(text: &str, what: &str) -> Result<u64, String> {
     match crate::admin::parse_duration_secs(text)? {
-        0 => Err(format!("{text:?} is too short: a timeout is at least 1s")),
+        0 => Err(format!("{text:?} is too short: {what} is at least 1s")),
         secs => Ok(secs),
     }
+}
+
+/// Blocks from 1 (the including block alone) to [`MAX_CONFIRMATIONS`].
+fn parse_confirmations(text: &str) -> Result<u64, String> {
+    match text.parse::<u64>() {
+        Ok(n) if (1..=MAX_CONFIRMATIONS).contains(&n) => Ok(n),
+        _ => Err(format!(
+            "expected a number of blocks from 1 to {MAX_CONFIRMATIONS} (the block that includes the transaction counts as 1), found {text:?}"
+        )),
+    }
+}
+
+/// The units a fee is written in and their decimals (wei per unit = 10^decimals), in the
+/// order [`format_fee_per_gas`] prefers them when two forms are as short.
+const FEE_UNITS: [(&str, u32); 3] = [("gwei", 9), ("wei", 0), ("eth", 18)];
+
+/// A fee per gas written with its unit, as exact wei: `50 gwei`, `0.05 gwei`, `1500000 wei`,
+/// `0.000000001 eth` (the unit case-insensitive, one space before it optional). No floating
+/// point: the digits are read as an integer, so a fee that is not a whole number of wei (more
+/// decimals than the unit has, short of trailing zeros), zero, or beyond `u128` is refused.
+fn parse_fee_per_gas(text: &str) -> Result<u128, String> {
+    let split = text
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let unit = unit.strip_prefix(' ').unwrap_or(unit);
+    let malformed = || format!("expected a fee with a unit such as \"50 gwei\", found {text:?}");
+    if number.is_empty() {
+        return Err(malformed());
+    }
+    if unit.is_empty() {
+        return Err(format!(
+            "{text:?} has no unit: write the fee with one, such as \"50 gwei\" (units: wei, gwei, eth)"
+        ));
+    }
+    let Some(&(unit, decimals)) = FEE_UNITS
+        .iter()
+        .find(|(name, _)| unit.eq_ignore_ascii_case(name))
+    else {
+        return Err(format!(
+            "unknown unit {unit:?} in {text:?} (expected wei, gwei or eth, as in \"50 gwei\")"
+        ));
+    };
+    let (whole, fraction) = number.split_once('.').unwrap_or((number, ""));
+    if whole.is_empty() || fraction.contains('.') || (number.contains('.') && fraction.is_empty()) {
+        return Err(malformed());
+    }
+    // Trailing zeros are exact whatever their number: `1.50 gwei`, `1.0 wei`.
+    let fraction = fraction.trim_end_matches('0');
+    let Some(padding) = (decimals as usize).checked_sub(fraction.len()) else {
+        let allowed = match decimals {
+            0 => "wei has no decimals".to_owned(),
+            n => format!("{unit} has at most {n} decimals"),
+        };
+        return Err(format!("{text:?} is not a whole number of wei: {allowed}"));
+    };
+    // The digits with the decimal point moved `decimals` places right: an integer of wei.
+    let digits = whole
+        .chars()
+        .chain(fraction.chars())
+        .chain(std::iter::repeat_n('0', padding));
+    let mut wei: u128 = 0;
+    for digit in digits {
+        let digit = digit.to_digit(10).ok_or_else(malformed)?;
+        wei = wei
+            .checked_mul(10)
+            .and_then(|w| w.checked_add(u128::from(digit)))
+            .ok_or_else(|| format!("{text:?} is too large for a fee"))?;
+    }
+    if wei == 0 {
+        return Err(format!("{text:?} is too low: a fee cap is at least 1 wei"));
+    }
+    Ok(wei)
+}
+
+/// The shortest exact text of a fee that [`parse_fee_per_gas`] reads back: `100 gwei`,
+/// `0.05 gwei`, `1500 wei`, `2 eth`.
+fn format_fee_per_gas(wei: u128) -> String {
+    let in_unit = |&(unit, decimals): &(&str, u32)| {
+        let scale = 10u128.pow(decimals);
+        let (whole, fraction) = (wei / scale, wei % scale);
+        if fraction == 0 {
+            format!("{whole} {unit}")
+        } else {
+            let digits = format!("{fraction:0width$}", width = decimals as usize);
+            format!("{whole}.{} {unit}", digits.trim_end_matches('0'))
+        }
+    };
+    FEE_UNITS
+        .iter()
+        .map(in_unit)
+        .min_by_key(String::len)
+        .unwrap_or_else(|| format!("{wei} wei"))
 }
 
 fn parse_count(text: &str, what: &str) -> Result<u64, String> {
@@ -1264,13 +1422,27 @@ impl Config {
             ),
             (
                 "settlement",
-                mapping(vec![(
-                    "rpc",
-                    self.settlement
-                        .rpc
-                        .as_ref()
-                        .map_or(Value::Null, |u| text(u)),
-                )]),
+                mapping(vec![
+                    (
+                        "rpc",
+                        self.settlement
+                            .rpc
+                            .as_ref()
+                            .map_or(Value::Null, |u| text(u)),
+                    ),
+                    (
+                        "confirmations",
+                        Value::Number(self.settlement.confirmations.into()),
+                    ),
+                    (
+                        "max_fee_per_gas",
+                        text(&format_fee_per_gas(self.settlement.max_fee_per_gas)),
+                    ),
+                    (
+                        "replace_after",
+                        text(&format!("{}s", self.settlement.replace_after_secs)),
+                    ),
+                ]),
             ),
         ]);
         serde_yaml::to_string(&document)

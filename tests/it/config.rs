@@ -66,6 +66,10 @@ fn defaults_with_no_file_and_empty_env() {
     assert_eq!(config.admin.token, None);
     assert_eq!(config.log.format, LogFormat::Text);
     assert_eq!(config.log.level, "info");
+    assert_eq!(config.settlement.rpc, None);
+    assert_eq!(config.settlement.confirmations, 1);
+    assert_eq!(config.settlement.max_fee_per_gas, 100_000_000_000);
+    assert_eq!(config.settlement.replace_after_secs, 30);
 }
 
 #[test]
@@ -148,6 +152,9 @@ connections:
   body_min_rate: 1024
 settlement:
   rpc: null
+  confirmations: 1
+  max_fee_per_gas: 100 gwei
+  replace_after: 30s
 "
     );
 }
@@ -176,6 +183,245 @@ fn the_settlement_rpc_comes_from_file_or_environment_and_must_be_a_url() {
         "{}",
         errors(Some("settlement:\n  rpc: ftp://x\n"), &[])
     );
+}
+
+#[test]
+fn settlement_confirmations_from_file_or_environment_from_1_to_1000() {
+    let config = ok(Some("settlement:\n  confirmations: 12\n"), &[]).config;
+    assert_eq!(config.settlement.confirmations, 12);
+    let config = ok(Some("settlement:\n  confirmations: '3'\n"), &[]).config;
+    assert_eq!(config.settlement.confirmations, 3);
+    let config = ok(
+        Some("settlement:\n  confirmations: 12\n"),
+        &[("TOLLGATE_SETTLEMENT_CONFIRMATIONS", "1000")],
+    )
+    .config;
+    assert_eq!(config.settlement.confirmations, 1000);
+
+    let expected = "expected a number of blocks from 1 to 1000 (the block that includes the transaction counts as 1)";
+    assert_eq!(
+        errors(Some("settlement:\n  confirmations: 0\n"), &[]),
+        format!("tollgate.yaml: settlement.confirmations: {expected}, found \"0\"")
+    );
+    assert_eq!(
+        errors(None, &[("TOLLGATE_SETTLEMENT_CONFIRMATIONS", "1001")]),
+        format!(
+            "TOLLGATE_SETTLEMENT_CONFIRMATIONS (settlement.confirmations): {expected}, found \"1001\""
+        )
+    );
+    assert_eq!(
+        errors(Some("settlement:\n  confirmations: many\n"), &[]),
+        format!("tollgate.yaml: settlement.confirmations: {expected}, found \"many\"")
+    );
+    assert_eq!(
+        errors(Some("settlement:\n  confirmations: 1.5\n"), &[]),
+        format!("tollgate.yaml: settlement.confirmations: {expected}, found \"1.5\"")
+    );
+    assert_eq!(
+        errors(Some("settlement:\n  confirmation: 2\n"), &[]),
+        "tollgate.yaml: settlement.confirmation: unknown field (expected one of: rpc, confirmations, max_fee_per_gas, replace_after); did you mean confirmations?"
+    );
+}
+
+#[test]
+fn settlement_max_fee_per_gas_is_exact_wei_from_a_number_and_a_unit() {
+    let cases: [(&str, u128); 13] = [
+        ("50 gwei", 50_000_000_000),
+        ("0.05 gwei", 50_000_000),
+        ("1500000 wei", 1_500_000),
+        ("0.000000001 eth", 1_000_000_000),
+        ("50gwei", 50_000_000_000),
+        ("50 GWEI", 50_000_000_000),
+        ("2 Eth", 2_000_000_000_000_000_000),
+        ("1 wei", 1),
+        ("0.000000001 gwei", 1),
+        ("0.000000000000000001 eth", 1),
+        ("007.25 gwei", 7_250_000_000),
+        // Trailing zeros are exact, however many.
+        ("1.50 gwei", 1_500_000_000),
+        ("3.0000000000000 wei", 3),
+    ];
+    for (text, wei) in cases {
+        let file = format!("settlement:\n  max_fee_per_gas: {text}\n");
+        let config = ok(Some(&file), &[]).config;
+        assert_eq!(config.settlement.max_fee_per_gas, wei, "{text}");
+        let config = ok(None, &[("TOLLGATE_SETTLEMENT_MAX_FEE_PER_GAS", text)]).config;
+        assert_eq!(config.settlement.max_fee_per_gas, wei, "{text}");
+    }
+    // The environment wins over the file.
+    let config = ok(
+        Some("settlement:\n  max_fee_per_gas: 5 gwei\n"),
+        &[("TOLLGATE_SETTLEMENT_MAX_FEE_PER_GAS", "7 gwei")],
+    )
+    .config;
+    assert_eq!(config.settlement.max_fee_per_gas, 7_000_000_000);
+}
+
+#[test]
+fn settlement_max_fee_per_gas_errors() {
+    let field = "tollgate.yaml: settlement.max_fee_per_gas";
+    let no_unit =
+        "has no unit: write the fee with one, such as \"50 gwei\" (units: wei, gwei, eth)";
+    // A number without its unit, in YAML or in the environment.
+    assert_eq!(
+        errors(Some("settlement:\n  max_fee_per_gas: 50\n"), &[]),
+        format!("{field}: \"50\" {no_unit}")
+    );
+    assert_eq!(
+        errors(Some("settlement:\n  max_fee_per_gas: 0.05\n"), &[]),
+        format!("{field}: \"0.05\" {no_unit}")
+    );
+    assert_eq!(
+        errors(None, &[("TOLLGATE_SETTLEMENT_MAX_FEE_PER_GAS", "50")]),
+        format!(
+            "TOLLGATE_SETTLEMENT_MAX_FEE_PER_GAS (settlement.max_fee_per_gas): \"50\" {no_unit}"
+        )
+    );
+    let cases = [
+        (
+            "0.0000000001 gwei",
+            "\"0.0000000001 gwei\" is not a whole number of wei: gwei has at most 9 decimals",
+        ),
+        (
+            "0.0000000000000000001 eth",
+            "\"0.0000000000000000001 eth\" is not a whole number of wei: eth has at most 18 decimals",
+        ),
+        (
+            "1.5 wei",
+            "\"1.5 wei\" is not a whole number of wei: wei has no decimals",
+        ),
+        (
+            "0 gwei",
+            "\"0 gwei\" is too low: a fee cap is at least 1 wei",
+        ),
+        (
+            "0.000 eth",
+            "\"0.000 eth\" is too low: a fee cap is at least 1 wei",
+        ),
+        (
+            "340282366920938463463374607431768211456 wei",
+            "\"340282366920938463463374607431768211456 wei\" is too large for a fee",
+        ),
+        (
+            "1000000000000000000000 eth",
+            "\"1000000000000000000000 eth\" is too large for a fee",
+        ),
+        (
+            "50 gwie",
+            "unknown unit \"gwie\" in \"50 gwie\" (expected wei, gwei or eth, as in \"50 gwei\")",
+        ),
+        (
+            "50  gwei",
+            "unknown unit \" gwei\" in \"50  gwei\" (expected wei, gwei or eth, as in \"50 gwei\")",
+        ),
+    ];
+    for (text, message) in cases {
+        assert_eq!(
+            errors(None, &[("TOLLGATE_SETTLEMENT_MAX_FEE_PER_GAS", text)]),
+            format!("TOLLGATE_SETTLEMENT_MAX_FEE_PER_GAS (settlement.max_fee_per_gas): {message}"),
+            "{text}"
+        );
+    }
+    for text in [
+        "gwei",
+        "fast",
+        "-1 gwei",
+        ".5 gwei",
+        "5. gwei",
+        "1.2.3 gwei",
+    ] {
+        assert_eq!(
+            errors(None, &[("TOLLGATE_SETTLEMENT_MAX_FEE_PER_GAS", text)]),
+            format!(
+                "TOLLGATE_SETTLEMENT_MAX_FEE_PER_GAS (settlement.max_fee_per_gas): expected a fee with a unit such as \"50 gwei\", found {text:?}"
+            ),
+            "{text}"
+        );
+    }
+}
+
+#[test]
+fn settlement_replace_after_is_a_duration_of_at_least_1s() {
+    let config = ok(Some("settlement:\n  replace_after: 2m\n"), &[]).config;
+    assert_eq!(config.settlement.replace_after_secs, 120);
+    // A bare number is seconds, as for the connection timeouts.
+    let config = ok(Some("settlement:\n  replace_after: 45\n"), &[]).config;
+    assert_eq!(config.settlement.replace_after_secs, 45);
+    let config = ok(None, &[("TOLLGATE_SETTLEMENT_REPLACE_AFTER", "90s")]).config;
+    assert_eq!(config.settlement.replace_after_secs, 90);
+    assert_eq!(
+        errors(Some("settlement:\n  replace_after: 0s\n"), &[]),
+        "tollgate.yaml: settlement.replace_after: \"0s\" is too short: the wait before a replacement is at least 1s"
+    );
+    assert_eq!(
+        errors(None, &[("TOLLGATE_SETTLEMENT_REPLACE_AFTER", "soon")]),
+        "TOLLGATE_SETTLEMENT_REPLACE_AFTER (settlement.replace_after): `soon` is not a duration such as 90s, 30m, 12h or 30d"
+    );
+}
+
+#[test]
+fn settlement_settings_render_and_re_resolve() {
+    let file = "\
+settlement:
+  rpc: http://127.0.0.1:8545
+  confirmations: 3
+  max_fee_per_gas: 0.05 gwei
+  replace_after: 1m
+";
+    let config = ok(Some(file), &[]).config;
+    let text = config.to_yaml();
+    assert!(
+        text.ends_with(
+            "\
+settlement:
+  rpc: http://127.0.0.1:8545
+  confirmations: 3
+  max_fee_per_gas: 0.05 gwei
+  replace_after: 60s
+"
+        ),
+        "{text}"
+    );
+    assert_eq!(ok(Some(&text), &[]).config, config, "{text}");
+
+    // The fee's text is its shortest exact form, in the unit that gives it.
+    let rendered = [
+        (100_000_000_000, "100 gwei"),
+        (50_000_000, "0.05 gwei"),
+        (1_500, "1500 wei"),
+        (1, "1 wei"),
+        (1_000_000_000, "1 gwei"),
+        (1_000_000_001, "1000000001 wei"),
+        (2_000_000_000_000_000_000, "2 eth"),
+        (1_500_000_000_000_000_000, "1.5 eth"),
+    ];
+    for (wei, expected) in rendered {
+        let mut config = Config::default();
+        config.settlement.max_fee_per_gas = wei;
+        let text = config.to_yaml();
+        assert!(
+            text.contains(&format!("\n  max_fee_per_gas: {expected}\n")),
+            "{wei}: {text}"
+        );
+    }
+
+    // Every fee reads back exactly: powers of ten, their neighbours, and the largest.
+    let mut fees = vec![
+        u128::MAX,
+        u128::MAX - 1,
+        123_456_789_012_345_678_901_234_567,
+    ];
+    let mut power: u128 = 1;
+    while let Some(next) = power.checked_mul(10) {
+        fees.extend([power, power + 1, power * 7 + 3, next - 1]);
+        power = next;
+    }
+    for wei in fees {
+        let mut config = Config::default();
+        config.settlement.max_fee_per_gas = wei;
+        let text = config.to_yaml();
+        assert_eq!(ok(Some(&text), &[]).config, config, "{text}");
+    }
 }
 
 #[test]
@@ -704,6 +950,23 @@ fn load_reports_an_unreadable_file() {
         text.starts_with("/nonexistent/tollgate.yaml: cannot read configuration file: "),
         "{text}"
     );
+}
+
+#[test]
+fn example_settlement_section_uncommented_is_the_defaults_plus_an_rpc() {
+    let text = include_str!("../../examples/tollgate.yaml");
+    let (_, commented) = text
+        .split_once("# settlement:\n")
+        .expect("the example has a commented settlement section");
+    let section: String = commented
+        .lines()
+        .map(|line| format!("{}\n", line.strip_prefix("# ").unwrap_or(line)))
+        .collect();
+    let resolved = ok(Some(&format!("settlement:\n{section}")), &[]);
+    assert_eq!(resolved.warnings, Vec::<String>::new());
+    let mut expected = Config::default();
+    expected.settlement.rpc = Some("https://sepolia.base.org".to_owned());
+    assert_eq!(resolved.config, expected);
 }
 
 #[test]
