@@ -128,7 +128,9 @@ fn online(policy: &crate::policy::Policy) -> Result<String, String> {
     match &policy.settlement.backend {
         crate::policy::Backend::Facilitator { url } => {
             crate::settle::facilitator::check_supported(url, policy, &terms)?;
-            Ok(format!("the facilitator at {url} settles every network quoted (or could not be asked; see the warning)"))
+            Ok(format!(
+                "the facilitator at {url} settles every network quoted (or could not be asked; see the warning)"
+            ))
         }
         crate::policy::Backend::Rpc { url, .. } => {
             match crate::settle::onchain::check(policy, &terms)? {

@@ -116,9 +116,7 @@ impl Chain {
         let block = log.block_number.unwrap_or(0);
         if latest.saturating_add(1).saturating_sub(block) < confirmations {
             return Ok(Verdict::Unclear {
-                why: format!(
-                    "settled in block {block}, waiting for {confirmations} confirmations"
-                ),
+                why: format!("settled in block {block}, waiting for {confirmations} confirmations"),
             });
         }
         let receipt = self

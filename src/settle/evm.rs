@@ -178,7 +178,6 @@ pub fn is_transfer(log: &alloy::rpc::types::Log, t: &Transfer3009) -> bool {
         && log.data().data.as_ref() == t.signed.value.to_be_bytes::<32>().as_slice()
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;

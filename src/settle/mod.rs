@@ -46,10 +46,10 @@ pub use facilitator::{Facilitator, Kind, SETTLE_TIMEOUT, SettleError};
 use crate::limits::{BuyerId, Limiter};
 use crate::metrics::Metrics;
 use crate::reload::Live;
-use onchain::{Outcome, Rpc};
 use crate::store::ledger::{Bundle, Change, Detail, Entry, State, Timing};
 use crate::store::{Store, StoreError};
 use crate::x402::wire::SettleResponse;
+use onchain::{Outcome, Rpc};
 
 /// A bundle closes this long before the earliest `validBefore` among its payments, whatever
 /// its own rule says, so every authorization reaches the chain while it is still valid.
@@ -863,7 +863,10 @@ impl Settlement {
             let Some(chain) = self.evidence_for(&entry).await else {
                 continue;
             };
-            let verdict = match chain.examine(&entry, self.inner.relayer.confirmations).await {
+            let verdict = match chain
+                .examine(&entry, self.inner.relayer.confirmations)
+                .await
+            {
                 Ok(v) => v,
                 Err(e) => {
                     tracing::warn!(entry = entry.seq, error = %e, "reading evidence for an unresolved payment failed; trying again later");
@@ -926,7 +929,11 @@ impl Settlement {
             None => self.inner.evidence_url.clone()?,
         };
         let known = {
-            let mut chains = self.inner.evidence.lock().unwrap_or_else(|p| p.into_inner());
+            let mut chains = self
+                .inner
+                .evidence
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
             if !chains.contains_key(&url) {
                 match evidence::Chain::new(&url) {
                     Ok(chain) => {
@@ -989,11 +996,13 @@ impl Settlement {
                 let change = match outcome {
                     Outcome::Confirmed { .. } => change_of(seq, &outcome),
                     // Refused now may mean the first attempt landed meanwhile: the chain decides.
-                    Outcome::Failed(why) | Outcome::NotSent(why) | Outcome::Unknown(why) => Change {
-                        entry: seq,
-                        state: State::Unresolved,
-                        detail: reason(why),
-                    },
+                    Outcome::Failed(why) | Outcome::NotSent(why) | Outcome::Unknown(why) => {
+                        Change {
+                            entry: seq,
+                            state: State::Unresolved,
+                            detail: reason(why),
+                        }
+                    }
                 };
                 if let Err(e) = self.record(&[change], true).await {
                     tracing::error!(entry = seq, error = %e, "recording a settlement outcome failed");
@@ -1023,7 +1032,12 @@ impl Settlement {
 
     /// Settles `entries` on chain in one transaction (see [`onchain`]); counts and times it.
     /// A bundle (`bounded`) takes one of the [`MAX_CALLS`] permits.
-    async fn on_chain(&self, rpc: &Rpc, entries: &[Arc<Entry>], bounded: bool) -> Vec<(u64, Outcome)> {
+    async fn on_chain(
+        &self,
+        rpc: &Rpc,
+        entries: &[Arc<Entry>],
+        bounded: bool,
+    ) -> Vec<(u64, Outcome)> {
         let i = &self.inner;
         let mut outcomes = Vec::new();
         let mut batch = Vec::with_capacity(entries.len());
@@ -1045,7 +1059,10 @@ impl Settlement {
                 Ok(p) => Some(p),
                 Err(_) => {
                     outcomes.extend(batch.iter().map(|t| {
-                        (t.seq, Outcome::NotSent("settlement is shutting down".into()))
+                        (
+                            t.seq,
+                            Outcome::NotSent("settlement is shutting down".into()),
+                        )
                     }));
                     return outcomes;
                 }
@@ -1136,20 +1153,23 @@ impl Settlement {
         } else {
             format!("eip155:{}", entry.chain_id)
         };
-        let answer = |success: bool, error_reason: Option<String>, transaction: String| {
-            SettleResponse {
+        let answer =
+            |success: bool, error_reason: Option<String>, transaction: String| SettleResponse {
                 success,
                 error_reason,
                 payer: Some(entry.payer.to_string()),
                 transaction,
                 network: network.clone(),
-            }
-        };
+            };
         match outcome {
             Outcome::Confirmed { tx, .. } => Ok(answer(true, None, tx.to_string())),
             Outcome::Failed(why) => {
                 let code = why.split(':').next().unwrap_or("reverted").to_string();
-                Err(SettleError::Refused(answer(false, Some(code), String::new())))
+                Err(SettleError::Refused(answer(
+                    false,
+                    Some(code),
+                    String::new(),
+                )))
             }
             Outcome::NotSent(why) => Err(SettleError::NotSent(why)),
             Outcome::Unknown(why) => Err(SettleError::Unknown(why)),
@@ -1245,7 +1265,11 @@ fn confirmed(seq: u64, receipt: &SettleResponse) -> Change {
 /// The ledger change of an on-chain outcome (a deferred entry that was not sent is queued again).
 fn change_of(seq: u64, outcome: &Outcome) -> Change {
     match outcome {
-        Outcome::Confirmed { tx, block, gas_used } => Change {
+        Outcome::Confirmed {
+            tx,
+            block,
+            gas_used,
+        } => Change {
             entry: seq,
             state: State::Confirmed,
             detail: Detail {

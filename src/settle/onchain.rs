@@ -94,7 +94,9 @@ impl Rpc {
             Ok(_) => {
                 return every(
                     &batch,
-                    Outcome::NotSent("the simulation answered a different number of results".into()),
+                    Outcome::NotSent(
+                        "the simulation answered a different number of results".into(),
+                    ),
                 );
             }
             Err(why) => return every(&batch, Outcome::NotSent(why)),
@@ -190,7 +192,9 @@ impl Rpc {
 pub fn read_key(source: &SecretRef) -> Result<String, String> {
     match source {
         SecretRef::Env(name) => std::env::var(name).map_err(|_| {
-            format!("the relayer key is read from the environment variable {name}, which is not set")
+            format!(
+                "the relayer key is read from the environment variable {name}, which is not set"
+            )
         }),
         SecretRef::File(path) => std::fs::read_to_string(path)
             .map_err(|e| format!("cannot read the relayer key file {}: {e}", path.display())),

@@ -298,7 +298,9 @@ impl Relayer {
                     .get_transaction_count(self.address())
                     .pending()
                     .await
-                    .map_err(|e| TxError::NotSent(format!("reading the relayer's nonce: {}", short(&e))))?,
+                    .map_err(|e| {
+                        TxError::NotSent(format!("reading the relayer's nonce: {}", short(&e)))
+                    })?,
             };
             let (hash, raw) = self
                 .sign(nonce, to, data, gas_limit, fees)
@@ -315,10 +317,14 @@ impl Relayer {
                         if attempt == 0 && why.to_ascii_lowercase().contains("nonce") {
                             continue; // a stale nonce: once more with the node's
                         }
-                        return Err(TxError::NotSent(format!("the node refused the transaction: {why}")));
+                        return Err(TxError::NotSent(format!(
+                            "the node refused the transaction: {why}"
+                        )));
                     }
                     Sent::Unreachable(why) => {
-                        return Err(TxError::NotSent(format!("the node cannot be reached: {why}")));
+                        return Err(TxError::NotSent(format!(
+                            "the node cannot be reached: {why}"
+                        )));
                     }
                     Sent::Unknown(why) => {
                         *next = None;
@@ -329,7 +335,9 @@ impl Relayer {
                 },
             }
         }
-        Err(TxError::NotSent("the node keeps refusing the relayer's nonce".into()))
+        Err(TxError::NotSent(
+            "the node keeps refusing the relayer's nonce".into(),
+        ))
     }
 
     /// A replacement with raised fees, or `None` when the fees are already at the cap.
@@ -417,7 +425,9 @@ fn without_url(text: &str) -> String {
     match text.find(" for url (") {
         Some(start) => {
             let rest = text.get(start + " for url (".len()..).unwrap_or_default();
-            let after = rest.find(')').map_or("", |end| rest.get(end + 1..).unwrap_or_default());
+            let after = rest
+                .find(')')
+                .map_or("", |end| rest.get(end + 1..).unwrap_or_default());
             format!("{}{after}", text.get(..start).unwrap_or_default())
         }
         None => text.to_string(),

@@ -74,8 +74,7 @@ pub const FACILITATOR_KEY: &str =
     "0xac0974bec39a17e36ba4a6b4d238ff944bacb478cbed5efcae784d7bf4f2ff80";
 pub const FACILITATOR_ADDRESS: Address = address!("f39Fd6e51aad88F6F4ce6aB8827279cffFb92266");
 /// anvil's default account 2: the relayer of `settle via rpc` tests (10,000 ETH of gas).
-pub const RELAYER_KEY: &str =
-    "0x5de4111afa1a4b94908f83103eb1f1706367c2e68ca870fc3fb9a804cdab365a";
+pub const RELAYER_KEY: &str = "0x5de4111afa1a4b94908f83103eb1f1706367c2e68ca870fc3fb9a804cdab365a";
 pub const RELAYER_ADDRESS: Address = address!("3C44CdDdB6a900fa2b585dd299e03d12FA4293BC");
 /// anvil's default account 1 (unlocked in anvil): sends the test faucet's `mint` transactions,
 /// never the facilitator's account, so the two never race for a nonce.
@@ -997,9 +996,7 @@ impl Relay {
     pub fn up(&self) {
         let socket = tokio::net::TcpSocket::new_v4().unwrap();
         socket.set_reuseaddr(true).unwrap();
-        socket
-            .bind(([127, 0, 0, 1], self.port).into())
-            .unwrap();
+        socket.bind(([127, 0, 0, 1], self.port).into()).unwrap();
         let listener = socket.listen(64).unwrap();
         let target = self.target;
         let delay = self.delay_ms.clone();

@@ -251,7 +251,11 @@ async fn bundles_of_1_10_and_100_settle_in_one_transaction_each() {
     for (tx, (route, n, gas)) in &by_tx {
         let r = receipt(&s.chain, tx).await;
         assert_eq!(r["status"], "0x1");
-        assert_eq!(quantity(&r["gasUsed"]), *gas, "the ledger's gas is the receipt's");
+        assert_eq!(
+            quantity(&r["gasUsed"]),
+            *gas,
+            "the ledger's gas is the receipt's"
+        );
         assert_eq!(
             r["from"].as_str().unwrap().to_lowercase(),
             super::chain::RELAYER_ADDRESS.to_string().to_lowercase()
@@ -266,7 +270,11 @@ async fn bundles_of_1_10_and_100_settle_in_one_transaction_each() {
     assert_eq!(used.len(), served);
     assert_eq!(s.chain.transfers_to(pay_to()).await.len(), served);
     assert_eq!(s.chain.balance_of(pay_to()).await, served as u128 * PRICE);
-    assert_eq!(s.chain.relayer_nonce().await, 4, "one transaction per bundle");
+    assert_eq!(
+        s.chain.relayer_nonce().await,
+        4,
+        "one transaction per bundle"
+    );
     assert_eq!(
         metric(&s.sidecar, "tollgate_settlement_gas_total").await as u64,
         by_tx.values().map(|(_, _, g)| g).sum::<u64>()
@@ -341,9 +349,17 @@ async fn a_bundle_with_bad_authorizations_confirms_the_good_one_and_names_the_fa
         r["to"].as_str().unwrap().to_lowercase(),
         s.chain.token().to_string().to_lowercase()
     );
-    assert_eq!(s.chain.balance_of(pay_to()).await, 2 * PRICE, "good + spent");
     assert_eq!(
-        metric(&s.sidecar, r#"tollgate_settlements_total{result="refused"}"#).await,
+        s.chain.balance_of(pay_to()).await,
+        2 * PRICE,
+        "good + spent"
+    );
+    assert_eq!(
+        metric(
+            &s.sidecar,
+            r#"tollgate_settlements_total{result="refused"}"#
+        )
+        .await,
         2.0
     );
     let (status, report) = admin(&s.sidecar, "/v1/ledger/verify").await;
@@ -420,7 +436,12 @@ async fn a_node_down_holds_deferred_payments_and_fails_immediate_ones_closed() {
     let response = pay(&s.sidecar, &buyer, "/after/down").await;
     super::expect_error(response, 503, "settlement_unavailable").await;
     assert!(
-        metric(&s.sidecar, r#"tollgate_settlements_total{result="unavailable"}"#).await >= 2.0
+        metric(
+            &s.sidecar,
+            r#"tollgate_settlements_total{result="unavailable"}"#
+        )
+        .await
+            >= 2.0
     );
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(
@@ -451,4 +472,153 @@ async fn a_node_down_holds_deferred_payments_and_fails_immediate_ones_closed() {
     );
     let (status, report) = admin(&s.sidecar, "/v1/ledger/verify").await;
     assert_eq!(status, 200, "{report}");
+}
+
+/// The accountant's question with tollgate as its own settler: 1,000 paid requests in
+/// deferred bundles of 100 — ten transactions — and the export adds up to exactly what reached
+/// `pay_to` on chain, each row naming the transaction that carried its transfer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_payments_in_bundles_reconcile_exactly_with_the_chain() {
+    let buyer = Wallet::new(77);
+    let chain = DevChain::start_with(&funding(&[&buyer], 20_000_000)).await;
+    let s = setup_on(
+        "relayer-thousand",
+        chain,
+        None,
+        "deferred every 10s or 100 payments",
+        "",
+    )
+    .await;
+    let response = harness::client()
+        .get(s.sidecar.url("/paid/0"))
+        .send()
+        .await
+        .unwrap();
+    let required = harness::decode(response.headers()["payment-required"].to_str().unwrap());
+    let offer = required["accepts"][0].clone();
+    let total = 1_000;
+    let mut served = 0;
+    for batch in 0..(total / 50) {
+        let mut calls = Vec::new();
+        for i in 0..50 {
+            let header = buyer.pay_v2(&offer, &Tweak::default());
+            let url = s.sidecar.url(&format!("/paid/{batch}-{i}"));
+            calls.push(tokio::spawn(async move {
+                harness::client()
+                    .get(url)
+                    .header("payment-signature", header)
+                    .send()
+                    .await
+                    .map(|r| r.status().as_u16())
+            }));
+        }
+        for call in calls {
+            if call.await.unwrap().unwrap() == 200 {
+                served += 1;
+            }
+        }
+    }
+    assert_eq!(served, total);
+    settled(&s.sidecar, Duration::from_secs(180)).await;
+
+    let export: Value = harness::client()
+        .get(s.sidecar.admin_url("/v1/ledger/export?format=json"))
+        .bearer_auth(s.sidecar.admin_token())
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let rows = export["rows"].as_array().expect("rows");
+    assert_eq!(rows.len(), total);
+    assert!(
+        rows.iter().all(|r| r["state"] == "confirmed"),
+        "every payment settled"
+    );
+    let exported: u128 = rows
+        .iter()
+        .map(|r| {
+            r["amount_atomic"]
+                .as_str()
+                .unwrap()
+                .parse::<u128>()
+                .unwrap()
+        })
+        .sum();
+    let transfers = s.chain.transfers_to(pay_to()).await;
+    let on_chain: u128 = transfers.iter().map(|(_, value, _, _)| value).sum();
+    assert_eq!(exported, on_chain);
+    assert_eq!(on_chain, total as u128 * PRICE);
+    assert_eq!(s.chain.balance_of(pay_to()).await, on_chain);
+    let mut hashes: Vec<String> = transfers.iter().map(|t| t.2.to_string()).collect();
+    let mut exported_hashes: Vec<String> = rows
+        .iter()
+        .map(|r| r["tx_hash"].as_str().unwrap().to_lowercase())
+        .collect();
+    hashes.sort();
+    exported_hashes.sort();
+    assert_eq!(hashes, exported_hashes, "each row names its own transfer");
+    let transactions: BTreeSet<&String> = hashes.iter().collect();
+    assert!(
+        transactions.len() <= 12,
+        "bundled: {} transactions for {total} payments",
+        transactions.len()
+    );
+    assert_eq!(
+        s.chain.relayer_nonce().await as usize,
+        transactions.len(),
+        "one relayer transaction per bundle, none wasted"
+    );
+    assert_eq!(
+        s.chain.authorizations_used(buyer.address()).await.len(),
+        total
+    );
+    let verified = harness::client()
+        .get(s.sidecar.admin_url("/v1/ledger/verify"))
+        .bearer_auth(s.sidecar.admin_token())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(verified.status(), 200, "{}", verified.text().await.unwrap());
+}
+
+/// Twenty transactions sent at once through one relayer, with blocks every second so they
+/// all wait in the pool together: each gets its own nonce, all are mined, none is lost or sent
+/// twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_transactions_of_one_relayer_never_collide_on_a_nonce() {
+    use alloy::sol_types::SolCall;
+    use tollgate::settle::evm::balanceOfCall;
+    use tollgate::settle::relayer::{self, Relayer, Settings};
+
+    let chain = DevChain::start_opts(&[], Some(1)).await;
+    let relayer = std::sync::Arc::new(Relayer::new(
+        relayer::provider(&chain.rpc_url()).unwrap(),
+        relayer::parse_key(RELAYER_KEY).unwrap(),
+        super::chain::CHAIN_ID,
+        Settings {
+            confirmations: 1,
+            max_fee_per_gas: 100_000_000_000,
+            replace_after: Duration::from_secs(30),
+        },
+    ));
+    let data: alloy::primitives::Bytes = balanceOfCall { owner: pay_to() }.abi_encode().into();
+    let mut sends = Vec::new();
+    for _ in 0..20 {
+        let relayer = relayer.clone();
+        let data = data.clone();
+        let token = chain.token();
+        sends.push(tokio::spawn(async move {
+            relayer.submit(token, data, 100_000).await
+        }));
+    }
+    let mut hashes = BTreeSet::new();
+    for send in sends {
+        let mined = send.await.unwrap().expect("mined");
+        assert!(mined.success);
+        hashes.insert(mined.tx);
+    }
+    assert_eq!(hashes.len(), 20);
+    assert_eq!(chain.relayer_nonce().await, 20);
 }
