@@ -30,7 +30,7 @@
 //!            ├─ limits::Limiter::admit ─────── requests / spend / unsettled per buyer
 //!            ├─ store::Store::record_payment ─ durable: nonce claim + ledger entry, one fsync
 //!            │    or store debit ───────────── durable: atomic, never below zero
-//!            ├─ settle::Settlement (before) ── submitted → /settle → outcome, all recorded
+//!            ├─ settle::Settlement (before) ── submitted → backend → outcome, all recorded
 //!            ├─ proxy::forward ─────────────── headers the upstream sees
 //!            ▼
 //!         upstream ─▶ proxy::response_filter ─ settle (after, status < 400), receipt header
@@ -38,8 +38,10 @@
 //!                                              payments queued (or refunded on >= 400)
 //!
 //!         settle::Settlement::run (background) ─ bundles by count/value/window/deadline,
-//!                                              one /settle per authorization, outcomes and
-//!                                              evidence (settle::evidence) in the ledger
+//!                                              one /settle per authorization (facilitator)
+//!                                              or one transaction per bundle (settle::onchain
+//!                                              → settle::relayer), outcomes and evidence
+//!                                              (settle::evidence) in the ledger
 //! ```
 //!
 //! # Code map
@@ -82,8 +84,11 @@
 //! - [`settle`] — settlement as a service of its own: [`settle::Settlement`] owns every
 //!   payment after it is recorded (settle now, or queue and bundle; outcomes, recovery after a
 //!   crash, the unsettled holds of deferred payments), [`settle::facilitator`] the x402
-//!   facilitator client (`/settle`, `/supported`), [`settle::evidence`] the chain reads that
-//!   decide an unknown outcome.
+//!   facilitator client (`/settle`, `/supported`), [`settle::onchain`] settlement by tollgate
+//!   itself (`settle via rpc`: simulate, one transaction per batch, receipts matched back;
+//!   the startup check), [`settle::relayer`] the gas account (local nonces, capped EIP-1559
+//!   fees, replacement, confirmations, reorgs), [`settle::evm`] the token and Multicall3 ABI,
+//!   [`settle::evidence`] the chain reads that decide an unknown outcome.
 //! - [`logging`] — log setup and the one `log` → `tracing` bridge: what Pingora and other
 //!   libraries log is redacted (header values, credentials, API keys, bodies) at every level,
 //!   and client mistakes are warnings, rate-limited.

@@ -9,8 +9,9 @@
 //!   below 400 (or marks it `refunded`), before that answer goes to the buyer; the worker ([`Settlement::run`], a background
 //!   service) closes bundles by count, value, window, or the earliest `validBefore` minus
 //!   [`DEADLINE_MARGIN_SECS`], whichever comes first, submits each bundle durably, and settles
-//!   its authorizations one `/settle` each (the facilitator API has no batch call; the bundle is
-//!   the unit of accounting) with at most [`MAX_CALLS`] calls in flight.
+//!   its authorizations one `/settle` each through a facilitator (its API has no batch call; the
+//!   bundle is the unit of accounting) with at most [`MAX_CALLS`] calls in flight, or — `settle
+//!   via rpc` — in one transaction of tollgate's own relayer ([`onchain`], [`relayer`]).
 //!
 //! Outcomes: a receipt with a transaction is `confirmed`; a refusal is `failed` with the
 //! facilitator's reason; a call that never left (connection refused) puts a deferred entry

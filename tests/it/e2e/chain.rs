@@ -1036,10 +1036,6 @@ impl Relay {
         self.delay_ms
             .store(delay.as_millis() as u64, Ordering::Relaxed);
     }
-
-    pub fn node_port(&self) -> u16 {
-        self.target
-    }
 }
 
 impl Drop for Relay {
