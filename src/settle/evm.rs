@@ -134,6 +134,8 @@ pub fn aggregate_results(returned: &[u8]) -> Result<Vec<Result3>, String> {
 /// FiatTokenV2: authorization is used or canceled`.
 pub fn revert_reason(data: &[u8]) -> String {
     let text = alloy::sol_types::decode_revert_reason(data)
+        .map(|t| t.strip_prefix("revert: ").map(str::to_string).unwrap_or(t))
+        .filter(|t| !t.is_empty())
         .unwrap_or_else(|| "reverted without a reason".to_string());
     let code = revert_code(&text);
     format!("{code}: {text}")
