@@ -907,6 +907,9 @@ impl Settlement {
                     continue; // too late to submit, too early to call it never settled
                 }
                 evidence::Verdict::Unused if deferred && entry.valid_after < now => {
+                    if self.relayer_busy(&entry).await {
+                        continue; // a transaction of ours may still carry it: wait for it
+                    }
                     self.settle_again(&entry).await;
                     continue;
                 }
@@ -971,6 +974,19 @@ impl Settlement {
             },
         };
         (chain_id == entry.chain_id).then_some(chain)
+    }
+
+    /// Whether `entry` settles through a relayer that has transactions in the node's pool
+    /// (or cannot be asked): one of them may carry the authorization, sent before a crash.
+    async fn relayer_busy(&self, entry: &Entry) -> bool {
+        if onchain::node_url(&entry.backend).is_none() {
+            return false;
+        }
+        match self.client(&entry.backend).await {
+            Ok(Client::Rpc(rpc)) => rpc.has_pending().await.unwrap_or(true),
+            Ok(Client::Facilitator(_)) => false,
+            Err(_) => true,
+        }
     }
 
     /// Submits an unresolved deferred payment whose nonce the chain shows unused.

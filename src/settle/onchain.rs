@@ -80,6 +80,11 @@ impl Rpc {
         self.relayer.address()
     }
 
+    /// Whether the relayer has transactions the node holds but has not mined.
+    pub async fn has_pending(&self) -> Result<bool, String> {
+        self.relayer.has_pending().await
+    }
+
     /// Settles `batch` in one transaction (see the module docs); one outcome per entry.
     pub async fn settle(&self, batch: Vec<Transfer3009>) -> Vec<(u64, Outcome)> {
         let mut outcomes = Vec::with_capacity(batch.len());

@@ -136,6 +136,24 @@ impl Relayer {
         &self.provider
     }
 
+    /// Whether the node holds transactions of the relayer it has not mined yet.
+    pub async fn has_pending(&self) -> Result<bool, String> {
+        let address = self.address();
+        let pending = self
+            .provider
+            .get_transaction_count(address)
+            .pending()
+            .await
+            .map_err(|e| short(&e))?;
+        let mined = self
+            .provider
+            .get_transaction_count(address)
+            .latest()
+            .await
+            .map_err(|e| short(&e))?;
+        Ok(pending > mined)
+    }
+
     /// Sends a call to `to` and waits until it is mined under enough blocks.
     pub async fn submit(&self, to: Address, data: Bytes, gas_limit: u64) -> Result<Mined, TxError> {
         let mut fees = self.fees().await.map_err(TxError::NotSent)?;
