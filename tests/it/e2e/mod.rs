@@ -3,6 +3,7 @@
 
 mod chain;
 mod chain_relayer;
+mod chain_relayer_faults;
 mod chain_settlement;
 mod deferred;
 mod harness;
