@@ -68,6 +68,7 @@ impl Chain {
                     .to(entry.asset)
                     .input(Bytes::from(call.abi_encode()).into()),
             )
+            .block(alloy::eips::BlockId::latest())
             .await
             .map_err(|e| format!("authorizationState: {}", short(&e)))?;
         let used = authorizationStateCall::abi_decode_returns(&answer)

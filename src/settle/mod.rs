@@ -801,7 +801,7 @@ impl Settlement {
             calls.spawn(async move { (seq, me.call(&client, seq, true).await) });
         }
         let mut changes = Vec::new();
-        let mut unreachable = false;
+        let mut unreachable: Option<String> = None;
         let mut confirmed_count = 0usize;
         while let Some(done) = calls.join_next().await {
             let Ok((seq, outcome)) = done else {
@@ -814,7 +814,7 @@ impl Settlement {
                 }
                 Err(e @ SettleError::Refused(_)) => failed(seq, e.reason()),
                 Err(e @ SettleError::NotSent(_)) => {
-                    unreachable = true;
+                    unreachable = Some(e.reason());
                     requeued(seq, e.reason())
                 }
                 Err(e @ SettleError::Unknown(_)) => Change {
@@ -838,7 +838,7 @@ impl Settlement {
         if let Err(e) = self.record(&changes, true).await {
             tracing::error!(bundle = bundle.id, error = %e, "recording a bundle's outcomes failed; its payments stay submitted and are resolved by evidence after a restart");
         }
-        self.backend_reached(&bundle.backend, !unreachable);
+        self.backend_reached(&bundle.backend, unreachable.as_deref());
         tracing::info!(
             bundle = bundle.id,
             payments = bundle.entries.len(),
@@ -1129,10 +1129,16 @@ impl Settlement {
             }
         }
         let outcomes = self.on_chain(rpc, &entries, true).await;
-        let unreachable = !outcomes.is_empty()
-            && outcomes
-                .iter()
-                .all(|(_, o)| matches!(o, Outcome::NotSent(_)));
+        // Nothing could be sent (node down, fees above the cap): wait before trying again.
+        let not_sent: Vec<&str> = outcomes
+            .iter()
+            .filter_map(|(_, o)| match o {
+                Outcome::NotSent(why) => Some(why.as_str()),
+                _ => None,
+            })
+            .collect();
+        let unreachable = (!outcomes.is_empty() && not_sent.len() == outcomes.len())
+            .then(|| not_sent.first().map(|w| w.to_string()).unwrap_or_default());
         let confirmed_count = outcomes
             .iter()
             .filter(|(_, o)| matches!(o, Outcome::Confirmed { .. }))
@@ -1146,7 +1152,7 @@ impl Settlement {
         if let Err(e) = self.record(&changes, true).await {
             tracing::error!(bundle = bundle.id, error = %e, "recording a bundle's outcomes failed; its payments stay submitted and are resolved by evidence after a restart");
         }
-        self.backend_reached(&bundle.backend, !unreachable);
+        self.backend_reached(&bundle.backend, unreachable.as_deref());
         tracing::info!(
             bundle = bundle.id,
             payments = bundle.entries.len(),
@@ -1193,7 +1199,9 @@ impl Settlement {
         }
     }
 
-    fn backend_reached(&self, url: &str, reached: bool) {
+    /// Records whether a backend could be used: `Some(why)` when nothing could be sent, which
+    /// holds its payments back with backoff.
+    fn backend_reached(&self, url: &str, not_sent: Option<&str>) {
         let now = (self.inner.clock)();
         let mut backends = self
             .inner
@@ -1201,17 +1209,18 @@ impl Settlement {
             .lock()
             .unwrap_or_else(|p| p.into_inner());
         if let Some(b) = backends.get_mut(url) {
-            if reached {
-                b.down_until = 0;
-                b.backoff_secs = FIRST_BACKOFF_SECS;
-            } else {
+            if let Some(why) = not_sent {
                 b.down_until = now + b.backoff_secs;
                 tracing::warn!(
                     backend = url,
                     retry_in_secs = b.backoff_secs,
-                    "the settlement backend could not be reached; its payments stay queued"
+                    error = why,
+                    "nothing could be sent to the settlement backend; its payments stay queued"
                 );
                 b.backoff_secs = (b.backoff_secs * 2).min(MAX_BACKOFF_SECS);
+            } else {
+                b.down_until = 0;
+                b.backoff_secs = FIRST_BACKOFF_SECS;
             }
         }
     }

@@ -187,6 +187,7 @@ impl Rpc {
             .relayer
             .provider()
             .call(self.request(MULTICALL3, evm::aggregate(batch)))
+            .block(alloy::eips::BlockId::latest())
             .await
             .map_err(|e| format!("simulating the settlement: {}", relayer::short(&e)))?;
         evm::aggregate_results(&answer)
@@ -291,6 +292,7 @@ async fn check_node(
                     .to(*asset)
                     .input(Bytes::from(probe.abi_encode()).into()),
             )
+            .block(alloy::eips::BlockId::latest())
             .await
             .map_err(|e| {
                 format!(
