@@ -80,9 +80,15 @@ impl Rpc {
         self.relayer.address()
     }
 
-    /// Whether the relayer has transactions the node holds but has not mined.
+    /// Whether the relayer has transactions the node holds but has not mined; cancels those
+    /// a previous run left there once they have waited long enough
+    /// ([`Relayer::cancel_leftovers`]).
     pub async fn has_pending(&self) -> Result<bool, String> {
-        self.relayer.has_pending().await
+        let pending = self.relayer.has_pending().await?;
+        if pending {
+            self.relayer.cancel_leftovers().await?;
+        }
+        Ok(pending)
     }
 
     /// Settles `batch` in one transaction (see the module docs); one outcome per entry.

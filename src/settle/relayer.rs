@@ -85,6 +85,27 @@ pub struct Relayer {
     settings: Settings,
     /// The next nonce to use, when known; `None` makes the next send read it from the node.
     next_nonce: tokio::sync::Mutex<Option<u64>>,
+    /// Nonces whose transaction this process is watching.
+    watching: std::sync::Mutex<std::collections::BTreeSet<u64>>,
+    /// Nonces held in the node's pool by transactions this process did not send (sent before
+    /// a restart), with when they were first seen.
+    leftovers: std::sync::Mutex<std::collections::BTreeMap<u64, Instant>>,
+}
+
+/// Stops watching a nonce when its [`Relayer::submit`] ends, however it ends.
+struct Watching<'a> {
+    relayer: &'a Relayer,
+    nonce: u64,
+}
+
+impl Drop for Watching<'_> {
+    fn drop(&mut self) {
+        self.relayer
+            .watching
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.nonce);
+    }
 }
 
 /// A JSON-RPC provider with timeouts (alloy's default HTTP client has none).
@@ -125,6 +146,8 @@ impl Relayer {
             chain_id,
             settings,
             next_nonce: tokio::sync::Mutex::new(None),
+            watching: std::sync::Mutex::new(std::collections::BTreeSet::new()),
+            leftovers: std::sync::Mutex::new(std::collections::BTreeMap::new()),
         }
     }
 
@@ -154,10 +177,74 @@ impl Relayer {
         Ok(pending > mined)
     }
 
+    /// Cancels the transactions a previous run of tollgate left in the node's pool, once they
+    /// have waited `replace_after` here too: each is replaced by an empty transfer to the
+    /// relayer itself at the fee cap, so its nonce stops blocking every later transaction. The
+    /// payments it carried are `unresolved` since the restart; once their nonces show unused,
+    /// evidence submits them again. Returns how many were cancelled.
+    pub async fn cancel_leftovers(&self) -> Result<usize, String> {
+        let address = self.address();
+        let mined = self
+            .provider
+            .get_transaction_count(address)
+            .latest()
+            .await
+            .map_err(|e| short(&e))?;
+        let pending = self
+            .provider
+            .get_transaction_count(address)
+            .pending()
+            .await
+            .map_err(|e| short(&e))?;
+        let due: Vec<u64> = {
+            let watching = self.watching.lock().unwrap_or_else(|p| p.into_inner());
+            let mut leftovers = self.leftovers.lock().unwrap_or_else(|p| p.into_inner());
+            leftovers.retain(|n, _| *n >= mined && *n < pending);
+            for n in mined..pending {
+                if !watching.contains(&n) {
+                    leftovers.entry(n).or_insert_with(Instant::now);
+                }
+            }
+            leftovers
+                .iter()
+                .filter(|(_, seen)| seen.elapsed() >= self.settings.replace_after)
+                .map(|(n, _)| *n)
+                .collect()
+        };
+        let cap = self.settings.max_fee_per_gas;
+        let mut cancelled = 0;
+        for nonce in due {
+            let fees = Fees {
+                max_fee: cap,
+                tip: cap,
+            };
+            let (hash, raw) = self.sign(nonce, address, &Bytes::new(), 21_000, fees)?;
+            match self.provider.send_raw_transaction(&raw).await {
+                Ok(_) => {
+                    tracing::warn!(%hash, nonce, "a transaction left in the pool before a restart blocked the relayer; cancelled it at the fee cap (its payments are settled again once the chain shows them unused)");
+                    cancelled += 1;
+                    // Watched again only if it is still there after another period.
+                    self.leftovers
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(nonce, Instant::now());
+                }
+                Err(e) => {
+                    tracing::warn!(nonce, error = %short(&e), "cancelling a transaction left from before a restart failed; trying again later");
+                }
+            }
+        }
+        Ok(cancelled)
+    }
+
     /// Sends a call to `to` and waits until it is mined under enough blocks.
     pub async fn submit(&self, to: Address, data: Bytes, gas_limit: u64) -> Result<Mined, TxError> {
         let mut fees = self.fees().await.map_err(TxError::NotSent)?;
         let (nonce, first) = self.send_new(to, &data, gas_limit, fees).await?;
+        let _watching = Watching {
+            relayer: self,
+            nonce,
+        };
         let mut sent = vec![first];
         let started = Instant::now();
         let mut last_send = Instant::now();
@@ -326,6 +413,10 @@ impl Relayer {
             match self.provider.send_raw_transaction(&raw).await {
                 Ok(_) => {
                     *next = Some(nonce + 1);
+                    self.watching
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(nonce);
                     tracing::debug!(%hash, nonce, "settlement transaction sent");
                     return Ok((nonce, (hash, raw)));
                 }

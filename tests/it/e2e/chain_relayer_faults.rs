@@ -636,3 +636,74 @@ async fn a_fee_cap_below_the_base_fee_holds_payments_until_it_is_raised() {
         said.join("\n")
     );
 }
+
+/// A transaction tollgate sent just before it was killed is still unmined after the restart
+/// (the node mines nothing meanwhile): the restarted sidecar did not send it, yet it holds the
+/// relayer's nonce. Once it has waited `replace_after`, tollgate cancels it with an empty
+/// transfer at the fee cap (same nonce, replacing it in the pool); when blocks come, the
+/// cancellation is mined instead, the chain shows the payments' nonces unused, and evidence
+/// submits them again: each moves exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transaction_stuck_before_a_restart_is_cancelled_and_its_payments_settle_again() {
+    let buyer = Wallet::new(97);
+    let chain = DevChain::start_with(&funding(&[&buyer], 1_000_000)).await;
+    let yaml = "settlement:\n  max_fee_per_gas: 100 gwei\n  replace_after: 1s\n";
+    let mut s = setup_on(
+        "relayer-leftover",
+        chain,
+        None,
+        "deferred every 60s or 3 payments",
+        yaml,
+    )
+    .await;
+    s.chain.rpc("evm_setAutomine", json!([false])).await;
+    for i in 0..3 {
+        assert_eq!(
+            pay(&s.sidecar, &buyer, &format!("/paid/{i}"))
+                .await
+                .status(),
+            200
+        );
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while pooled(&s.chain).await.is_empty() {
+        assert!(Instant::now() < deadline, "the bundle was never sent");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    s.sidecar.kill();
+    let stuck = pooled(&s.chain).await;
+    assert_eq!(stuck.len(), 1, "{stuck:?}");
+    let stuck_hash = stuck[0]["hash"].as_str().unwrap().to_string();
+
+    s.sidecar = launch(&s.dir, &s.upstream, &s.yaml).await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !s.sidecar.log().contains("cancelled it at the fee cap") {
+        assert!(
+            Instant::now() < deadline,
+            "the leftover was never cancelled\n{}",
+            s.sidecar.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let pool = pooled(&s.chain).await;
+    assert_eq!(pool.len(), 1, "replaced, not added: {pool:?}");
+    assert_ne!(pool[0]["hash"].as_str().unwrap(), stuck_hash);
+    assert_eq!(
+        pool[0]["to"].as_str().unwrap().to_lowercase(),
+        RELAYER_ADDRESS.to_string().to_lowercase(),
+        "an empty transfer to the relayer itself"
+    );
+    s.chain.rpc("evm_setAutomine", json!([true])).await;
+    s.chain.rpc("evm_mine", json!([])).await;
+    settled(&s.sidecar, Duration::from_secs(90)).await;
+    assert!(
+        receipt(&s.chain, &stuck_hash).await.is_null(),
+        "the stuck transaction never mined"
+    );
+    books_match_the_chain(&s.chain, &s.sidecar, buyer.address(), 3).await;
+    assert_eq!(s.chain.transfers_to(pay_to()).await.len(), 3);
+    assert_eq!(s.chain.balance_of(pay_to()).await, 3 * PRICE);
+    assert!(pooled(&s.chain).await.is_empty());
+    let (status, report) = admin(&s.sidecar, "/v1/ledger/verify").await;
+    assert_eq!(status, 200, "{report}");
+}
