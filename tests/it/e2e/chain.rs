@@ -182,7 +182,10 @@ async fn first_line(child: &mut Child, within: Duration) -> Option<String> {
 pub struct DevChain {
     // Dropped in this order: the facilitator first, then the chain it talks to.
     _facilitator: Proc,
-    _anvil: Proc,
+    anvil: std::sync::Mutex<Option<Proc>>,
+    /// `--block-time`, and the state file of a chain that can be restarted.
+    block_time: Option<u64>,
+    state: Option<PathBuf>,
     rpc_port: u16,
     facilitator_port: u16,
     pub dir: PathBuf,
@@ -204,14 +207,35 @@ impl DevChain {
     /// As [`DevChain::start_with`]; with `block_time`, anvil mines a block every that many
     /// seconds instead of one per transaction (slow confirmations).
     pub async fn start_opts(funded: &[(Address, u128)], block_time: Option<u64>) -> DevChain {
+        DevChain::launch(funded, block_time, false).await
+    }
+
+    /// As [`DevChain::start_opts`], keeping its state in a file so that
+    /// [`DevChain::restart_node`] can stop anvil and start it again where it was.
+    pub async fn start_restartable(
+        funded: &[(Address, u128)],
+        block_time: Option<u64>,
+    ) -> DevChain {
+        DevChain::launch(funded, block_time, true).await
+    }
+
+    async fn launch(
+        funded: &[(Address, u128)],
+        block_time: Option<u64>,
+        restartable: bool,
+    ) -> DevChain {
         let dir = scratch_dir("chain");
         let chain = chain_dir();
         let http = harness::client();
-        let (anvil, rpc_port) = start_anvil(&chain, &dir, &http, block_time).await;
+        let state = restartable.then(|| dir.join("anvil-state.json"));
+        let (anvil, rpc_port) =
+            start_anvil(&chain, &dir, &http, block_time, None, state.as_deref()).await;
         let (facilitator, facilitator_port) = start_facilitator(&chain, &dir, rpc_port).await;
         let dev = DevChain {
             _facilitator: facilitator,
-            _anvil: anvil,
+            anvil: std::sync::Mutex::new(Some(anvil)),
+            block_time,
+            state,
             rpc_port,
             facilitator_port,
             dir,
@@ -457,10 +481,12 @@ async fn start_anvil(
     dir: &std::path::Path,
     http: &reqwest::Client,
     block_time: Option<u64>,
+    port: Option<u16>,
+    state: Option<&std::path::Path>,
 ) -> (Proc, u16) {
     let binary = anvil_binary(chain);
     for _ in 0..3 {
-        let port = free_port();
+        let port = port.unwrap_or_else(free_port);
         let log = std::fs::File::create(dir.join("anvil.log")).unwrap();
         let mut child = Command::new("sh")
             .args(["-c", WATCHDOG, "sh"])
@@ -475,6 +501,11 @@ async fn start_anvil(
             .args(
                 block_time
                     .map(|secs| vec!["--block-time".to_string(), secs.to_string()])
+                    .unwrap_or_default(),
+            )
+            .args(
+                state
+                    .map(|path| vec!["--state".to_string(), path.display().to_string()])
                     .unwrap_or_default(),
             )
             .stdin(Stdio::piped())
@@ -1047,5 +1078,26 @@ impl Drop for Relay {
 impl DevChain {
     pub fn rpc_port(&self) -> u16 {
         self.rpc_port
+    }
+
+    /// Stops anvil (SIGTERM: it writes its state and exits; its pool of unmined transactions
+    /// is not kept), then starts it again on the same port from that state. Meanwhile the
+    /// node refuses connections. Only for [`DevChain::start_restartable`] chains.
+    pub async fn restart_node(&self) {
+        let state = self.state.clone().expect("a restartable chain");
+        let old = self.anvil.lock().unwrap().take();
+        tokio::task::spawn_blocking(move || drop(old))
+            .await
+            .unwrap();
+        let (anvil, _) = start_anvil(
+            &chain_dir(),
+            &self.dir,
+            &self.http,
+            self.block_time,
+            Some(self.rpc_port),
+            Some(&state),
+        )
+        .await;
+        *self.anvil.lock().unwrap() = Some(anvil);
     }
 }

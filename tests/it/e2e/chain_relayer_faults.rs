@@ -707,3 +707,70 @@ async fn a_transaction_stuck_before_a_restart_is_cancelled_and_its_payments_sett
     let (status, report) = admin(&s.sidecar, "/v1/ledger/verify").await;
     assert_eq!(status, 200, "{report}");
 }
+
+/// The node itself is stopped and started again while a bundle's transaction waits for its
+/// block: the restarted node has forgotten its pool. tollgate keeps watching through the
+/// outage, sends the transaction again with the same nonce once `replace_after` passes, and
+/// the bundle settles once — no payment lost, none moved twice, one nonce used.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_restarted_mid_bundle_forgets_the_transaction_and_it_is_sent_again() {
+    let buyer = Wallet::new(98);
+    let chain = DevChain::start_restartable(&funding(&[&buyer], 1_000_000), Some(2)).await;
+    let yaml = "settlement:\n  replace_after: 1s\n";
+    let s = setup_on(
+        "relayer-node-restart",
+        chain,
+        None,
+        "deferred every 60s or 5 payments",
+        yaml,
+    )
+    .await;
+    // Pay right after a block, so the bundle's transaction waits in the pool.
+    let start = s.chain.block_number().await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while s.chain.block_number().await == start {
+        assert!(Instant::now() < deadline, "no block in 10 s");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for i in 0..5 {
+        assert_eq!(
+            pay(&s.sidecar, &buyer, &format!("/paid/{i}"))
+                .await
+                .status(),
+            200
+        );
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while pooled(&s.chain).await.is_empty() {
+        assert!(Instant::now() < deadline, "the bundle was never sent");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    s.chain.restart_node().await;
+    assert!(
+        pooled(&s.chain).await.is_empty(),
+        "the restarted node forgot its pool"
+    );
+    assert_eq!(
+        s.chain.relayer_nonce().await,
+        0,
+        "not mined before the stop"
+    );
+    let open_after_restart = open_in(&s.sidecar, "submitted").await;
+    assert_eq!(open_after_restart, 5.0);
+    settled(&s.sidecar, Duration::from_secs(60)).await;
+    assert!(
+        s.sidecar.log().contains("replaced with higher fees"),
+        "sent again with the same nonce: {}",
+        s.sidecar.log()
+    );
+    books_match_the_chain(&s.chain, &s.sidecar, buyer.address(), 5).await;
+    assert_eq!(s.chain.transfers_to(pay_to()).await.len(), 5);
+    assert_eq!(s.chain.balance_of(pay_to()).await, 5 * PRICE);
+    assert_eq!(
+        s.chain.relayer_nonce().await,
+        1,
+        "one transaction, one nonce"
+    );
+    let (status, report) = admin(&s.sidecar, "/v1/ledger/verify").await;
+    assert_eq!(status, 200, "{report}");
+}
