@@ -56,7 +56,7 @@ impl Loaded {
             Backend::Rpc { url, .. } => {
                 if let Some(checked) = crate::settle::onchain::check(&policy, &terms)? {
                     tracing::info!(
-                        node = %url,
+                        node = %crate::settle::relayer::redact_url(url),
                         chain_id = checked.chain_id,
                         relayer = %checked.relayer,
                         gas_balance_wei = %checked.gas_balance,

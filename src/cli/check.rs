@@ -135,8 +135,11 @@ fn online(policy: &crate::policy::Policy) -> Result<String, String> {
         crate::policy::Backend::Rpc { url, .. } => {
             match crate::settle::onchain::check(policy, &terms)? {
                 Some(c) => Ok(format!(
-                    "node {url} is chain {}; every asset answers EIP-3009; Multicall3 present; relayer {} holds {} wei of gas",
-                    c.chain_id, c.relayer, c.gas_balance
+                    "node {} is chain {}; every asset answers EIP-3009; Multicall3 present; relayer {} holds {} wei of gas",
+                    crate::settle::relayer::redact_url(url),
+                    c.chain_id,
+                    c.relayer,
+                    c.gas_balance
                 )),
                 None => Ok("nothing to settle".into()),
             }

@@ -7,7 +7,7 @@
 //! makes it this payment — buried under the configured confirmations, or it is not evidence
 //! yet. Read through alloy's provider, like everything tollgate asks of a node.
 
-use alloy::primitives::{B256, Bytes, U256};
+use alloy::primitives::{Address, B256, Bytes, U256};
 use alloy::providers::{Provider, RootProvider};
 use alloy::rpc::types::{Filter, Log, TransactionRequest};
 use alloy::sol_types::{SolCall, SolEvent};
@@ -33,6 +33,28 @@ pub enum Verdict {
     Unclear { why: String },
 }
 
+/// The authorization a verdict is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Subject {
+    pub payer: Address,
+    pub nonce: B256,
+    pub asset: Address,
+    pub pay_to: Address,
+    pub amount: U256,
+}
+
+impl From<&Entry> for Subject {
+    fn from(entry: &Entry) -> Subject {
+        Subject {
+            payer: entry.payer,
+            nonce: entry.nonce,
+            asset: entry.asset,
+            pay_to: entry.pay_to,
+            amount: U256::from(entry.amount),
+        }
+    }
+}
+
 /// A JSON-RPC node of one chain.
 #[derive(Debug, Clone)]
 pub struct Chain {
@@ -41,9 +63,12 @@ pub struct Chain {
 
 impl Chain {
     pub fn new(url: &str) -> Result<Chain, String> {
-        Ok(Chain {
-            provider: relayer::provider(url)?,
-        })
+        Ok(Chain::with(relayer::provider(url)?))
+    }
+
+    /// Reads through a provider already made (the relayer's).
+    pub fn with(provider: RootProvider) -> Chain {
+        Chain { provider }
     }
 
     /// The node's chain id.
@@ -56,7 +81,7 @@ impl Chain {
 
     /// Reads what the chain knows about `entry`'s authorization; a transfer counts once its
     /// block has `confirmations` blocks (its own included).
-    pub async fn examine(&self, entry: &Entry, confirmations: u64) -> Result<Verdict, String> {
+    pub async fn examine(&self, entry: &Subject, confirmations: u64) -> Result<Verdict, String> {
         let call = authorizationStateCall {
             authorizer: entry.payer,
             nonce: entry.nonce,
@@ -144,11 +169,11 @@ impl Chain {
 }
 
 /// Whether a receipt log is the `Transfer(payer, pay_to, amount)` of `entry`'s token.
-fn is_transfer(log: &Log, entry: &Entry) -> bool {
+fn is_transfer(log: &Log, entry: &Subject) -> bool {
     let topics = log.topics();
     log.address() == entry.asset
         && topics.first() == Some(&Transfer::SIGNATURE_HASH)
         && topics.get(1) == Some(&B256::left_padding_from(entry.payer.as_slice()))
         && topics.get(2) == Some(&B256::left_padding_from(entry.pay_to.as_slice()))
-        && log.data().data.as_ref() == U256::from(entry.amount).to_be_bytes::<32>().as_slice()
+        && log.data().data.as_ref() == entry.amount.to_be_bytes::<32>().as_slice()
 }

@@ -108,14 +108,15 @@ impl Transfer3009 {
     }
 }
 
-/// `aggregate3` over `transfers`, each allowed to fail on its own.
-pub fn aggregate(transfers: &[Transfer3009]) -> Bytes {
+/// `aggregate3` over `transfers`; with `allow_failure`, each may fail on its own without
+/// reverting the others.
+pub fn aggregate(transfers: &[Transfer3009], allow_failure: bool) -> Bytes {
     aggregate3Call {
         calls: transfers
             .iter()
             .map(|t| Call3 {
                 target: t.token,
-                allowFailure: true,
+                allowFailure: allow_failure,
                 callData: t.calldata(),
             })
             .collect(),

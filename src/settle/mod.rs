@@ -120,7 +120,10 @@ enum Client {
 }
 
 struct Backend {
-    client: Client,
+    /// `None` while it could not be made (the node unreachable).
+    client: Option<Client>,
+    /// The relayer key reference an `Rpc` client was made with.
+    key_source: Option<crate::config::SecretRef>,
     /// Unix seconds before which the backend is not called again (it could not be reached).
     down_until: u64,
     backoff_secs: u64,
@@ -308,40 +311,81 @@ impl Settlement {
         let Some(url) = onchain::node_url(name) else {
             return self.facilitator(name).map(Client::Facilitator);
         };
+        let shown = relayer::redact_url(url);
         let key = match &self.inner.live.current().policy.settlement.backend {
             crate::policy::Backend::Rpc { url: u, relayer } if u == url => relayer.clone(),
             _ => {
                 return Err(SettleError::NotSent(format!(
-                    "the policy in force does not settle through {url}; these payments wait for one that does"
+                    "the policy in force does not settle through {shown}; these payments wait for one that does"
                 )));
             }
         };
+        let now = (self.inner.clock)();
         let cached = |backends: &HashMap<String, Backend>| match backends.get(name) {
             Some(Backend {
-                client: Client::Rpc(rpc),
+                client: Some(Client::Rpc(rpc)),
+                key_source: Some(k),
                 ..
-            }) if rpc.key_source == key => Some(Client::Rpc(rpc.clone())),
-            _ => None,
+            }) if *k == key => Ok(Some(Client::Rpc(rpc.clone()))),
+            Some(Backend {
+                client: None,
+                down_until,
+                ..
+            }) if *down_until > now => Err(SettleError::NotSent(format!(
+                "the settlement node {shown} could not be reached; trying again shortly"
+            ))),
+            _ => Ok(None),
         };
-        if let Some(client) = cached(&self.lock_backends()) {
+        if let Some(client) = cached(&self.lock_backends())? {
             return Ok(client);
         }
         let _one = self.inner.connecting.lock().await;
-        if let Some(client) = cached(&self.lock_backends()) {
+        if let Some(client) = cached(&self.lock_backends())? {
             return Ok(client);
         }
-        let rpc = Rpc::connect(url, &key, self.inner.relayer)
-            .await
+        let signer = onchain::read_key(&key)
+            .and_then(|text| relayer::parse_key(&text))
             .map_err(SettleError::NotSent)?;
-        tracing::info!(node = url, chain_id = rpc.chain_id(), relayer = %rpc.relayer(), "settling on chain through the relayer");
-        let client = Client::Rpc(Arc::new(rpc));
+        // The same account under another key reference (a reload moved it from env to a
+        // file): keep its relayer, or two would hand out the same nonces.
+        let same_account = match self.lock_backends().get(name) {
+            Some(Backend {
+                client: Some(Client::Rpc(rpc)),
+                ..
+            }) if rpc.relayer() == signer.address() => Some(rpc.clone()),
+            _ => None,
+        };
+        let rpc = match same_account {
+            Some(rpc) => rpc,
+            None => match Rpc::connect(url, signer, self.inner.relayer).await {
+                Ok(rpc) => {
+                    tracing::info!(node = %shown, chain_id = rpc.chain_id(), relayer = %rpc.relayer(), "settling on chain through the relayer");
+                    Arc::new(rpc)
+                }
+                Err(why) => {
+                    self.lock_backends()
+                        .entry(name.to_string())
+                        .or_insert_with(|| Backend {
+                            client: None,
+                            key_source: None,
+                            down_until: 0,
+                            backoff_secs: FIRST_BACKOFF_SECS,
+                        });
+                    self.backend_reached(name, Some(&why));
+                    return Err(SettleError::NotSent(why));
+                }
+            },
+        };
+        let client = Client::Rpc(rpc);
         let mut backends = self.lock_backends();
         let backend = backends.entry(name.to_string()).or_insert_with(|| Backend {
-            client: client.clone(),
+            client: None,
+            key_source: None,
             down_until: 0,
             backoff_secs: FIRST_BACKOFF_SECS,
         });
-        backend.client = client.clone();
+        backend.client = Some(client.clone());
+        backend.key_source = Some(key);
         Ok(client)
     }
 
@@ -356,7 +400,7 @@ impl Settlement {
     fn facilitator(&self, url: &str) -> Result<Facilitator, SettleError> {
         let mut backends = self.lock_backends();
         if let Some(Backend {
-            client: Client::Facilitator(f),
+            client: Some(Client::Facilitator(f)),
             ..
         }) = backends.get(url)
         {
@@ -366,7 +410,8 @@ impl Settlement {
         backends.insert(
             url.to_string(),
             Backend {
-                client: Client::Facilitator(client.clone()),
+                client: Some(Client::Facilitator(client.clone())),
+                key_source: None,
                 down_until: 0,
                 backoff_secs: FIRST_BACKOFF_SECS,
             },
@@ -853,6 +898,20 @@ impl Settlement {
     /// submitted again (the token's nonce makes a second transfer impossible). A payment whose
     /// buyer was refused (`before`/`after response`) is never submitted again.
     async fn resolve_by_evidence(&self, now: u64) {
+        // Relayers first: a transaction nobody watches may block every later one.
+        let relayers: Vec<Arc<Rpc>> = self
+            .lock_backends()
+            .values()
+            .filter_map(|b| match &b.client {
+                Some(Client::Rpc(rpc)) => Some(rpc.clone()),
+                _ => None,
+            })
+            .collect();
+        for rpc in relayers {
+            if let Err(e) = rpc.tend().await {
+                tracing::debug!(error = %e, "looking for leftover relayer transactions failed");
+            }
+        }
         let unresolved: Vec<Arc<Entry>> = {
             let open = self.inner.open.lock().unwrap_or_else(|p| p.into_inner());
             open.values()
@@ -865,7 +924,10 @@ impl Settlement {
                 continue;
             };
             let verdict = match chain
-                .examine(&entry, self.inner.relayer.confirmations)
+                .examine(
+                    &evidence::Subject::from(entry.as_ref()),
+                    self.inner.relayer.confirmations,
+                )
                 .await
             {
                 Ok(v) => v,
@@ -983,7 +1045,7 @@ impl Settlement {
             return false;
         }
         match self.client(&entry.backend).await {
-            Ok(Client::Rpc(rpc)) => rpc.has_pending().await.unwrap_or(true),
+            Ok(Client::Rpc(rpc)) => rpc.has_leftovers().await.unwrap_or(true),
             Ok(Client::Facilitator(_)) => false,
             Err(_) => true,
         }
@@ -1096,8 +1158,10 @@ impl Settlement {
         for (_, outcome) in &settled {
             let result = match outcome {
                 Outcome::Confirmed { tx, gas_used, .. } => {
-                    if gas_counted.insert(*tx) {
-                        i.metrics.settlement_gas.inc_by(*gas_used);
+                    if let Some(gas) = gas_used
+                        && gas_counted.insert(*tx)
+                    {
+                        i.metrics.settlement_gas.inc_by(*gas);
                     }
                     "settled"
                 }
@@ -1212,7 +1276,7 @@ impl Settlement {
             if let Some(why) = not_sent {
                 b.down_until = now + b.backoff_secs;
                 tracing::warn!(
-                    backend = url,
+                    backend = %relayer::redact_url(url),
                     retry_in_secs = b.backoff_secs,
                     error = why,
                     "nothing could be sent to the settlement backend; its payments stay queued"
@@ -1301,7 +1365,7 @@ fn change_of(seq: u64, outcome: &Outcome) -> Change {
             detail: Detail {
                 tx: Some(tx.to_string()),
                 block: Some(*block),
-                gas_used: Some(*gas_used),
+                gas_used: *gas_used,
                 ..Detail::default()
             },
         },

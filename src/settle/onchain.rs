@@ -17,6 +17,7 @@
 use alloy::primitives::{Address, B256, Bytes, U256};
 use alloy::providers::Provider;
 use alloy::rpc::types::TransactionRequest;
+use alloy::signers::local::PrivateKeySigner;
 use alloy::sol_types::SolCall;
 
 use super::evm::{self, MULTICALL3, Transfer3009};
@@ -38,8 +39,13 @@ pub fn node_url(backend: &str) -> Option<&str> {
 /// What became of one authorization.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
-    /// Moved on chain, buried under the configured confirmations.
-    Confirmed { tx: B256, block: u64, gas_used: u64 },
+    /// Moved on chain, buried under the configured confirmations; `gas_used` by the relayer's
+    /// transaction (none when someone else's transaction settled it).
+    Confirmed {
+        tx: B256,
+        block: u64,
+        gas_used: Option<u64>,
+    },
     /// Cannot succeed: the token's reason.
     Failed(String),
     /// Nothing happened on chain; it may be tried again.
@@ -51,24 +57,27 @@ pub enum Outcome {
 /// One node and the relayer that sends through it.
 pub struct Rpc {
     relayer: Relayer,
+    /// The same node, read for evidence.
+    evidence: super::evidence::Chain,
     chain_id: u64,
-    /// The secret the relayer key came from, to notice a policy that changed it.
-    pub key_source: SecretRef,
 }
 
 impl Rpc {
-    /// Connects to `url` (reads its chain id) with the relayer key from `key`.
-    pub async fn connect(url: &str, key: &SecretRef, settings: Settings) -> Result<Rpc, String> {
-        let signer = relayer::parse_key(&read_key(key)?)?;
+    /// Connects to `url` (reads its chain id) with the relayer's key.
+    pub async fn connect(
+        url: &str,
+        signer: PrivateKeySigner,
+        settings: Settings,
+    ) -> Result<Rpc, String> {
         let provider = relayer::provider(url)?;
         let chain_id = provider
             .get_chain_id()
             .await
             .map_err(|e| format!("the settlement node cannot be read: {}", relayer::short(&e)))?;
         Ok(Rpc {
+            evidence: super::evidence::Chain::with(provider.clone()),
             relayer: Relayer::new(provider, signer, chain_id, settings),
             chain_id,
-            key_source: key.clone(),
         })
     }
 
@@ -80,15 +89,15 @@ impl Rpc {
         self.relayer.address()
     }
 
-    /// Whether the relayer has transactions the node holds but has not mined; cancels those
-    /// a previous run left there once they have waited long enough
-    /// ([`Relayer::cancel_leftovers`]).
-    pub async fn has_pending(&self) -> Result<bool, String> {
-        let pending = self.relayer.has_pending().await?;
-        if pending {
-            self.relayer.cancel_leftovers().await?;
-        }
-        Ok(pending)
+    /// Whether the node holds a transaction of the relayer this process is not watching (sent
+    /// before a restart, or given up on): it may carry a payment whose outcome is unknown.
+    pub async fn has_leftovers(&self) -> Result<bool, String> {
+        self.relayer.has_leftovers().await
+    }
+
+    /// Cancels the leftovers that have waited long enough ([`Relayer::cancel_leftovers`]).
+    pub async fn tend(&self) -> Result<usize, String> {
+        self.relayer.cancel_leftovers().await
     }
 
     /// Settles `batch` in one transaction (see the module docs); one outcome per entry.
@@ -121,20 +130,30 @@ impl Rpc {
             let reason = evm::revert_reason(&result.returnData);
             let outcome = if reason.starts_with("authorization_not_yet_valid") {
                 Outcome::NotSent(reason)
+            } else if reason.starts_with("nonce_already_used") {
+                // Anyone holding the signed authorization may have settled it — to `pay_to`:
+                // only the chain's events tell paid from cancelled or spent elsewhere.
+                self.used_nonce(&transfer, reason).await
             } else {
                 Outcome::Failed(reason)
             };
             outcomes.push((transfer.seq, outcome));
         }
-        let (to, data) = match live.as_slice() {
+        let (to, data, strict) = match live.as_slice() {
             [] => return outcomes,
-            [one] => (one.token, one.calldata()),
-            many => (MULTICALL3, evm::aggregate(many)),
+            [one] => (one.token, one.calldata(), one.calldata()),
+            many => (
+                MULTICALL3,
+                evm::aggregate(many, true),
+                evm::aggregate(many, false),
+            ),
         };
+        // Estimated with every call required to succeed (they all did in the simulation): an
+        // estimate of calls allowed to fail would stop at the gas where they fail quietly.
         let estimate = self
             .relayer
             .provider()
-            .estimate_gas(self.request(to, data.clone()))
+            .estimate_gas(self.request(to, strict))
             .await;
         let gas_limit = match estimate {
             // A margin: state may move between the estimate and the block.
@@ -163,11 +182,13 @@ impl Rpc {
                         Outcome::Confirmed {
                             tx: mined.tx,
                             block: mined.block,
-                            gas_used: mined.gas_used,
+                            gas_used: Some(mined.gas_used),
                         }
                     } else {
-                        Outcome::Failed(format!(
-                            "reverted: the authorization failed inside transaction {} (block {})",
+                        // Something moved between the simulation and the block (another
+                        // settlement of it, the payer's balance): the chain decides.
+                        Outcome::Unknown(format!(
+                            "the authorization's call failed inside transaction {} (block {}); decided by evidence",
                             mined.tx, mined.block
                         ))
                     };
@@ -178,6 +199,36 @@ impl Rpc {
             Err(TxError::Unknown(why)) => outcomes.extend(every(&live, Outcome::Unknown(why))),
         }
         outcomes
+    }
+
+    /// The outcome of an authorization whose nonce the token already shows used.
+    async fn used_nonce(&self, t: &Transfer3009, reason: String) -> Outcome {
+        use super::evidence::{Subject, Verdict};
+        let subject = Subject {
+            payer: t.signed.from,
+            nonce: t.signed.nonce,
+            asset: t.token,
+            pay_to: t.signed.to,
+            amount: t.signed.value,
+        };
+        match self
+            .evidence
+            .examine(&subject, self.relayer.confirmations())
+            .await
+        {
+            Ok(Verdict::Settled { tx, block }) => match tx.parse() {
+                Ok(tx) => Outcome::Confirmed {
+                    tx,
+                    block,
+                    gas_used: None,
+                },
+                Err(_) => Outcome::Unknown(format!("{reason}; settled in {tx}")),
+            },
+            Ok(Verdict::UsedOtherwise { why }) => {
+                Outcome::Failed(format!("nonce_already_used: {why}"))
+            }
+            Ok(Verdict::Unused) | Ok(Verdict::Unclear { .. }) | Err(_) => Outcome::Unknown(reason),
+        }
     }
 
     fn request(&self, to: Address, data: Bytes) -> TransactionRequest {
@@ -192,7 +243,7 @@ impl Rpc {
         let answer = self
             .relayer
             .provider()
-            .call(self.request(MULTICALL3, evm::aggregate(batch)))
+            .call(self.request(MULTICALL3, evm::aggregate(batch, true)))
             .block(alloy::eips::BlockId::latest())
             .await
             .map_err(|e| format!("simulating the settlement: {}", relayer::short(&e)))?;
@@ -270,7 +321,8 @@ async fn check_node(
         max_fee_per_gas: u128::MAX,
         replace_after: std::time::Duration::from_secs(60),
     };
-    let rpc = Rpc::connect(url, key, settings).await?;
+    let signer = relayer::parse_key(&read_key(key)?)?;
+    let rpc = Rpc::connect(url, signer, settings).await?;
     let provider = rpc.relayer.provider();
     for (network, chain_id, asset) in assets {
         if *chain_id != rpc.chain_id {

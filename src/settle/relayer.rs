@@ -119,10 +119,31 @@ pub fn provider(url: &str) -> Result<RootProvider, String> {
         .map_err(|e| format!("cannot build the RPC client: {e}"))?;
     let url = url
         .parse()
-        .map_err(|e| format!("invalid RPC URL {url:?}: {e}"))?;
+        .map_err(|e| format!("invalid RPC URL {}: {e}", redact_url(url)))?;
     Ok(RootProvider::new(
         RpcClient::builder().http_with_client(client, url),
     ))
+}
+
+/// A node's URL fit for a log line or an error: scheme, host and port; a path or query (where
+/// hosted nodes put their API key) shows as `/…`.
+pub fn redact_url(url: &str) -> String {
+    let (scheme, rest) = url.split_once("://").unwrap_or(("", url));
+    let cut = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(cut);
+    let authority = authority
+        .rsplit_once('@')
+        .map_or(authority, |(_, host)| host);
+    let tail = if tail.is_empty() || tail == "/" {
+        ""
+    } else {
+        "/…"
+    };
+    if scheme.is_empty() {
+        format!("{authority}{tail}")
+    } else {
+        format!("{scheme}://{authority}{tail}")
+    }
 }
 
 /// A private key from its text (0x + 64 hex digits, surrounding whitespace ignored). The
@@ -155,26 +176,40 @@ impl Relayer {
         self.signer.address()
     }
 
+    pub fn confirmations(&self) -> u64 {
+        self.settings.confirmations
+    }
+
     pub fn provider(&self) -> &RootProvider {
         &self.provider
     }
 
-    /// Whether the node holds transactions of the relayer it has not mined yet.
-    pub async fn has_pending(&self) -> Result<bool, String> {
+    /// The relayer's nonces the node holds unmined transactions for that this process is not
+    /// watching: sent before a restart, or given up on. One of them may carry a payment whose
+    /// outcome is unknown.
+    async fn leftover_nonces(&self) -> Result<std::ops::Range<u64>, String> {
         let address = self.address();
-        let pending = self
-            .provider
-            .get_transaction_count(address)
-            .pending()
-            .await
-            .map_err(|e| short(&e))?;
         let mined = self
             .provider
             .get_transaction_count(address)
             .latest()
             .await
             .map_err(|e| short(&e))?;
-        Ok(pending > mined)
+        let pending = self
+            .provider
+            .get_transaction_count(address)
+            .pending()
+            .await
+            .map_err(|e| short(&e))?;
+        Ok(mined..pending.max(mined))
+    }
+
+    /// Whether any transaction in the node's pool may carry a payment whose outcome is unknown
+    /// (one this process is not watching).
+    pub async fn has_leftovers(&self) -> Result<bool, String> {
+        let range = self.leftover_nonces().await?;
+        let watching = self.watching.lock().unwrap_or_else(|p| p.into_inner());
+        Ok(range.into_iter().any(|n| !watching.contains(&n)))
     }
 
     /// Cancels the transactions a previous run of tollgate left in the node's pool, once they
@@ -183,24 +218,12 @@ impl Relayer {
     /// payments it carried are `unresolved` since the restart; once their nonces show unused,
     /// evidence submits them again. Returns how many were cancelled.
     pub async fn cancel_leftovers(&self) -> Result<usize, String> {
-        let address = self.address();
-        let mined = self
-            .provider
-            .get_transaction_count(address)
-            .latest()
-            .await
-            .map_err(|e| short(&e))?;
-        let pending = self
-            .provider
-            .get_transaction_count(address)
-            .pending()
-            .await
-            .map_err(|e| short(&e))?;
+        let range = self.leftover_nonces().await?;
         let due: Vec<u64> = {
             let watching = self.watching.lock().unwrap_or_else(|p| p.into_inner());
             let mut leftovers = self.leftovers.lock().unwrap_or_else(|p| p.into_inner());
-            leftovers.retain(|n, _| *n >= mined && *n < pending);
-            for n in mined..pending {
+            leftovers.retain(|n, _| range.contains(n) && !watching.contains(n));
+            for n in range.clone() {
                 if !watching.contains(&n) {
                     leftovers.entry(n).or_insert_with(Instant::now);
                 }
@@ -211,17 +234,11 @@ impl Relayer {
                 .map(|(n, _)| *n)
                 .collect()
         };
-        let cap = self.settings.max_fee_per_gas;
         let mut cancelled = 0;
         for nonce in due {
-            let fees = Fees {
-                max_fee: cap,
-                tip: cap,
-            };
-            let (hash, raw) = self.sign(nonce, address, &Bytes::new(), 21_000, fees)?;
-            match self.provider.send_raw_transaction(&raw).await {
-                Ok(_) => {
-                    tracing::warn!(%hash, nonce, "a transaction left in the pool before a restart blocked the relayer; cancelled it at the fee cap (its payments are settled again once the chain shows them unused)");
+            match self.cancel(nonce).await {
+                Ok(hash) => {
+                    tracing::warn!(%hash, nonce, "a transaction this process is not watching (sent before a restart, or given up on) blocked the relayer; cancelled it at the fee cap (its payments are settled again once the chain shows them unused)");
                     cancelled += 1;
                     // Watched again only if it is still there after another period.
                     self.leftovers
@@ -230,11 +247,28 @@ impl Relayer {
                         .insert(nonce, Instant::now());
                 }
                 Err(e) => {
-                    tracing::warn!(nonce, error = %short(&e), "cancelling a transaction left from before a restart failed; trying again later");
+                    tracing::warn!(nonce, error = %e, "cancelling a transaction left in the pool failed; trying again later");
                 }
             }
         }
         Ok(cancelled)
+    }
+
+    /// Replaces whatever the pool holds at `nonce` by an empty transfer to the relayer itself
+    /// at the fee cap.
+    async fn cancel(&self, nonce: u64) -> Result<B256, String> {
+        let cap = self.settings.max_fee_per_gas;
+        let fees = Fees {
+            max_fee: cap,
+            tip: cap,
+        };
+        let (hash, raw) = self.sign(nonce, self.address(), &Bytes::new(), 21_000, fees)?;
+        let _pending = self
+            .provider
+            .send_raw_transaction(&raw)
+            .await
+            .map_err(|e| short(&e))?;
+        Ok(hash)
     }
 
     /// Sends a call to `to` and waits until it is mined under enough blocks.
@@ -246,21 +280,31 @@ impl Relayer {
             nonce,
         };
         let mut sent = vec![first];
-        let started = Instant::now();
+        // Since the last time the transaction was seen unmined: waiting for depth is not
+        // being stuck.
+        let mut unmined_since = Instant::now();
         let mut last_send = Instant::now();
         // The receipt seen last, to notice a reorganisation.
         let mut seen: Option<(B256, u64)> = None;
         loop {
             tokio::time::sleep(POLL).await;
-            if started.elapsed() > GIVE_UP_AFTER {
+            if unmined_since.elapsed() > GIVE_UP_AFTER {
+                // Cancel it, so a payment whose buyer is told "unknown" is not settled much
+                // later by a transaction nobody watches; evidence decides what it carried.
+                let cancelled = self.cancel(nonce).await;
                 return Err(TxError::Unknown(format!(
-                    "transaction {} not mined after {} s",
+                    "transaction {} not mined after {} s ({})",
                     sent.last().map(|(h, _)| *h).unwrap_or_default(),
-                    GIVE_UP_AFTER.as_secs()
+                    GIVE_UP_AFTER.as_secs(),
+                    match cancelled {
+                        Ok(hash) => format!("cancelled by {hash}"),
+                        Err(e) => format!("cancelling it failed: {e}"),
+                    }
                 )));
             }
             match self.mined(&sent).await {
                 Ok(Some(mined)) => {
+                    unmined_since = Instant::now();
                     let latest = match self.provider.get_block_number().await {
                         Ok(n) => n,
                         Err(_) => continue,
@@ -396,52 +440,79 @@ impl Relayer {
     ) -> Result<(u64, (B256, Bytes)), TxError> {
         let mut next = self.next_nonce.lock().await;
         for attempt in 0..2 {
-            let nonce = match *next {
-                Some(n) => n,
-                None => self
-                    .provider
-                    .get_transaction_count(self.address())
-                    .pending()
-                    .await
-                    .map_err(|e| {
-                        TxError::NotSent(format!("reading the relayer's nonce: {}", short(&e)))
-                    })?,
+            let pending = self
+                .provider
+                .get_transaction_count(self.address())
+                .pending()
+                .await
+                .map_err(|e| {
+                    TxError::NotSent(format!("reading the relayer's nonce: {}", short(&e)))
+                })?;
+            let nonce = {
+                let mut watching = self.watching.lock().unwrap_or_else(|p| p.into_inner());
+                let nonce = match *next {
+                    // A nonce below ours that the node does not hold and nobody watches (the
+                    // node forgot it, or it was given up on): every later transaction would wait
+                    // behind it, so fill it first.
+                    Some(n) if pending < n => {
+                        (pending..n).find(|k| !watching.contains(k)).unwrap_or(n)
+                    }
+                    Some(n) => n.max(pending),
+                    None => pending,
+                };
+                // Watched from before it is sent: never taken for a leftover.
+                watching.insert(nonce);
+                nonce
             };
-            let (hash, raw) = self
-                .sign(nonce, to, data, gas_limit, fees)
-                .map_err(TxError::NotSent)?;
-            match self.provider.send_raw_transaction(&raw).await {
-                Ok(_) => {
-                    *next = Some(nonce + 1);
-                    self.watching
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .insert(nonce);
+            let unwatch = || {
+                self.watching
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&nonce);
+            };
+            let (hash, raw) = match self.sign(nonce, to, data, gas_limit, fees) {
+                Ok(signed) => signed,
+                Err(e) => {
+                    unwatch();
+                    return Err(TxError::NotSent(e));
+                }
+            };
+            let sent = match self.provider.send_raw_transaction(&raw).await {
+                Ok(_) => Ok(()),
+                Err(e) => Err(Sent::of(&e)),
+            };
+            match sent {
+                // "already known": the node has it.
+                Ok(()) | Err(Sent::AlreadyKnown) => {
+                    *next = Some(next.map_or(nonce + 1, |n| n.max(nonce + 1)));
                     tracing::debug!(%hash, nonce, "settlement transaction sent");
                     return Ok((nonce, (hash, raw)));
                 }
-                Err(e) => match Sent::of(&e) {
-                    Sent::Refused(why) => {
-                        *next = None; // whatever the node holds, read it again
-                        if attempt == 0 && why.to_ascii_lowercase().contains("nonce") {
-                            continue; // a stale nonce: once more with the node's
-                        }
-                        return Err(TxError::NotSent(format!(
-                            "the node refused the transaction: {why}"
-                        )));
+                Err(Sent::Refused(why)) => {
+                    unwatch();
+                    *next = None; // whatever the node holds, read it again
+                    if attempt == 0 && why.to_ascii_lowercase().contains("nonce") {
+                        continue; // a stale nonce: once more with the node's
                     }
-                    Sent::Unreachable(why) => {
-                        return Err(TxError::NotSent(format!(
-                            "the node cannot be reached: {why}"
-                        )));
-                    }
-                    Sent::Unknown(why) => {
-                        *next = None;
-                        return Err(TxError::Unknown(format!(
-                            "sending transaction {hash} (nonce {nonce}): {why}"
-                        )));
-                    }
-                },
+                    return Err(TxError::NotSent(format!(
+                        "the node refused the transaction: {why}"
+                    )));
+                }
+                Err(Sent::Unreachable(why)) => {
+                    unwatch();
+                    return Err(TxError::NotSent(format!(
+                        "the node cannot be reached: {why}"
+                    )));
+                }
+                Err(Sent::Unknown(why)) => {
+                    // It may be in the pool: unwatched, it is cancelled as a leftover after
+                    // `replace_after`; evidence decides what it carried.
+                    unwatch();
+                    *next = None;
+                    return Err(TxError::Unknown(format!(
+                        "sending transaction {hash} (nonce {nonce}): {why}"
+                    )));
+                }
             }
         }
         Err(TxError::NotSent(
@@ -473,6 +544,16 @@ impl Relayer {
             tip: bumped.tip.min(bumped.max_fee),
             ..bumped
         };
+        // Under a 10% raise (the cap is near) no node takes it: as good as at the cap.
+        if bumped.max_fee
+            < fees
+                .max_fee
+                .saturating_add(fees.max_fee / 10)
+                .saturating_add(1)
+        {
+            fees.max_fee = cap;
+            return Ok(None);
+        }
         let (hash, raw) = self.sign(nonce, to, data, gas_limit, bumped)?;
         match self.provider.send_raw_transaction(&raw).await {
             Ok(_) => {
@@ -495,9 +576,31 @@ impl Relayer {
     }
 }
 
+/// Errors of `eth_sendRawTransaction` (geth, reth, anvil, hosted nodes) that prove the
+/// transaction was refused, not taken: nothing of it can reach the chain.
+const DEFINITE_REFUSALS: &[&str] = &[
+    "nonce too low",
+    "nonce too high",
+    "underpriced",
+    "insufficient funds",
+    "intrinsic gas",
+    "less than block base fee",
+    "fee cap",
+    "exceeds block gas limit",
+    "gas limit reached",
+    "invalid sender",
+    "invalid signature",
+    "invalid chain",
+    "chain id",
+    "tip higher than",
+    "priority fee per gas higher",
+];
+
 /// What a failed `eth_sendRawTransaction` means.
 enum Sent {
-    /// The node answered with an error: the transaction is not in its pool.
+    /// The node holds it already.
+    AlreadyKnown,
+    /// The node refused it for a reason that proves it is not in its pool.
     Refused(String),
     /// No connection: nothing was sent.
     Unreachable(String),
@@ -508,7 +611,21 @@ enum Sent {
 impl Sent {
     fn of(e: &TransportError) -> Sent {
         match e {
-            RpcError::ErrorResp(payload) => Sent::Refused(payload.message.to_string()),
+            RpcError::ErrorResp(payload) => {
+                let message = payload.message.to_string();
+                let m = message.to_ascii_lowercase();
+                if ["already known", "known transaction", "already imported"]
+                    .iter()
+                    .any(|k| m.contains(k))
+                {
+                    Sent::AlreadyKnown
+                } else if DEFINITE_REFUSALS.iter().any(|k| m.contains(k)) {
+                    Sent::Refused(message)
+                } else {
+                    // "internal error", "timeout"…: a hosted node may have forwarded it.
+                    Sent::Unknown(message)
+                }
+            }
             RpcError::Transport(TransportErrorKind::Custom(inner))
                 if inner
                     .downcast_ref::<reqwest::Error>()
@@ -540,5 +657,43 @@ fn without_url(text: &str) -> String {
             format!("{}{after}", text.get(..start).unwrap_or_default())
         }
         None => text.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_are_shown_without_what_may_be_a_key() {
+        assert_eq!(redact_url("http://127.0.0.1:8545"), "http://127.0.0.1:8545");
+        assert_eq!(
+            redact_url("http://127.0.0.1:8545/"),
+            "http://127.0.0.1:8545"
+        );
+        assert_eq!(
+            redact_url("https://base-mainnet.g.alchemy.com/v2/SECRETKEY"),
+            "https://base-mainnet.g.alchemy.com/…"
+        );
+        assert_eq!(
+            redact_url("https://user:pass@node.example?key=SECRET"),
+            "https://node.example/…"
+        );
+    }
+
+    #[test]
+    fn only_definite_refusals_mean_nothing_was_sent() {
+        let refused = |m: &str| {
+            DEFINITE_REFUSALS
+                .iter()
+                .any(|k| m.to_ascii_lowercase().contains(k))
+        };
+        assert!(refused("nonce too low"));
+        assert!(refused("replacement transaction underpriced"));
+        assert!(refused("insufficient funds for gas * price + value"));
+        assert!(refused("max fee per gas less than block base fee"));
+        assert!(!refused("internal error"));
+        assert!(!refused("request timed out"));
+        assert!(!refused("already known"));
     }
 }

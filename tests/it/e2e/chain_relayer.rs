@@ -283,9 +283,12 @@ async fn bundles_of_1_10_and_100_settle_in_one_transaction_each() {
     assert_eq!(status, 200, "{report}");
 }
 
-/// A bundle mixing a good authorization, one whose payer has no funds and one whose nonce
-/// was already used: the simulation drops the two bad ones with the token's reasons, the good
-/// one settles alone — one transaction, straight to the token.
+/// A bundle mixing a good authorization, one whose payer has no funds, one whose nonce the
+/// payer used for another transfer first, and one that someone else already settled to
+/// `pay_to`: the simulation takes the three out before they cost gas; the chain's events tell
+/// the settled one (`confirmed`, naming the other transaction: the money arrived) from the one
+/// spent elsewhere (`failed`, with the reason); the good one settles alone, straight to the
+/// token, in the only transaction the relayer sends.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bundle_with_bad_authorizations_confirms_the_good_one_and_names_the_failures() {
     let rich = Wallet::new(72);
@@ -295,36 +298,93 @@ async fn a_bundle_with_bad_authorizations_confirms_the_good_one_and_names_the_fa
         "relayer-mixed",
         chain,
         None,
-        "deferred every 60s or 3 payments",
+        "deferred every 60s or 4 payments",
         "",
     )
     .await;
+    let facilitator_settle = |payload: Value, requirements: Value| {
+        let url = format!("{}/settle", s.chain.facilitator_url());
+        async move {
+            let answer: Value = harness::client()
+                .post(url)
+                .json(&json!({
+                    "x402Version": 2,
+                    "paymentPayload": payload,
+                    "paymentRequirements": requirements,
+                }))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            assert_eq!(answer["success"], true, "{answer}");
+            answer["transaction"].as_str().unwrap().to_string()
+        }
+    };
     assert_eq!(pay(&s.sidecar, &rich, "/paid/good").await.status(), 200);
     assert_eq!(pay(&s.sidecar, &broke, "/paid/broke").await.status(), 200);
-    // The payer spends this authorization elsewhere (the official facilitator) first.
-    let (header, payload) = sign(&s.sidecar, &rich, "/paid/spent").await;
-    let direct: Value = harness::client()
-        .post(format!("{}/settle", s.chain.facilitator_url()))
-        .json(&json!({
-            "x402Version": 2,
-            "paymentPayload": payload,
-            "paymentRequirements": payload["accepted"],
-        }))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
+    // Someone holding this payment settles it first (through the official facilitator).
+    let (header, payload) = sign(&s.sidecar, &rich, "/paid/settled").await;
+    let settled_elsewhere = facilitator_settle(payload.clone(), payload["accepted"].clone()).await;
+    assert_eq!(
+        send(&s.sidecar, "/paid/settled", &header).await.status(),
+        200
+    );
+    // The payer uses this payment's nonce for a transfer to someone else first.
+    let (_, required) = {
+        let response = harness::client()
+            .get(s.sidecar.url("/paid/spent"))
+            .send()
+            .await
+            .unwrap();
+        let required = harness::decode(response.headers()["payment-required"].to_str().unwrap());
+        (response, required)
+    };
+    let offer = &required["accepts"][0];
+    let nonce = alloy::primitives::B256::repeat_byte(0x5e);
+    let other: Address = "0x000000000000000000000000000000000000dEaD"
+        .parse()
         .unwrap();
-    assert_eq!(direct["success"], true, "{direct}");
+    let elsewhere = harness::decode(&rich.pay_v2(
+        offer,
+        &Tweak {
+            to: Some(other),
+            nonce: Some(nonce),
+            ..Tweak::default()
+        },
+    ));
+    let mut requirements = offer.clone();
+    requirements["payTo"] = json!(other.to_string());
+    facilitator_settle(elsewhere, requirements).await;
+    let header = rich.pay_v2(
+        offer,
+        &Tweak {
+            nonce: Some(nonce),
+            ..Tweak::default()
+        },
+    );
     assert_eq!(send(&s.sidecar, "/paid/spent", &header).await.status(), 200);
     settled(&s.sidecar, Duration::from_secs(60)).await;
 
-    let confirmed = entries(&s.sidecar, "confirmed").await;
-    assert_eq!(confirmed.len(), 1, "{}", s.sidecar.log());
-    assert_eq!(confirmed[0]["path"], "/paid/good");
-    let failed = entries(&s.sidecar, "failed").await;
-    let reasons: BTreeMap<String, String> = failed
+    let confirmed: BTreeMap<String, String> = entries(&s.sidecar, "confirmed")
+        .await
+        .iter()
+        .map(|e| {
+            (
+                e["path"].as_str().unwrap().to_string(),
+                e["status"]["tx"].as_str().unwrap().to_lowercase(),
+            )
+        })
+        .collect();
+    assert_eq!(confirmed.len(), 2, "{confirmed:?}\n{}", s.sidecar.log());
+    assert_eq!(
+        confirmed["/paid/settled"],
+        settled_elsewhere.to_lowercase(),
+        "settled by someone else: confirmed with their transaction"
+    );
+    let failed: BTreeMap<String, String> = entries(&s.sidecar, "failed")
+        .await
         .iter()
         .map(|e| {
             (
@@ -333,18 +393,19 @@ async fn a_bundle_with_bad_authorizations_confirms_the_good_one_and_names_the_fa
             )
         })
         .collect();
+    assert_eq!(failed.len(), 2, "{failed:?}");
     assert!(
-        reasons["/paid/broke"].starts_with("insufficient_balance"),
-        "{reasons:?}"
+        failed["/paid/broke"].starts_with("insufficient_balance"),
+        "{failed:?}"
     );
     assert!(
-        reasons["/paid/spent"].starts_with("nonce_already_used"),
-        "{reasons:?}"
+        failed["/paid/spent"].starts_with("nonce_already_used")
+            && failed["/paid/spent"].contains("without a transfer"),
+        "{failed:?}"
     );
     // The failures cost no gas: one transaction, the good transfer, sent to the token itself.
     assert_eq!(s.chain.relayer_nonce().await, 1);
-    let tx = confirmed[0]["status"]["tx"].as_str().unwrap();
-    let r = receipt(&s.chain, tx).await;
+    let r = receipt(&s.chain, &confirmed["/paid/good"]).await;
     assert_eq!(
         r["to"].as_str().unwrap().to_lowercase(),
         s.chain.token().to_string().to_lowercase()
@@ -352,7 +413,7 @@ async fn a_bundle_with_bad_authorizations_confirms_the_good_one_and_names_the_fa
     assert_eq!(
         s.chain.balance_of(pay_to()).await,
         2 * PRICE,
-        "good + spent"
+        "good + settled"
     );
     assert_eq!(
         metric(
