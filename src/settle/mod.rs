@@ -308,12 +308,14 @@ impl Settlement {
     /// Who settles the payments of backend `name`, made once: a facilitator client, or for
     /// `rpc:URL` a relayer on that node with the key the policy in force names.
     async fn client(&self, name: &str) -> Result<Client, SettleError> {
-        let Some(url) = onchain::node_url(name) else {
+        let Some(shown) = onchain::node_url(name) else {
             return self.facilitator(name).map(Client::Facilitator);
         };
-        let shown = relayer::redact_url(url);
-        let key = match &self.inner.live.current().policy.settlement.backend {
-            crate::policy::Backend::Rpc { url: u, relayer } if u == url => relayer.clone(),
+        // The ledger names the node without what may be an API key; the policy has its URL.
+        let (url, key) = match &self.inner.live.current().policy.settlement.backend {
+            crate::policy::Backend::Rpc { url, relayer } if onchain::backend_name(url) == name => {
+                (url.clone(), relayer.clone())
+            }
             _ => {
                 return Err(SettleError::NotSent(format!(
                     "the policy in force does not settle through {shown}; these payments wait for one that does"
@@ -357,7 +359,7 @@ impl Settlement {
         };
         let rpc = match same_account {
             Some(rpc) => rpc,
-            None => match Rpc::connect(url, signer, self.inner.relayer).await {
+            None => match Rpc::connect(&url, signer, self.inner.relayer).await {
                 Ok(rpc) => {
                     tracing::info!(node = %shown, chain_id = rpc.chain_id(), relayer = %rpc.relayer(), "settling on chain through the relayer");
                     Arc::new(rpc)
@@ -990,10 +992,15 @@ impl Settlement {
     /// The node that can tell what became of `entry`: its own (`settle via rpc`), else
     /// `settlement.rpc`; only when that node is on the entry's chain.
     async fn evidence_for(&self, entry: &Entry) -> Option<evidence::Chain> {
-        let url = match onchain::node_url(&entry.backend) {
-            Some(url) => url.to_string(),
-            None => self.inner.evidence_url.clone()?,
-        };
+        if onchain::node_url(&entry.backend).is_some() {
+            return match self.client(&entry.backend).await {
+                Ok(Client::Rpc(rpc)) => {
+                    (rpc.chain_id() == entry.chain_id).then(|| rpc.evidence().clone())
+                }
+                _ => None,
+            };
+        }
+        let url = self.inner.evidence_url.clone()?;
         let known = {
             let mut chains = self
                 .inner

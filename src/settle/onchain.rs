@@ -26,12 +26,14 @@ use crate::config::SecretRef;
 use crate::policy::{Backend, Policy};
 use crate::x402::Terms;
 
-/// How the ledger names the backend of a payment settled through the node at `url`.
+/// How the ledger names the backend of a payment settled through the node at `url`: `rpc:`
+/// and the URL without its path or query, where hosted nodes put their API key
+/// ([`relayer::redact_url`]); the policy holds the whole URL.
 pub fn backend_name(url: &str) -> String {
-    format!("rpc:{url}")
+    format!("rpc:{}", relayer::redact_url(url))
 }
 
-/// The node's URL of a backend named by [`backend_name`].
+/// The node of a backend named by [`backend_name`], as shown.
 pub fn node_url(backend: &str) -> Option<&str> {
     backend.strip_prefix("rpc:")
 }
@@ -83,6 +85,11 @@ impl Rpc {
 
     pub fn chain_id(&self) -> u64 {
         self.chain_id
+    }
+
+    /// The node, read for evidence.
+    pub fn evidence(&self) -> &super::evidence::Chain {
+        &self.evidence
     }
 
     pub fn relayer(&self) -> Address {
@@ -388,4 +395,24 @@ async fn check_node(
         relayer: rpc.relayer(),
         gas_balance,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_ledger_names_a_node_without_its_api_key() {
+        let name = backend_name("https://base-mainnet.g.alchemy.com/v2/SECRETKEY");
+        assert_eq!(name, "rpc:https://base-mainnet.g.alchemy.com/…");
+        assert_eq!(
+            node_url(&name),
+            Some("https://base-mainnet.g.alchemy.com/…")
+        );
+        assert_eq!(
+            backend_name("http://127.0.0.1:8545"),
+            "rpc:http://127.0.0.1:8545"
+        );
+        assert_eq!(node_url("https://x402.org/facilitator"), None);
+    }
 }
