@@ -9,7 +9,6 @@
 //! - [`Wallet`]: a buyer that signs real EIP-3009 authorizations with a throwaway key.
 
 use std::collections::HashSet;
-use std::convert::Infallible;
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -120,7 +119,14 @@ async fn serve(handler: Handler) -> SocketAddr {
                         if let Some(ms) = segment_after(&path, "slow") {
                             tokio::time::sleep(Duration::from_millis(ms)).await;
                         }
-                        Ok::<_, Infallible>(handler(Request::from_parts(parts, body)))
+                        let response = handler(Request::from_parts(parts, body));
+                        // What the handler did is done; how its answer leaves is up to it.
+                        match response.extensions().get::<Misbehave>().copied() {
+                            None => {}
+                            Some(Misbehave::Stall(wait)) => tokio::time::sleep(wait).await,
+                            Some(Misbehave::HangUp) => return Err(HungUp),
+                        }
+                        Ok::<_, HungUp>(response)
                     }
                 });
                 let _ = hyper::server::conn::http1::Builder::new()
@@ -131,6 +137,27 @@ async fn serve(handler: Handler) -> SocketAddr {
     });
     addr
 }
+
+/// How a handler's answer leaves (a response extension [`serve`] reads).
+#[derive(Debug, Clone, Copy)]
+enum Misbehave {
+    /// Sent only after this long.
+    Stall(Duration),
+    /// Never sent: the connection is closed instead.
+    HangUp,
+}
+
+/// The service error that makes hyper close the connection without an answer.
+#[derive(Debug)]
+struct HungUp;
+
+impl std::fmt::Display for HungUp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("hung up on purpose")
+    }
+}
+
+impl std::error::Error for HungUp {}
 
 fn segment_after(path: &str, name: &str) -> Option<u64> {
     let mut parts = path.split('/');
@@ -214,7 +241,17 @@ pub enum FacilitatorMode {
     Pending,
     /// Answers 200 with a body that is not a settlement result.
     Garbage,
+    /// Settles (the transfer happens and is recorded), then closes the connection without
+    /// an answer.
+    SettleThenHangUp,
+    /// Settles, then answers only after [`STALL`]: longer than tollgate waits for `/settle`
+    /// (x402-foundation/x402#1062, "wallet debited, no data").
+    SettleThenStall,
 }
+
+/// How long [`FacilitatorMode::SettleThenStall`] holds its answer: past tollgate's
+/// `SETTLE_TIMEOUT` (20 s).
+pub const STALL: Duration = Duration::from_secs(25);
 
 #[derive(Debug, Clone)]
 pub struct Settled {
@@ -286,8 +323,15 @@ impl Facilitator {
                         FacilitatorMode::Refuse => {
                             return json_response(200, &json!({"success": false, "errorReason": "insufficient_funds", "transaction": "", "network": network}));
                         }
-                        FacilitatorMode::Honest => {}
+                        FacilitatorMode::Honest
+                        | FacilitatorMode::SettleThenHangUp
+                        | FacilitatorMode::SettleThenStall => {}
                     }
+                    let misbehave = match *current.lock().unwrap() {
+                        FacilitatorMode::SettleThenHangUp => Some(Misbehave::HangUp),
+                        FacilitatorMode::SettleThenStall => Some(Misbehave::Stall(STALL)),
+                        _ => None,
+                    };
                     match checked {
                         Ok(s) => {
                             if !used.lock().unwrap().insert((s.payer, s.nonce)) {
@@ -296,7 +340,11 @@ impl Facilitator {
                             let tx = keccak256(s.nonce);
                             let payer = s.payer.to_checksum(None);
                             log.lock().unwrap().push(s);
-                            json_response(200, &json!({"success": true, "transaction": tx.to_string(), "network": network, "payer": payer}))
+                            let mut response = json_response(200, &json!({"success": true, "transaction": tx.to_string(), "network": network, "payer": payer}));
+                            if let Some(misbehave) = misbehave {
+                                response.extensions_mut().insert(misbehave);
+                            }
+                            response
                         }
                         Err(reason) => json_response(200, &json!({"success": false, "errorReason": reason, "transaction": "", "network": network})),
                     }
@@ -376,6 +424,13 @@ fn check_settlement(body: &Value) -> Result<Settled, &'static str> {
             .and_then(|s| s.parse::<B256>().ok())
             .ok_or("invalid_payload")?,
     };
+    // The token's own rule, on the facilitator's clock (which is not tollgate's).
+    if message.validAfter >= U256::from(now()) {
+        return Err("invalid_exact_evm_payload_authorization_valid_after");
+    }
+    if message.validBefore <= U256::from(now()) {
+        return Err("invalid_exact_evm_payload_authorization_valid_before");
+    }
     if message.to != addr(&req["payTo"])? {
         return Err("invalid_exact_evm_payload_recipient_mismatch");
     }

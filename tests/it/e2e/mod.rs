@@ -6,6 +6,8 @@ mod chain_relayer;
 mod chain_relayer_faults;
 mod chain_settlement;
 mod deferred;
+mod faults;
+mod faults_signals;
 mod harness;
 mod interop;
 mod ledger;
