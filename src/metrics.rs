@@ -108,6 +108,9 @@ pub struct Metrics {
     pub policy_info: Gauges<2>,
     /// `tollgate_store_size_bytes`, refreshed at each scrape.
     pub store_bytes: IntGauge,
+    /// `tollgate_store_up`: 1 while the store writes, 0 from its first failed write until
+    /// tollgate restarts in place to reopen it (`store::health`).
+    pub store_up: IntGauge,
     /// `tollgate_connections_open{listener}`: client connections open (`proxy`, `ops`,
     /// `admin`).
     pub connections_open: Gauges<1>,
@@ -244,6 +247,10 @@ impl Metrics {
             store_bytes: gauge(
                 "tollgate_store_size_bytes",
                 "Size of the embedded store on disk.",
+            )?,
+            store_up: gauge(
+                "tollgate_store_up",
+                "1 while the store writes; 0 after a write failed (disk full, read-only): paid and prepaid requests are refused until tollgate restarts in place.",
             )?,
             connections_open: Gauges::new(
                 &registry,

@@ -9,7 +9,11 @@
 //! - the admin API ([`admin::service`]) on `admin.listen`, behind its bearer token;
 //! - the settlement worker ([`crate::settle`]): deferred bundles, after the ledger was put
 //!   right ([`Settlement::recover`]) before any port opened;
-//! - a background task that forgets expired nonces and idempotency keys.
+//! - a background task that forgets expired nonces and idempotency keys;
+//! - the store watch: after a write failed (disk full, read-only), `/readyz` says so and
+//!   `tollgate_store_up` is 0 while free routes go on; once the store's directory takes a
+//!   write again, tollgate restarts in place ([`Stopped::Restart`]) to reopen and recover it
+//!   ([`crate::store::health`]).
 //!
 //! Shutdown: SIGTERM stops accepting, lets in-flight requests finish ([`GRACE_PERIOD_SECS`]),
 //! then flushes the store; SIGINT is a fast shutdown (the store is still flushed).
@@ -38,6 +42,21 @@ use crate::reload::{Live, Watcher};
 use crate::settle::Settlement;
 use crate::store::Store;
 
+/// How a server that ran ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stopped {
+    /// A signal stopped it.
+    Signal,
+    /// The store failed and can write again: the caller starts the process anew in place
+    /// (same PID, same arguments), which reopens the store and recovers the ledger as after
+    /// any stop.
+    Restart,
+}
+
+/// How often the store watch looks at the store's health, and probes a failed store's
+/// directory.
+const STORE_WATCH_EVERY: Duration = Duration::from_secs(1);
+
 /// Seconds in-flight requests get to finish after SIGTERM, before runtimes stop. Keep below
 /// Kubernetes' `terminationGracePeriodSeconds` (30 s by default).
 pub const GRACE_PERIOD_SECS: u64 = 5;
@@ -51,7 +70,7 @@ const ADMIN_MAX_CONNECTIONS: usize = 64;
 const NONCE_GC_EVERY: Duration = Duration::from_secs(600);
 
 /// Runs the sidecar until it is told to stop. `Err` carries what to tell the operator.
-pub fn run(config: &Config) -> Result<(), String> {
+pub fn run(config: &Config) -> Result<Stopped, String> {
     crate::logging::init(config);
     let metrics = Arc::new(Metrics::new().map_err(|e| format!("cannot set up the metrics: {e}"))?);
     // An invalid policy's diagnostics quote it; stderr is the log: a pasted key stays out.
@@ -64,6 +83,8 @@ pub fn run(config: &Config) -> Result<(), String> {
     let store = Store::open(&config.store)
         .map_err(|e| format!("cannot open the store at {}: {e}", config.store.display()))?;
     let token = admin::token::load_or_generate(config)?;
+    metrics.store_up.set(1);
+    let restart = Arc::new(Restart::default());
 
     let conf = ServerConf {
         threads: std::thread::available_parallelism().map_or(2, |n| n.get()),
@@ -174,11 +195,21 @@ pub fn run(config: &Config) -> Result<(), String> {
         },
     );
     gc.threads = Some(1);
+    let mut store_watch = background_service(
+        "store watch",
+        StoreWatch {
+            store: store.clone(),
+            metrics: metrics.clone(),
+            restart: restart.clone(),
+        },
+    );
+    store_watch.threads = Some(1);
 
     server.add_service(proxy);
     server.add_service(ops);
     server.add_service(admin);
     server.add_service(gc);
+    server.add_service(store_watch);
     let mut settler = background_service("settlement", SettlementService(settlement));
     settler.threads = Some(1);
     server.add_service(settler);
@@ -186,12 +217,24 @@ pub fn run(config: &Config) -> Result<(), String> {
     watcher.threads = Some(1);
     server.add_service(watcher);
     server.run(RunArgs {
-        shutdown_signal: Box::new(Signals { ready }),
+        shutdown_signal: Box::new(Signals {
+            ready,
+            restart: restart.clone(),
+        }),
     });
+    if restart.requested.load(Ordering::Acquire) {
+        // What the failed store holds on disk is what it held; the new process recovers it.
+        // Not dropped: a failed sled store cannot flush, and would only log that for every
+        // tree; exec releases its files and its lock.
+        std::mem::forget(store);
+        tracing::warn!("tollgate stopped to reopen its store; starting again in place");
+        return Ok(Stopped::Restart);
+    }
     tracing::info!("tollgate stopped; flushing the store");
     store
         .flush()
-        .map_err(|e| format!("flushing the store failed: {e}"))
+        .map_err(|e| format!("flushing the store failed: {e}"))?;
+    Ok(Stopped::Signal)
 }
 
 /// File descriptors kept out of the proxy's connection cap: the ops and admin listeners' own
@@ -288,7 +331,9 @@ fn upstream_peer(config: &Config) -> Result<HttpPeer, String> {
     Ok(peer)
 }
 
-/// `/healthz`, `/readyz` and `/metrics`.
+/// `/healthz`, `/readyz` and `/metrics`. `/readyz` stays 200 while the store has failed
+/// (free routes still serve: taking the pod out of rotation would stop them too) and says
+/// what failed, since when, and what tollgate does about it.
 struct Ops {
     ready: Arc<AtomicBool>,
     metrics: Arc<Metrics>,
@@ -310,10 +355,32 @@ impl ServeHttp for Ops {
                 .body(body)
                 .unwrap_or_default();
         }
+        let failure = self.store.failure();
+        let degraded;
         let (status, body): (u16, &str) = match session.req_header().uri.path() {
             "/healthz" => (200, r#"{"status":"ok"}"#),
-            "/readyz" if self.ready.load(Ordering::Acquire) => (200, r#"{"status":"ready"}"#),
-            "/readyz" => (503, r#"{"status":"shutting_down"}"#),
+            "/readyz" if !self.ready.load(Ordering::Acquire) => {
+                (503, r#"{"status":"shutting_down"}"#)
+            }
+            "/readyz" => match failure {
+                None => (200, r#"{"status":"ready"}"#),
+                Some(failure) => {
+                    degraded = serde_json::json!({
+                        "status": "degraded",
+                        "store": {
+                            "state": "failed",
+                            "reason": failure.reason,
+                            "since": failure.since,
+                        },
+                        "message": format!(
+                            "the store at {} cannot write: paid and prepaid requests are refused (503) while free routes go on; tollgate restarts in place once the directory takes writes again",
+                            self.store.dir().display()
+                        ),
+                    })
+                    .to_string();
+                    (200, degraded.as_str())
+                }
+            },
             _ => (
                 404,
                 r#"{"error":"not_found","message":"the ops listener serves /healthz, /readyz and /metrics"}"#,
@@ -330,20 +397,31 @@ impl ServeHttp for Ops {
 
 /// Forgets nonces whose authorizations expired long ago, expired idempotency keys, and the
 /// counters of limit windows that ended.
+///
+/// By the earlier of two clocks: the wall clock, and the wall clock at startup plus the time
+/// the process has run (monotonic). A wall clock that jumps ahead (a bad NTP step, a VM
+/// restored from a snapshot) must not forget nonces still valid in the real world, or their
+/// authorizations would be admitted again once it is back.
 struct Housekeeping {
     store: Store,
     limiter: Arc<Limiter>,
 }
 
+/// The earlier of `wall` and `started_wall + elapsed` (see [`Housekeeping`]).
+fn collection_time(wall: u64, started_wall: u64, elapsed: Duration) -> u64 {
+    wall.min(started_wall.saturating_add(elapsed.as_secs()))
+}
+
 #[async_trait]
 impl BackgroundService for Housekeeping {
     async fn start(&self, mut shutdown: ShutdownWatch) {
+        let (started_wall, started) = (crate::unix_now(), std::time::Instant::now());
         loop {
             tokio::select! {
                 _ = shutdown.changed() => return,
                 () = tokio::time::sleep(NONCE_GC_EVERY) => {}
             }
-            let now = crate::unix_now();
+            let now = collection_time(crate::unix_now(), started_wall, started.elapsed());
             if let Err(e) = self.store.forget_expired_idempotency(now) {
                 tracing::warn!(error = %e, "collecting expired idempotency keys failed");
             }
@@ -360,6 +438,67 @@ impl BackgroundService for Housekeeping {
                 Err(e) => tracing::warn!(error = %e, "collecting expired nonces failed"),
             }
         }
+    }
+}
+
+/// Watches the store: `tollgate_store_up`, and once a failed store's directory takes a
+/// write again, the restart that reopens it ([`crate::store::health`]).
+struct StoreWatch {
+    store: Store,
+    metrics: Arc<Metrics>,
+    restart: Arc<Restart>,
+}
+
+#[async_trait]
+impl BackgroundService for StoreWatch {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let mut probe_failed_with = None;
+        loop {
+            tokio::select! {
+                _ = shutdown.changed() => return,
+                () = tokio::time::sleep(STORE_WATCH_EVERY) => {}
+            }
+            if self.store.failure().is_none() {
+                continue;
+            }
+            self.metrics.store_up.set(0);
+            let dir = self.store.dir().to_path_buf();
+            let probe = tokio::task::spawn_blocking(move || crate::store::health::writable(&dir))
+                .await
+                .map_err(|e| std::io::Error::other(e.to_string()))
+                .and_then(|r| r);
+            match probe {
+                Ok(()) => {
+                    tracing::warn!(
+                        store = %self.store.dir().display(),
+                        "the store's directory takes writes again; restarting in place to reopen the store"
+                    );
+                    self.restart.request();
+                    return;
+                }
+                Err(e) => {
+                    let why = e.to_string();
+                    if probe_failed_with.as_ref() != Some(&why) {
+                        tracing::warn!(store = %self.store.dir().display(), error = %why, "the store's directory still takes no writes");
+                        probe_failed_with = Some(why);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A restart asked for from inside (the store watch), carried out as a graceful shutdown.
+#[derive(Default)]
+struct Restart {
+    requested: AtomicBool,
+    now: tokio::sync::Notify,
+}
+
+impl Restart {
+    fn request(&self) {
+        self.requested.store(true, Ordering::Release);
+        self.now.notify_one();
     }
 }
 
@@ -397,17 +536,38 @@ impl BackgroundService for SettlementService {
     }
 }
 
-/// Pingora's Unix signals, with readiness dropped the moment a shutdown is requested.
+/// Pingora's Unix signals and tollgate's own restart, with readiness dropped the moment a
+/// shutdown is requested.
 struct Signals {
     ready: Arc<AtomicBool>,
+    restart: Arc<Restart>,
 }
 
 #[async_trait]
 impl ShutdownSignalWatch for Signals {
     async fn recv(&self) -> ShutdownSignal {
-        let signal = pingora::server::UnixShutdownSignalWatch.recv().await;
+        let signal = tokio::select! {
+            signal = pingora::server::UnixShutdownSignalWatch.recv() => signal,
+            () = self.restart.now.notified() => ShutdownSignal::GracefulTerminate,
+        };
         self.ready.store(false, Ordering::Release);
         tracing::info!(?signal, "shutdown requested; readiness is now false");
         signal
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn collection_never_runs_ahead_of_the_time_the_process_has_lived() {
+        let hour = Duration::from_secs(3_600);
+        // Clocks agree.
+        assert_eq!(collection_time(1_000 + 3_600, 1_000, hour), 4_600);
+        // The wall clock jumped a day ahead: collection keeps to the monotonic clock.
+        assert_eq!(collection_time(1_000 + 3_600 + 86_400, 1_000, hour), 4_600);
+        // The wall clock jumped back: collection keeps to the wall clock.
+        assert_eq!(collection_time(1_000, 1_000, hour), 1_000);
     }
 }

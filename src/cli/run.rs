@@ -21,6 +21,24 @@ pub fn run(args: Args) -> Result<ExitCode, Failed> {
     for warning in &resolved.warnings {
         eprintln!("warning: {warning}");
     }
-    crate::server::run(&resolved.config)?;
-    Ok(ExitCode::SUCCESS)
+    match crate::server::run(&resolved.config)? {
+        crate::server::Stopped::Signal => Ok(ExitCode::SUCCESS),
+        crate::server::Stopped::Restart => Err(restart_in_place()),
+    }
+}
+
+/// Replaces this process with a fresh `tollgate run` of the same binary and arguments (same
+/// PID, so a supervisor or Kubernetes sees no exit). Every descriptor tollgate opened is
+/// close-on-exec: the store's lock and the listening sockets are released. Returns only when
+/// that fails.
+fn restart_in_place() -> Failed {
+    use std::os::unix::process::CommandExt as _;
+    let binary = match std::env::current_exe() {
+        Ok(binary) => binary,
+        Err(e) => return format!("cannot restart to reopen the store: {e}"),
+    };
+    let e = std::process::Command::new(binary)
+        .args(std::env::args_os().skip(1))
+        .exec();
+    format!("cannot restart to reopen the store: {e}")
 }

@@ -27,8 +27,10 @@ pub enum Verdict {
     Settled { tx: String, block: u64 },
     /// The nonce was used, but not by this payment's transfer (cancelled, or spent elsewhere).
     UsedOtherwise { why: String },
-    /// The nonce is unused: the payment did not settle (yet).
-    Unused,
+    /// The nonce is unused: the payment did not settle (yet). `chain_time`: the latest
+    /// block's timestamp, the clock the token checks `validBefore` against (not this host's,
+    /// which may have jumped).
+    Unused { chain_time: u64 },
     /// The nonce is used but its event is out of reach, or not yet deep enough: still unknown.
     Unclear { why: String },
 }
@@ -99,7 +101,15 @@ impl Chain {
         let used = authorizationStateCall::abi_decode_returns(&answer)
             .map_err(|e| format!("authorizationState answered something else: {e}"))?;
         if !used {
-            return Ok(Verdict::Unused);
+            let latest = self
+                .provider
+                .get_block_by_number(alloy::rpc::types::BlockNumberOrTag::Latest)
+                .await
+                .map_err(|e| format!("reading the latest block: {}", short(&e)))?
+                .ok_or("the node has no latest block")?;
+            return Ok(Verdict::Unused {
+                chain_time: latest.header.timestamp,
+            });
         }
         let latest = self
             .provider

@@ -56,7 +56,8 @@ use onchain::{Outcome, Rpc};
 /// its own rule says, so every authorization reaches the chain while it is still valid.
 pub const DEADLINE_MARGIN_SECS: u64 = 30;
 
-/// A queued payment with less validity than this left is not submitted: it is `failed`.
+/// An unresolved payment with less validity than this left is not submitted again (evidence
+/// waits until it is expired by a margin, then calls it never settled).
 pub const MIN_VALIDITY_SECS: u64 = 5;
 
 /// Most payments in one bundle.
@@ -713,18 +714,14 @@ impl Settlement {
     async fn close_bundles(&self, now: u64) -> Vec<Bundle> {
         let i = &self.inner;
         let mut groups: HashMap<BundleKey, Vec<Open>> = HashMap::new();
-        let mut expired = Vec::new();
         {
             let open = i.open.lock().unwrap_or_else(|p| p.into_inner());
             let backends = i.backends.lock().unwrap_or_else(|p| p.into_inner());
+            // A payment that looks expired by this host's clock is submitted all the same: a
+            // clock that jumped ahead must not write off what buyers were served for. The
+            // chain's clock decides (the facilitator, or the simulation before a transaction,
+            // refuses an expired authorization and the entry is `failed` with its reason).
             for o in open.values().filter(|o| o.state == State::Queued) {
-                if o.entry.valid_before <= now.saturating_add(MIN_VALIDITY_SECS) {
-                    expired.push(failed(
-                        o.entry.seq,
-                        "the authorization expired before its bundle was settled".into(),
-                    ));
-                    continue;
-                }
                 if o.entry.valid_after >= now {
                     continue; // not valid on chain yet
                 }
@@ -738,12 +735,6 @@ impl Settlement {
                     .entry(BundleKey::of(&o.entry))
                     .or_default()
                     .push(o.clone());
-            }
-        }
-        // One at a time: a change the store refuses must not hold the others back.
-        for change in expired {
-            if let Err(e) = self.record(std::slice::from_ref(&change), true).await {
-                tracing::error!(entry = change.entry, error = %e, "recording an expired payment failed");
             }
         }
         let mut submitted = Vec::new();
@@ -954,10 +945,11 @@ impl Settlement {
                     },
                 },
                 evidence::Verdict::UsedOtherwise { why } => failed(seq, format!("evidence: {why}")),
-                // Expired by a margin: a transaction already sent may still be mined in a block
-                // stamped before `validBefore` (block lag, clock skew).
-                evidence::Verdict::Unused
-                    if entry.valid_before.saturating_add(EXPIRY_MARGIN_SECS) <= now =>
+                // Expired by a margin on the chain's clock (not this host's, which may have
+                // jumped): a transaction already sent may still be mined in a block stamped
+                // before `validBefore` (block lag).
+                evidence::Verdict::Unused { chain_time }
+                    if entry.valid_before.saturating_add(EXPIRY_MARGIN_SECS) <= chain_time =>
                 {
                     failed(
                         seq,
@@ -965,19 +957,19 @@ impl Settlement {
                             .into(),
                     )
                 }
-                evidence::Verdict::Unused
+                evidence::Verdict::Unused { .. }
                     if entry.valid_before <= now.saturating_add(MIN_VALIDITY_SECS) =>
                 {
                     continue; // too late to submit, too early to call it never settled
                 }
-                evidence::Verdict::Unused if deferred && entry.valid_after < now => {
+                evidence::Verdict::Unused { .. } if deferred && entry.valid_after < now => {
                     if self.relayer_busy(&entry).await {
                         continue; // a transaction of ours may still carry it: wait for it
                     }
                     self.settle_again(&entry).await;
                     continue;
                 }
-                evidence::Verdict::Unused => continue,
+                evidence::Verdict::Unused { .. } => continue,
                 evidence::Verdict::Unclear { why } => {
                     tracing::warn!(entry = seq, why, "an unresolved payment stays unresolved");
                     continue;

@@ -234,7 +234,9 @@ impl Rpc {
             Ok(Verdict::UsedOtherwise { why }) => {
                 Outcome::Failed(format!("nonce_already_used: {why}"))
             }
-            Ok(Verdict::Unused) | Ok(Verdict::Unclear { .. }) | Err(_) => Outcome::Unknown(reason),
+            Ok(Verdict::Unused { .. }) | Ok(Verdict::Unclear { .. }) | Err(_) => {
+                Outcome::Unknown(reason)
+            }
         }
     }
 

@@ -8,6 +8,7 @@
 //! batches them (group commit).
 
 pub mod accounts;
+pub mod health;
 pub mod ledger;
 pub mod ledger_read;
 pub mod sale;
@@ -15,7 +16,7 @@ mod spend;
 mod writer;
 
 use std::fmt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use alloy::primitives::{Address, B256};
@@ -28,6 +29,9 @@ pub struct Store {
     // reopen it).
     trees: Arc<Trees>,
     writer: Arc<writer::Writer>,
+    /// Set by the writer at the first flush that fails ([`health`]).
+    health: Arc<health::Health>,
+    dir: Arc<PathBuf>,
 }
 
 /// The database and its trees, shared by the store's handles and its writer thread.
@@ -107,7 +111,7 @@ impl StoreError {
 
 impl From<sled::Error> for StoreError {
     fn from(e: sled::Error) -> Self {
-        StoreError(e.to_string())
+        StoreError(health::describe(&e))
     }
 }
 
@@ -146,11 +150,25 @@ impl Store {
             bundles: tree("bundles")?,
             db,
         });
-        let writer = writer::Writer::start(Arc::clone(&trees))?;
+        let health = Arc::new(health::Health::default());
+        let writer = writer::Writer::start(Arc::clone(&trees), Arc::clone(&health))?;
         Ok(Store {
             trees,
             writer: Arc::new(writer),
+            health,
+            dir: Arc::new(path.to_path_buf()),
         })
+    }
+
+    /// The first write that failed in this process, if one did: from then on every write
+    /// fails until the store is opened anew ([`health`]).
+    pub fn failure(&self) -> Option<health::Failure> {
+        self.health.failure()
+    }
+
+    /// The store's directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
     }
 
     /// Waits until every write made before this call is on disk.

@@ -23,6 +23,7 @@ use std::sync::{Arc, mpsc};
 use tokio::sync::oneshot;
 
 use super::accounts::{Charge, Debit, Fact};
+use super::health::{Health, describe};
 use super::ledger::{self, BadTransition, Change, ChangeSet, PaymentRecord, Recorded};
 use super::{StoreError, Trees};
 
@@ -57,11 +58,11 @@ pub(super) struct Writer {
 }
 
 impl Writer {
-    pub(super) fn start(trees: Arc<Trees>) -> Result<Writer, StoreError> {
+    pub(super) fn start(trees: Arc<Trees>, health: Arc<Health>) -> Result<Writer, StoreError> {
         let (jobs, queue) = mpsc::channel();
         let thread = std::thread::Builder::new()
             .name("store writer".into())
-            .spawn(move || run(&trees, &queue))
+            .spawn(move || run(&trees, &health, &queue))
             .map_err(|e| StoreError(format!("cannot start the store's writer thread: {e}")))?;
         Ok(Writer {
             jobs: Some(jobs),
@@ -140,7 +141,7 @@ fn stopped() -> StoreError {
 const MAX_BATCH: usize = 512;
 
 /// One batch per turn: everything queued since the last turn, until every handle is dropped.
-fn run(trees: &Trees, queue: &mpsc::Receiver<Job>) {
+fn run(trees: &Trees, health: &Health, queue: &mpsc::Receiver<Job>) {
     while let Ok(first) = queue.recv() {
         let mut flushes = Vec::new();
         let mut debits = Vec::new();
@@ -189,7 +190,7 @@ fn run(trees: &Trees, queue: &mpsc::Receiver<Job>) {
                 ledger_results = trees.ledger_batch(&records, &sets);
             }
             if durable_needed {
-                trees.db.flush().map(drop).map_err(|e| e.to_string())
+                trees.db.flush().map(drop).map_err(|e| describe(&e))
             } else {
                 Ok(())
             }
@@ -205,10 +206,16 @@ fn run(trees: &Trees, queue: &mpsc::Receiver<Job>) {
             changed = sets.iter().map(|_| Err(StoreError(why.clone()))).collect();
         }
         if let Err(e) = &flushed {
+            if health.fail(e, crate::unix_now()) {
+                tracing::error!(
+                    error = %e,
+                    "the store cannot write: paid and prepaid requests are refused (503) until its directory takes writes again; tollgate then restarts in place to reopen it"
+                );
+            }
             // Fail closed: every debit of the batch gets the error; those charged are taken back.
             for (result, (_, now)) in results.iter().zip(&debits) {
                 if let Ok(Debit::Charged(fact)) = result {
-                    take_back(trees, fact, *now, e);
+                    take_back(trees, fact, *now, e, false);
                 }
             }
             results = debits.iter().map(|_| Err(StoreError(e.clone()))).collect();
@@ -232,6 +239,7 @@ fn run(trees: &Trees, queue: &mpsc::Receiver<Job>) {
                     &fact,
                     *now,
                     "the request was cancelled while it was debited",
+                    true,
                 );
             }
         }
@@ -283,13 +291,22 @@ fn not_collected(trees: &Trees, seq: u64, why: &str) {
 
 /// Refunds a debit whose request will not be served (durable with the next flush that
 /// succeeds).
-fn take_back(trees: &Trees, fact: &Fact, now: u64, why: &str) {
+///
+/// `durable`: whether the debit reached the disk. One that did not (its flush failed) and
+/// cannot be taken back either is gone anyway once the failed store is reopened.
+fn take_back(trees: &Trees, fact: &Fact, now: u64, why: &str, durable: bool) {
     match trees.refund(fact.seq, now) {
         Ok(_) => tracing::warn!(
             debit = fact.seq,
             account = fact.account,
             why,
             "a debit was taken back"
+        ),
+        Err(e) if !durable => tracing::debug!(
+            debit = fact.seq,
+            account = fact.account,
+            error = %e,
+            "a debit that never reached the disk stays in memory until the store is reopened"
         ),
         Err(e) => tracing::error!(
             debit = fact.seq,

@@ -19,6 +19,7 @@ mod proxying;
 mod secrets;
 mod security;
 mod settlement;
+mod store_faults;
 
 use std::path::PathBuf;
 
