@@ -67,7 +67,7 @@ async fn open_in(sidecar: &super::harness::Sidecar, state: &str) -> f64 {
 /// Every confirmed entry names a transaction that is on the chain now, succeeded, and holds
 /// the entry's own `AuthorizationUsed`; the chain's `AuthorizationUsed` events of `payer` are
 /// exactly the confirmed entries' nonces, each once. Returns the transactions.
-async fn books_match_the_chain(
+pub(super) async fn books_match_the_chain(
     chain: &DevChain,
     sidecar: &super::harness::Sidecar,
     payer: alloy::primitives::Address,
