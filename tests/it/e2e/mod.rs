@@ -19,6 +19,7 @@ mod proxying;
 mod secrets;
 mod security;
 mod settlement;
+mod soak;
 
 use std::path::PathBuf;
 
