@@ -310,9 +310,11 @@ async fn new_account_holds_its_sale(sidecar: &Sidecar, served: &Served, when: &s
 
 /// Waits until settlement has nothing left to do but wait: no payment `recorded`, `queued` or
 /// `submitted`, and every `unresolved` one (its call was in flight at a kill) unused on chain
-/// — the chain decided it never moved; tollgate marks it `failed` once its authorization has
-/// expired by a margin (a minute and more: not waited for). Returns those entries.
-async fn drained(mix: &Mix) -> Vec<Value> {
+/// and never to be sent again — not deferred (those are settled again while they are valid),
+/// or too close to its `validBefore` to be sent. The chain decided those never moved; tollgate
+/// marks them `failed` once their authorization has expired by a margin (a minute and more:
+/// not waited for).
+async fn drained(mix: &Mix) {
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
         let mut busy = 0.0;
@@ -323,27 +325,50 @@ async fn drained(mix: &Mix) -> Vec<Value> {
             )
             .await;
         }
-        let unresolved = entries(&mix.sidecar, "unresolved").await;
-        let mut moved = 0;
-        for e in &unresolved {
-            let nonce: alloy::primitives::B256 = e["nonce"].as_str().unwrap().parse().unwrap();
-            if mix
-                .chain
-                .authorization_state(mix.client.buyer.address(), nonce)
-                .await
-            {
-                moved += 1;
+        let mut moving = 0;
+        for e in entries(&mix.sidecar, "unresolved").await {
+            if unresolved_may_move(mix, &e).await {
+                moving += 1;
             }
         }
-        if busy == 0.0 && moved == 0 {
-            return unresolved;
+        if busy == 0.0 && moving == 0 {
+            return;
         }
         assert!(
             Instant::now() < deadline,
-            "not drained in 120 s: {busy} open, {moved} unresolved but used on chain\n{}",
+            "not drained in 120 s: {busy} open, {moving} unresolved still to be decided\n{}",
             mix.sidecar.log()
         );
         tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// Whether an `unresolved` entry may still change: its nonce is used on chain (evidence will
+/// confirm it), or it is deferred and valid long enough to be settled again.
+async fn unresolved_may_move(mix: &Mix, e: &Value) -> bool {
+    let nonce: alloy::primitives::B256 = e["nonce"].as_str().unwrap().parse().unwrap();
+    let deferred = e["route"].as_str().unwrap().contains("/deferred/");
+    let valid_before = e["valid_before"].as_u64().unwrap();
+    mix.chain
+        .authorization_state(mix.client.buyer.address(), nonce)
+        .await
+        || (deferred && valid_before > super::harness::now() + 6)
+}
+
+/// Every ledger entry with its status, each once (one listing, not one per state).
+async fn ledger(sidecar: &Sidecar) -> Vec<Value> {
+    let mut all = Vec::new();
+    let mut after = 0u64;
+    loop {
+        let (status, page) =
+            super::chain_relayer::admin(sidecar, &format!("/v1/ledger?after={after}&limit=1000"))
+                .await;
+        assert_eq!(status, 200, "{page}");
+        all.extend(page["entries"].as_array().unwrap().iter().cloned());
+        match page["next_after"].as_u64() {
+            Some(next) => after = next,
+            None => return all,
+        }
     }
 }
 
@@ -440,10 +465,33 @@ async fn kill_9_at_random_moments_under_mixed_load_loses_and_doubles_nothing() {
     );
 
     // Deferred settlement drains; then the ledger and the chain agree, payment by payment.
-    let unresolved = drained(&mix).await;
-    let confirmed = entries(&mix.sidecar, "confirmed").await;
-    let failed = entries(&mix.sidecar, "failed").await;
-    let refunded = entries(&mix.sidecar, "refunded").await;
+    drained(&mix).await;
+    let listed = ledger(&mix.sidecar).await;
+    let in_state = |state: &str| -> Vec<Value> {
+        listed
+            .iter()
+            .filter(|e| e["status"]["state"] == state)
+            .cloned()
+            .collect()
+    };
+    let (confirmed, failed, refunded, unresolved) = (
+        in_state("confirmed"),
+        in_state("failed"),
+        in_state("refunded"),
+        in_state("unresolved"),
+    );
+    assert_eq!(
+        confirmed.len() + failed.len() + refunded.len() + unresolved.len(),
+        listed.len(),
+        "every entry is final or unresolved"
+    );
+    for e in &unresolved {
+        assert!(
+            !unresolved_may_move(&mix, e).await,
+            "unresolved entry {} moved after the drain: {e}",
+            e["seq"]
+        );
+    }
     let mut by_nonce: HashMap<String, Vec<u64>> = HashMap::new();
     for e in confirmed
         .iter()
