@@ -56,6 +56,13 @@ use onchain::{Outcome, Rpc};
 /// its own rule says, so every authorization reaches the chain while it is still valid.
 pub const DEADLINE_MARGIN_SECS: u64 = 30;
 
+/// At most this many payments submitted again in one transaction (see `settle_again`).
+const MAX_AGAIN: usize = 100;
+
+/// An evidence round submits the payments it found unused (deferred, still valid) again once
+/// it has this many, and at its end.
+const AGAIN_EVERY: usize = 20;
+
 /// An unresolved payment with less validity than this left is not submitted again (evidence
 /// waits until it is expired by a margin, then calls it never settled).
 pub const MIN_VALIDITY_SECS: u64 = 5;
@@ -905,13 +912,18 @@ impl Settlement {
                 tracing::debug!(error = %e, "looking for leftover relayer transactions failed");
             }
         }
-        let unresolved: Vec<Arc<Entry>> = {
+        let mut unresolved: Vec<Arc<Entry>> = {
             let open = self.inner.open.lock().unwrap_or_else(|p| p.into_inner());
             open.values()
                 .filter(|o| o.state == State::Unresolved)
                 .map(|o| o.entry.clone())
                 .collect()
         };
+        // The soonest to expire first: a round may be cut short (a restart, a crash loop), and
+        // a payment examined too late cannot be settled any more.
+        unresolved.sort_by_key(|e| (e.valid_before, e.seq));
+        // Deferred payments the chain shows unused, to submit again together at the end.
+        let mut again = Vec::new();
         for entry in unresolved {
             let Some(chain) = self.evidence_for(&entry).await else {
                 continue;
@@ -966,7 +978,12 @@ impl Settlement {
                     if self.relayer_busy(&entry).await {
                         continue; // a transaction of ours may still carry it: wait for it
                     }
-                    self.settle_again(&entry).await;
+                    again.push(entry);
+                    // Sent as they are found, a bundle at a time: examining a long backlog
+                    // takes a while, and those found first are the soonest to expire.
+                    if again.len() >= AGAIN_EVERY {
+                        self.settle_again(std::mem::take(&mut again)).await;
+                    }
                     continue;
                 }
                 evidence::Verdict::Unused { .. } => continue,
@@ -979,6 +996,7 @@ impl Settlement {
                 tracing::error!(entry = seq, error = %e, "recording evidence failed");
             }
         }
+        self.settle_again(again).await;
     }
 
     /// The node that can tell what became of `entry`: its own (`settle via rpc`), else
@@ -1050,61 +1068,81 @@ impl Settlement {
         }
     }
 
-    /// Submits an unresolved deferred payment whose nonce the chain shows unused.
-    async fn settle_again(&self, entry: &Entry) {
-        let seq = entry.seq;
-        let again = Change {
-            entry: seq,
-            state: State::Submitted,
-            detail: reason("evidence: the nonce is unused on chain; submitted again".into()),
-        };
-        if self.record(&[again], true).await.is_err() {
-            return;
+    /// Submits again the unresolved deferred payments whose nonces the chain shows unused. A
+    /// crash can leave whole bundles unresolved: on chain they go again as bundles, one
+    /// transaction per backend, chain, asset and payee (at most [`MAX_AGAIN`] payments each,
+    /// the soonest to expire first) — one transaction per payment, one after the other, let
+    /// the last ones expire unsettled (found by the crash cycles, `tests/it/e2e/crash_cycles.rs`).
+    /// Through a facilitator, one call each.
+    async fn settle_again(&self, mut entries: Vec<Arc<Entry>>) {
+        entries.sort_by_key(|e| (e.valid_before, e.seq));
+        let mut groups: Vec<(BundleKey, Vec<Arc<Entry>>)> = Vec::new();
+        for entry in entries {
+            let key = BundleKey::of(&entry);
+            let key = BundleKey {
+                rule: String::new(),
+                ..key
+            };
+            match groups
+                .iter_mut()
+                .find(|(k, g)| *k == key && g.len() < MAX_AGAIN)
+            {
+                Some((_, group)) => group.push(entry),
+                None => groups.push((key, vec![entry])),
+            }
         }
-        let outcome = match self.client(&entry.backend).await {
-            Ok(Client::Facilitator(client)) => self.call(&client, seq, true).await,
-            Ok(Client::Rpc(rpc)) => {
-                let entry = Arc::new(entry.clone());
-                let outcome = self
-                    .on_chain(&rpc, std::slice::from_ref(&entry), true)
+        for (key, group) in groups {
+            let again: Vec<Change> = group
+                .iter()
+                .map(|e| Change {
+                    entry: e.seq,
+                    state: State::Submitted,
+                    detail: reason(
+                        "evidence: the nonce is unused on chain; submitted again".into(),
+                    ),
+                })
+                .collect();
+            if self.record(&again, true).await.is_err() {
+                continue;
+            }
+            let unresolved = |seq: u64, why: String| Change {
+                entry: seq,
+                state: State::Unresolved,
+                detail: reason(why),
+            };
+            let changes: Vec<Change> = match self.client(&key.backend).await {
+                Ok(Client::Rpc(rpc)) => self
+                    .on_chain(&rpc, &group, true)
                     .await
                     .into_iter()
-                    .next()
-                    .map_or_else(|| Outcome::Unknown("no outcome".into()), |(_, o)| o);
-                let change = match outcome {
-                    Outcome::Confirmed { .. } => change_of(seq, &outcome),
-                    // Refused now may mean the first attempt landed meanwhile: the chain decides.
-                    Outcome::Failed(why) | Outcome::NotSent(why) | Outcome::Unknown(why) => {
-                        Change {
-                            entry: seq,
-                            state: State::Unresolved,
-                            detail: reason(why),
+                    .map(|(seq, outcome)| match outcome {
+                        Outcome::Confirmed { .. } => change_of(seq, &outcome),
+                        // Refused now may mean the first attempt landed meanwhile: the chain
+                        // decides.
+                        Outcome::Failed(why) | Outcome::NotSent(why) | Outcome::Unknown(why) => {
+                            unresolved(seq, why)
                         }
+                    })
+                    .collect(),
+                Ok(Client::Facilitator(client)) => {
+                    let mut changes = Vec::with_capacity(group.len());
+                    for entry in &group {
+                        changes.push(match self.call(&client, entry.seq, true).await {
+                            Ok(receipt) => confirmed(entry.seq, &receipt),
+                            // Refused now may mean the first attempt landed meanwhile.
+                            Err(e) => unresolved(entry.seq, e.reason()),
+                        });
                     }
-                };
-                if let Err(e) = self.record(&[change], true).await {
-                    tracing::error!(entry = seq, error = %e, "recording a settlement outcome failed");
+                    changes
                 }
-                return;
+                Err(e) => group
+                    .iter()
+                    .map(|entry| unresolved(entry.seq, e.reason()))
+                    .collect(),
+            };
+            if let Err(e) = self.record(&changes, true).await {
+                tracing::error!(error = %e, "recording settlement outcomes failed");
             }
-            Err(e) => Err(e),
-        };
-        let change = match outcome {
-            Ok(receipt) => confirmed(seq, &receipt),
-            Err(e @ SettleError::Refused(_)) => Change {
-                // Refused now may mean the first attempt landed meanwhile: the chain decides.
-                entry: seq,
-                state: State::Unresolved,
-                detail: reason(e.reason()),
-            },
-            Err(e) => Change {
-                entry: seq,
-                state: State::Unresolved,
-                detail: reason(e.reason()),
-            },
-        };
-        if let Err(e) = self.record(&[change], true).await {
-            tracing::error!(entry = seq, error = %e, "recording a settlement outcome failed");
         }
     }
 

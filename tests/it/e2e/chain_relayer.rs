@@ -13,10 +13,16 @@ use super::harness::{self, Launch, PAY_TO, Sidecar, Tweak, Upstream, Wallet};
 
 pub const PRICE: u128 = 10_000; // 0.01 USDC
 
-/// A policy settling through `node` with the relayer key in `<dir>/relayer.key`.
-pub fn policy(node: &str, dir: &std::path::Path, timing: &str) -> String {
+/// Writes the relayer's key to `<dir>/relayer.key`, the file a policy names; returns its path.
+pub fn relayer_key(dir: &std::path::Path) -> std::path::PathBuf {
     let key = dir.join("relayer.key");
     std::fs::write(&key, format!("{RELAYER_KEY}\n")).unwrap();
+    key
+}
+
+/// A policy settling through `node` with the relayer key in `<dir>/relayer.key`.
+pub fn policy(node: &str, dir: &std::path::Path, timing: &str) -> String {
+    let key = relayer_key(dir);
     format!(
         r#"service "relayed" {{
   pay_to {PAY_TO}

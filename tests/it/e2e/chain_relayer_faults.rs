@@ -67,7 +67,7 @@ async fn open_in(sidecar: &super::harness::Sidecar, state: &str) -> f64 {
 /// Every confirmed entry names a transaction that is on the chain now, succeeded, and holds
 /// the entry's own `AuthorizationUsed`; the chain's `AuthorizationUsed` events of `payer` are
 /// exactly the confirmed entries' nonces, each once. Returns the transactions.
-async fn books_match_the_chain(
+pub(super) async fn books_match_the_chain(
     chain: &DevChain,
     sidecar: &super::harness::Sidecar,
     payer: alloy::primitives::Address,
@@ -642,7 +642,7 @@ async fn a_fee_cap_below_the_base_fee_holds_payments_until_it_is_raised() {
 /// relayer's nonce. Once it has waited `replace_after`, tollgate cancels it with an empty
 /// transfer at the fee cap (same nonce, replacing it in the pool); when blocks come, the
 /// cancellation is mined instead, the chain shows the payments' nonces unused, and evidence
-/// submits them again: each moves exactly once.
+/// submits them again, together in one transaction: each moves exactly once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_transaction_stuck_before_a_restart_is_cancelled_and_its_payments_settle_again() {
     let buyer = Wallet::new(97);
@@ -700,7 +700,20 @@ async fn a_transaction_stuck_before_a_restart_is_cancelled_and_its_payments_sett
         receipt(&s.chain, &stuck_hash).await.is_null(),
         "the stuck transaction never mined"
     );
-    books_match_the_chain(&s.chain, &s.sidecar, buyer.address(), 3).await;
+    let txs = books_match_the_chain(&s.chain, &s.sidecar, buyer.address(), 3).await;
+    // Submitted again as the bundle they were: one transaction, not one a payment (one after
+    // the other, the last ones of a large bundle would expire unsettled).
+    assert_eq!(
+        txs.len(),
+        1,
+        "one transaction for the bundle sent again: {txs:?}"
+    );
+    assert_eq!(
+        s.chain.relayer_nonce().await,
+        2,
+        "the cancellation, then the bundle\n{}",
+        s.sidecar.log()
+    );
     assert_eq!(s.chain.transfers_to(pay_to()).await.len(), 3);
     assert_eq!(s.chain.balance_of(pay_to()).await, 3 * PRICE);
     assert!(pooled(&s.chain).await.is_empty());

@@ -382,7 +382,7 @@ async fn a_configmap_symlink_swap_is_picked_up() {
 }
 
 /// The sidecar's resident memory in KiB, from `/proc/<pid>/status`.
-fn resident_kib(pid: u32) -> u64 {
+pub(super) fn resident_kib(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     status
         .lines()
