@@ -521,6 +521,7 @@ fn recover(settlement: &Settlement) -> Result<(), String> {
         open = recovery.open,
         refunded = recovery.refunded,
         unresolved = recovery.unresolved,
+        sales_credited = recovery.sales_credited,
         "payment ledger recovered"
     );
     Ok(())

@@ -272,7 +272,7 @@ pub fn verify(store: &Store) -> Result<Report, StoreError> {
             && let Some(credits) = e.credits
             && status.state == State::Confirmed
         {
-            sales.push((seq, credits, sale_reference(e)));
+            sales.push((seq, credits, e.sale_reference().unwrap_or_default()));
         }
         if let Err(e) = check_entry(
             store,
@@ -432,15 +432,6 @@ fn missing(last: &mut u64, key: Option<u64>) -> Option<u64> {
 }
 
 /// The top-up reference a credit sale writes (`proxy::sell`): `x402:<caip2>:<payer>:<nonce>`.
-fn sale_reference(entry: &Entry) -> String {
-    format!(
-        "x402:eip155:{}:{}:{}",
-        entry.chain_id,
-        entry.payer.to_checksum(None),
-        entry.nonce
-    )
-}
-
 #[expect(
     clippy::too_many_arguments,
     reason = "the check's running totals, passed down rather than kept in a struct for one caller"
@@ -709,6 +700,7 @@ mod tests {
             },
             backend: "https://x402.org/facilitator".into(),
             unsettled_held: false,
+            sale_account: None,
             credits: None,
         };
         (key, entry)
@@ -1034,7 +1026,7 @@ mod tests {
         let (key, mut e) = entry(7, 50_000);
         e.credits = Some(100);
         e.timing = Timing::BeforeResponse;
-        let reference = sale_reference(&e);
+        let reference = e.sale_reference().unwrap();
         store.record_payment(&key, e, &auth).await.unwrap();
         let settle = |state| Change {
             entry: 1,

@@ -46,6 +46,10 @@ impl Admitted {
 }
 
 impl Gate {
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "the request's facts, each from a different step of the proxy's filter"
+    )]
     pub(super) async fn admit(
         &self,
         loaded: &Loaded,
@@ -54,6 +58,7 @@ impl Gate {
         header: &[u8],
         target: &str,
         request_id: &str,
+        sale_account: Option<u64>,
     ) -> Result<(Admitted, Holds), Box<Refusal>> {
         let resource = self.resource_url(target);
         let (Some(terms), Some(route)) = (
@@ -180,6 +185,7 @@ impl Gate {
             backend,
             unsettled_held: deferred && holds.holds_unsettled(),
             credits: route.sells,
+            sale_account: route.sells.and(sale_account),
         };
         let recorded = self
             .store

@@ -629,6 +629,7 @@ impl Gate {
                         &value,
                         &target,
                         &ctx.request_id,
+                        buyer_key.as_ref().map(|key| key.account),
                     )
                     .await
                 {

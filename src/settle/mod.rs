@@ -48,6 +48,7 @@ use crate::limits::{BuyerId, Limiter};
 use crate::metrics::Metrics;
 use crate::reload::Live;
 use crate::store::ledger::{Bundle, Change, Detail, Entry, State, Timing};
+use crate::store::sale::CreditSale;
 use crate::store::{Store, StoreError};
 use crate::x402::wire::SettleResponse;
 use onchain::{Outcome, Rpc};
@@ -66,6 +67,10 @@ const AGAIN_EVERY: usize = 20;
 /// An unresolved payment with less validity than this left is not submitted again (evidence
 /// waits until it is expired by a margin, then calls it never settled).
 pub const MIN_VALIDITY_SECS: u64 = 5;
+
+/// How far back startup looks for confirmed sales whose credits were not granted (a stop
+/// between the two): a week of ledger, found by binary search.
+const SALE_RECOVERY_SECS: u64 = 7 * 24 * 3_600;
 
 /// Most payments in one bundle.
 pub const MAX_BUNDLE: usize = 1_000;
@@ -151,6 +156,8 @@ pub struct Recovery {
     pub unresolved: usize,
     pub refunded: usize,
     pub open: usize,
+    /// Confirmed sales credited at startup (stopped between confirmation and credit).
+    pub sales_credited: usize,
 }
 
 /// Why a bundle closed.
@@ -288,29 +295,105 @@ impl Settlement {
                 .await?
                 .map_err(|bad| StoreError(format!("recovery: {bad:?}")))?;
         }
-        let mut open = i.open.lock().unwrap_or_else(|p| p.into_inner());
-        open.clear();
-        for row in i.store.open_payments()? {
-            if row.entry.unsettled_held {
-                i.limiter.hold_unsettled(
-                    &BuyerId::Payer(row.entry.payer),
-                    &row.entry.symbol,
-                    row.entry.amount,
+        {
+            let mut open = i.open.lock().unwrap_or_else(|p| p.into_inner());
+            open.clear();
+            for row in i.store.open_payments()? {
+                if row.entry.unsettled_held {
+                    i.limiter.hold_unsettled(
+                        &BuyerId::Payer(row.entry.payer),
+                        &row.entry.symbol,
+                        row.entry.amount,
+                    );
+                }
+                open.insert(
+                    row.entry.seq,
+                    Open {
+                        entry: Arc::new(row.entry),
+                        state: row.status.state,
+                        since: row.status.since,
+                    },
                 );
             }
-            open.insert(
-                row.entry.seq,
-                Open {
-                    entry: Arc::new(row.entry),
-                    state: row.status.state,
-                    since: row.status.since,
-                },
-            );
+            recovery.open = open.len();
         }
-        recovery.open = open.len();
-        drop(open);
+        // A sale confirmed just before a stop, whose credits were not granted yet.
+        let mut sales = Vec::new();
+        let recent = crate::store::ledger::Query {
+            from: Some(now.saturating_sub(SALE_RECOVERY_SECS)),
+            state: Some(State::Confirmed),
+            ..Default::default()
+        };
+        i.store.each_payment(&recent, |row| {
+            if row.entry.credits.is_some() {
+                sales.push(row.entry);
+            }
+            true
+        })?;
+        if !sales.is_empty() {
+            let credited = i.store.topup_references()?;
+            for sale in sales {
+                if sale
+                    .sale_reference()
+                    .is_some_and(|r| !credited.contains(&r))
+                {
+                    self.credit_sale(&sale).await;
+                    recovery.sales_credited += 1;
+                }
+            }
+        }
         self.refresh_gauges(now);
         Ok(recovery)
+    }
+
+    /// Grants the credits a confirmed sale bought when its buyer was cut off before they were
+    /// (a crash, an unknown outcome the chain decided later): to the key's account the buyer
+    /// sent, or to a new account named after the payer, whose key an operator issues when the
+    /// buyer asks (the one the sale would have shown was never sent). Once per reference,
+    /// across accounts: a sale already credited anywhere is left alone.
+    async fn credit_sale(&self, entry: &Entry) {
+        let (Some(credits), Some(reference)) = (entry.credits, entry.sale_reference()) else {
+            return;
+        };
+        let store = &self.inner.store;
+        match store.topup_references() {
+            Ok(credited) if credited.contains(&reference) => return,
+            Ok(_) => {}
+            Err(e) => {
+                tracing::error!(entry = entry.seq, %reference, error = %e, "a confirmed sale could not be checked for its credits; credit it by hand with its reference");
+                return;
+            }
+        }
+        let name = format!("x402 {}", entry.payer.to_checksum(None));
+        let sale = CreditSale {
+            account: entry.sale_account,
+            name: &name,
+            key_label: "bought with x402",
+            credits,
+            reference: &reference,
+        };
+        match store.sell_credits(&sale, (self.inner.clock)()).await {
+            Ok(Ok(sold)) => {
+                self.inner
+                    .metrics
+                    .credits_sold
+                    .inc_by(u64::try_from(credits).unwrap_or(u64::MAX));
+                tracing::warn!(
+                    entry = entry.seq,
+                    account = sold.account,
+                    %reference,
+                    credits = %credits,
+                    new_account = entry.sale_account.is_none(),
+                    "a sale its buyer was cut off from is credited now that the chain shows it paid"
+                );
+            }
+            Ok(Err(refused)) => {
+                tracing::error!(entry = entry.seq, %reference, ?refused, "a confirmed sale could not be credited; credit it by hand with its reference")
+            }
+            Err(e) => {
+                tracing::error!(entry = entry.seq, %reference, error = %e, "a confirmed sale could not be credited; credit it by hand with its reference")
+            }
+        }
     }
 
     /// Who settles the payments of backend `name`, made once: a facilitator client, or for
@@ -992,8 +1075,11 @@ impl Settlement {
                     continue;
                 }
             };
+            let confirmed = change.state == State::Confirmed;
             if let Err(e) = self.record(&[change], true).await {
                 tracing::error!(entry = seq, error = %e, "recording evidence failed");
+            } else if confirmed {
+                self.credit_sale(&entry).await;
             }
         }
         self.settle_again(again).await;

@@ -171,6 +171,26 @@ pub struct Entry {
         with = "crate::money::opt_as_string"
     )]
     pub credits: Option<u128>,
+    /// On a route that sells credits: the account they go to, the buyer's key's (`Some`) or a
+    /// new one (`None`) — what the settlement service needs to credit a sale whose buyer was
+    /// cut off (a crash, an unknown outcome) once the chain shows it paid.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sale_account: Option<u64>,
+}
+
+impl Entry {
+    /// The top-up reference of the credits this payment bought (`x402:eip155:<chain>:<payer>:
+    /// <nonce>`), on a route that sells them.
+    pub fn sale_reference(&self) -> Option<String> {
+        self.credits.map(|_| {
+            format!(
+                "x402:eip155:{}:{}:{}",
+                self.chain_id,
+                self.payer.to_checksum(None),
+                self.nonce
+            )
+        })
+    }
 }
 
 /// What a backend needs to settle a payment.
@@ -895,6 +915,7 @@ mod tests {
             },
             backend: "http://127.0.0.1:1".into(),
             unsettled_held: false,
+            sale_account: None,
             credits: None,
         }
     }

@@ -53,6 +53,7 @@ fn draft() -> (NonceKey, Entry) {
         timing: Timing::AfterResponse,
         backend: "https://x402.org/facilitator".into(),
         unsettled_held: false,
+        sale_account: None,
         credits: None,
     };
     (key, entry)

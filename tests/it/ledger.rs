@@ -94,6 +94,7 @@ fn draft(i: u64) -> (NonceKey, Entry) {
         },
         backend: "https://x402.org/facilitator".into(),
         unsettled_held: false,
+        sale_account: None,
         credits: None,
     };
     (key, entry)
