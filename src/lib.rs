@@ -71,6 +71,9 @@
 //!   the append-only credit ledger, idempotency keys, refunds), [`store::sale`] (a credit sale
 //!   as one transaction) and spend-limit counters. One writer thread owns every flush
 //!   and every debit: concurrent debits share one transaction and one fsync (group commit).
+//!   [`store::health`]: the first failed write (disk full, read-only) marks the store failed;
+//!   [`server`] then refuses paid and prepaid calls, says so on `/readyz`, and restarts in
+//!   place once the directory takes writes again.
 //! - [`ledger`] — the payment ledger for operators and accountants: listings, the
 //!   reconciliation export (CSV/JSON, exact fiat columns from an operator's rate table,
 //!   [`ledger::export`]) and `ledger verify` ([`ledger::verify`]: gap-free sequences, the state
