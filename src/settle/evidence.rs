@@ -12,7 +12,10 @@ use alloy::providers::{Provider, RootProvider};
 use alloy::rpc::types::{Filter, Log, TransactionRequest};
 use alloy::sol_types::{SolCall, SolEvent};
 
-use super::evm::{AuthorizationCanceled, AuthorizationUsed, Transfer, authorizationStateCall};
+use super::evm::{
+    AuthorizationCanceled, AuthorizationUsed, Call3, MULTICALL3, Transfer, aggregate3Call,
+    authorizationStateCall,
+};
 use super::relayer::{self, short};
 use crate::store::ledger::Entry;
 
@@ -79,6 +82,58 @@ impl Chain {
             .get_chain_id()
             .await
             .map_err(|e| format!("eth_chainId: {}", short(&e)))
+    }
+
+    /// Which of `subjects`' nonces are used, read in one Multicall3 `aggregate3` of
+    /// `authorizationState` calls at the latest block, with that block's timestamp: an evidence
+    /// round after a crash reads hundreds of nonces in a few calls, not one each. The used
+    /// ones still need [`Chain::examine`] (which transfer used them).
+    pub async fn used(&self, subjects: &[Subject]) -> Result<(Vec<bool>, u64), String> {
+        let latest = self
+            .provider
+            .get_block_by_number(alloy::rpc::types::BlockNumberOrTag::Latest)
+            .await
+            .map_err(|e| format!("reading the latest block: {}", short(&e)))?
+            .ok_or("the node has no latest block")?;
+        let calls = subjects
+            .iter()
+            .map(|s| Call3 {
+                target: s.asset,
+                allowFailure: true,
+                callData: authorizationStateCall {
+                    authorizer: s.payer,
+                    nonce: s.nonce,
+                }
+                .abi_encode()
+                .into(),
+            })
+            .collect();
+        let answer = self
+            .provider
+            .call(
+                TransactionRequest::default()
+                    .to(MULTICALL3)
+                    .input(Bytes::from(aggregate3Call { calls }.abi_encode()).into()),
+            )
+            .block(alloy::eips::BlockId::number(latest.header.number))
+            .await
+            .map_err(|e| format!("aggregate3 of authorizationState: {}", short(&e)))?;
+        let results = aggregate3Call::abi_decode_returns(&answer)
+            .map_err(|e| format!("aggregate3 answered something else: {e}"))?;
+        if results.len() != subjects.len() {
+            return Err("aggregate3 answered a different number of calls".into());
+        }
+        let used = results
+            .iter()
+            .map(|r| {
+                if !r.success {
+                    return Err("an authorizationState call failed".to_string());
+                }
+                authorizationStateCall::abi_decode_returns(&r.returnData)
+                    .map_err(|e| format!("authorizationState answered something else: {e}"))
+            })
+            .collect::<Result<Vec<bool>, String>>()?;
+        Ok((used, latest.header.timestamp))
     }
 
     /// Reads what the chain knows about `entry`'s authorization; a transfer counts once its

@@ -68,6 +68,9 @@ const AGAIN_EVERY: usize = 20;
 /// waits until it is expired by a margin, then calls it never settled).
 pub const MIN_VALIDITY_SECS: u64 = 5;
 
+/// Nonces read in one `aggregate3` call by an evidence round.
+const EVIDENCE_BATCH: usize = 500;
+
 /// How far back startup looks for confirmed sales whose credits were not granted (a stop
 /// between the two): a week of ledger, found by binary search.
 const SALE_RECOVERY_SECS: u64 = 7 * 24 * 3_600;
@@ -1005,23 +1008,28 @@ impl Settlement {
         // The soonest to expire first: a round may be cut short (a restart, a crash loop), and
         // a payment examined too late cannot be settled any more.
         unresolved.sort_by_key(|e| (e.valid_before, e.seq));
+        let unused = self.unused_nonces(&unresolved).await;
         // Deferred payments the chain shows unused, to submit again together at the end.
         let mut again = Vec::new();
         for entry in unresolved {
-            let Some(chain) = self.evidence_for(&entry).await else {
-                continue;
-            };
-            let verdict = match chain
-                .examine(
-                    &evidence::Subject::from(entry.as_ref()),
-                    self.inner.relayer.confirmations,
-                )
-                .await
-            {
-                Ok(v) => v,
-                Err(e) => {
-                    tracing::warn!(entry = entry.seq, error = %e, "reading evidence for an unresolved payment failed; trying again later");
+            let verdict = if let Some(&chain_time) = unused.get(&entry.seq) {
+                evidence::Verdict::Unused { chain_time }
+            } else {
+                let Some(chain) = self.evidence_for(&entry).await else {
                     continue;
+                };
+                match chain
+                    .examine(
+                        &evidence::Subject::from(entry.as_ref()),
+                        self.inner.relayer.confirmations,
+                    )
+                    .await
+                {
+                    Ok(v) => v,
+                    Err(e) => {
+                        tracing::warn!(entry = entry.seq, error = %e, "reading evidence for an unresolved payment failed; trying again later");
+                        continue;
+                    }
                 }
             };
             let seq = entry.seq;
@@ -1083,6 +1091,50 @@ impl Settlement {
             }
         }
         self.settle_again(again).await;
+    }
+
+    /// The entries whose nonces the chain shows unused, with the chain's time, read in batches
+    /// ([`evidence::Chain::used`]) per node and chain. An entry missing here (used, or its
+    /// node could not answer the batch) is examined on its own.
+    async fn unused_nonces(&self, entries: &[Arc<Entry>]) -> HashMap<u64, u64> {
+        let mut groups: HashMap<(String, u64), (evidence::Chain, Vec<Arc<Entry>>)> =
+            HashMap::new();
+        for entry in entries {
+            let Some(chain) = self.evidence_for(entry).await else {
+                continue;
+            };
+            let node = match onchain::node_url(&entry.backend) {
+                Some(_) => entry.backend.clone(),
+                None => String::new(), // `settlement.rpc`
+            };
+            groups
+                .entry((node, entry.chain_id))
+                .or_insert_with(|| (chain, Vec::new()))
+                .1
+                .push(entry.clone());
+        }
+        let mut unused = HashMap::new();
+        for (chain, group) in groups.into_values() {
+            for batch in group.chunks(EVIDENCE_BATCH) {
+                let subjects: Vec<evidence::Subject> = batch
+                    .iter()
+                    .map(|e| evidence::Subject::from(e.as_ref()))
+                    .collect();
+                match chain.used(&subjects).await {
+                    Ok((used, chain_time)) => {
+                        for (entry, used) in batch.iter().zip(used) {
+                            if !used {
+                                unused.insert(entry.seq, chain_time);
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        tracing::debug!(error = %e, "a batched read of nonces failed; each is examined on its own");
+                    }
+                }
+            }
+        }
+        unused
     }
 
     /// The node that can tell what became of `entry`: its own (`settle via rpc`), else
