@@ -18,9 +18,11 @@
 //!
 //! Refused with `400 malformed_request`: every other form (`foo:/x`, `x/y`, `%2Fx`, a
 //! `CONNECT` authority), an absolute-form URL naming another host or carrying userinfo, bytes
-//! that are not printable ASCII. The path's own rules (dot segments, encoded slashes,
-//! backslashes, `;` path parameters) are [`crate::policy::routes::split_path`]'s, applied by
-//! the decision to the canonical text — so `explain` and policy tests apply them too.
+//! that are not printable ASCII, and the printable ones the URI parser Pingora builds request
+//! heads with refuses (`<`, `>`, `` ` `` in the path; `"`, `<`, `>` in the query). The path's
+//! own rules (dot segments, encoded slashes, backslashes, `;` path parameters) are
+//! [`crate::policy::routes::split_path`]'s, applied by the decision to the canonical text — so
+//! `explain` and policy tests apply them too.
 //!
 //! Pure: no I/O, no allocation beyond the canonical text.
 
@@ -87,6 +89,10 @@ pub fn parse(method: &str, raw: &[u8], host: Option<&[u8]>) -> Result<Target, Ma
     }
 }
 
+/// Printable ASCII that `http::Uri` refuses in a path, and in a query.
+const URI_PATH_REFUSES: [char; 3] = ['<', '>', '`'];
+const URI_QUERY_REFUSES: [char; 3] = ['"', '<', '>'];
+
 /// `http://` or `https://` in any letter case, removed.
 fn strip_http_scheme(text: &str) -> Option<&str> {
     ["http://", "https://"].into_iter().find_map(|scheme| {
@@ -106,6 +112,12 @@ fn origin(text: &str) -> Result<Target, Malformed> {
         Some((path, query)) => (path, Some(query)),
         None => (text, None),
     };
+    // Printable, but refused by the URI parser Pingora builds every request head with (the
+    // `http` crate): Pingora would answer such a head with an empty 400, and no upstream head
+    // could carry it.
+    if path.contains(URI_PATH_REFUSES) || query.is_some_and(|q| q.contains(URI_QUERY_REFUSES)) {
+        return Err(Malformed::TargetBytes);
+    }
     let mut canonical = String::with_capacity(text.len());
     let mut last_slash = false;
     for c in path.chars() {
@@ -167,6 +179,31 @@ mod tests {
             Err(Malformed::TargetBytes)
         );
         assert_eq!(parse("GET", b"/a\x7fb", None), Err(Malformed::TargetBytes));
+    }
+
+    #[test]
+    fn what_the_uri_parser_refuses_is_refused() {
+        // Found by the `target` fuzz target: accepted here, then refused by Pingora's head
+        // parser (`http::Uri`) with an empty 400.
+        for raw in [
+            "/`",
+            "/a<b",
+            "/a>b/c",
+            "/?q=\"x\"",
+            "/p?<",
+            "/p?a>b",
+            "http://h/`x",
+        ] {
+            assert_eq!(
+                parse("GET", raw.as_bytes(), Some(b"h")),
+                Err(Malformed::TargetBytes),
+                "{raw}"
+            );
+        }
+        // What it takes stays accepted: `"` in the path, `` ` `` in the query, `{}|^`.
+        for raw in ["/\"x\"", "/p?`", "/{a}|^b?{}|^"] {
+            assert_eq!(ok("GET", raw, None), raw);
+        }
     }
 
     #[test]

@@ -234,7 +234,8 @@ pub enum Malformed {
     Authority,
     /// `*` as the target of a method other than `OPTIONS`.
     Asterisk,
-    /// Bytes in the target that are not printable ASCII (they must be percent-encoded).
+    /// Bytes in the target that must be percent-encoded: not printable ASCII, or refused by
+    /// URI parsers where they stand (`<`, `>`, `` ` `` in the path; `"`, `<`, `>` in the query).
     TargetBytes,
     /// A backslash in the path, plain or percent-encoded: some servers read it as `/`.
     Backslash,
@@ -263,7 +264,7 @@ impl fmt::Display for Malformed {
             }
             Malformed::Asterisk => "`*` is a request target for OPTIONS only",
             Malformed::TargetBytes => {
-                "the request target contains bytes that are not printable ASCII; percent-encode them"
+                "the request target contains bytes that must be percent-encoded (not printable ASCII, or `<`, `>`, `` ` `` in the path, `\"`, `<`, `>` in the query)"
             }
             Malformed::Backslash => "the request path contains a backslash",
             Malformed::PathParameter => {
