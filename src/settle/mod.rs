@@ -1097,7 +1097,9 @@ impl Settlement {
     /// ([`evidence::Chain::used`]) per node and chain. An entry missing here (used, or its
     /// node could not answer the batch) is examined on its own.
     async fn unused_nonces(&self, entries: &[Arc<Entry>]) -> HashMap<u64, u64> {
-        let mut groups: HashMap<(String, u64), (evidence::Chain, Vec<Arc<Entry>>)> = HashMap::new();
+        // (node, chain id) → the node and its entries.
+        type Groups = HashMap<(String, u64), (evidence::Chain, Vec<Arc<Entry>>)>;
+        let mut groups = Groups::new();
         for entry in entries {
             let Some(chain) = self.evidence_for(entry).await else {
                 continue;
