@@ -1359,7 +1359,7 @@ impl Config {
         let mapping = |entries: Vec<(&str, Value)>| {
             Value::Mapping(entries.into_iter().map(|(k, v)| (text(k), v)).collect())
         };
-        let document = mapping(vec![
+        let mut entries = vec![
             ("listen", text(&self.listen.to_string())),
             ("upstream", text(&self.upstream.url)),
             ("public_url", text(&self.public_url)),
@@ -1444,7 +1444,13 @@ impl Config {
                     ),
                 ]),
             ),
-        ]);
+        ];
+        // A listener on port 0 (the OS picks one) derives `http://host:0`, which is no public
+        // URL (its port is refused): leave it out, and resolving derives it again.
+        if self.listen.port() == 0 && self.public_url == public_url_for(self.listen) {
+            entries.retain(|(key, _)| *key != "public_url");
+        }
+        let document = mapping(entries);
         serde_yaml::to_string(&document)
             .unwrap_or_else(|e| format!("# cannot render the configuration: {e}\n"))
     }

@@ -123,6 +123,13 @@ fn to_yaml_re_resolves_to_the_same_config() {
     let text = with_env_token.to_yaml();
     assert!(text.contains("token: env:TOLLGATE_ADMIN_TOKEN"), "{text}");
     assert_eq!(ok(Some(&text), &[]).config, with_env_token);
+    // Found by the `config` fuzz target (tests/fuzz): a port-0 listener's derived public URL,
+    // `http://localhost:0`, was spelled out and then refused.
+    for listen in ["listen: 0.0.0.0:0\n", "listen: 127.0.0.1:0\n"] {
+        let config = ok(Some(listen), &[]).config;
+        let text = config.to_yaml();
+        assert_eq!(ok(Some(&text), &[]).config, config, "{text}");
+    }
 }
 
 #[test]
