@@ -1009,8 +1009,15 @@ impl Settlement {
         // a payment examined too late cannot be settled any more.
         unresolved.sort_by_key(|e| (e.valid_before, e.seq));
         let unused = self.unused_nonces(&unresolved).await;
-        // Deferred payments the chain shows unused, to submit again together at the end.
+        // Those the batch showed unused first: sending them again is what a life cut short by
+        // the next crash must get done; the used ones each take a few reads more.
+        unresolved.sort_by_key(|e| (!unused.contains_key(&e.seq), e.valid_before, e.seq));
+        // Whether a backend's relayer has transactions of an earlier run in the pool, asked once
+        // per round (it changes only when they are tended, at the start of the round).
+        let mut busy: HashMap<String, bool> = HashMap::new();
+        // Deferred payments the chain shows unused, to submit again; batches already sent.
         let mut again = Vec::new();
+        let mut sending = tokio::task::JoinSet::new();
         for entry in unresolved {
             let verdict = if let Some(&chain_time) = unused.get(&entry.seq) {
                 evidence::Verdict::Unused { chain_time }
@@ -1066,14 +1073,24 @@ impl Settlement {
                     continue; // too late to submit, too early to call it never settled
                 }
                 evidence::Verdict::Unused { .. } if deferred && entry.valid_after < now => {
-                    if self.relayer_busy(&entry).await {
+                    let relayer_busy = match busy.get(&entry.backend) {
+                        Some(&known) => known,
+                        None => {
+                            let known = self.relayer_busy(&entry).await;
+                            busy.insert(entry.backend.clone(), known);
+                            known
+                        }
+                    };
+                    if relayer_busy {
                         continue; // a transaction of ours may still carry it: wait for it
                     }
                     again.push(entry);
-                    // Sent as they are found, a bundle at a time: examining a long backlog
-                    // takes a while, and those found first are the soonest to expire.
+                    // Sent as they are found, without waiting for the last to be mined:
+                    // examining a long backlog takes a while, those found first are the
+                    // soonest to expire, and a life cut short by a crash must have sent them.
                     if again.len() >= AGAIN_EVERY {
-                        self.settle_again(std::mem::take(&mut again)).await;
+                        let (me, batch) = (self.clone(), std::mem::take(&mut again));
+                        sending.spawn(async move { me.settle_again(batch).await });
                     }
                     continue;
                 }
@@ -1091,6 +1108,8 @@ impl Settlement {
             }
         }
         self.settle_again(again).await;
+        // The round ends when what it sent again is decided.
+        while sending.join_next().await.is_some() {}
     }
 
     /// The entries whose nonces the chain shows unused, with the chain's time, read in batches
