@@ -6,6 +6,11 @@
 //! event and, in the same transaction's receipt, the `Transfer(from, pay_to, amount)` that
 //! makes it this payment — buried under the configured confirmations, or it is not evidence
 //! yet. Read through alloy's provider, like everything tollgate asks of a node.
+//!
+//! [`Chain::examine_all`] decides a whole backlog in a few reads (batched nonce states, one log
+//! query per token, one receipt per transaction); [`Chain::examine`] decides one payment.
+
+use std::collections::HashMap;
 
 use alloy::primitives::{Address, B256, Bytes, U256};
 use alloy::providers::{Provider, RootProvider};
@@ -85,10 +90,9 @@ impl Chain {
     }
 
     /// Which of `subjects`' nonces are used, read in one Multicall3 `aggregate3` of
-    /// `authorizationState` calls at the latest block, with that block's timestamp: an evidence
-    /// round after a crash reads hundreds of nonces in a few calls, not one each. The used
-    /// ones still need [`Chain::examine`] (which transfer used them).
-    pub async fn used(&self, subjects: &[Subject]) -> Result<(Vec<bool>, u64), String> {
+    /// `authorizationState` calls at the latest block: an evidence round after a crash reads
+    /// hundreds of nonces in a few calls, not one each.
+    async fn used(&self, subjects: &[Subject]) -> Result<Reading, String> {
         let latest = self
             .provider
             .get_block_by_number(alloy::rpc::types::BlockNumberOrTag::Latest)
@@ -133,11 +137,51 @@ impl Chain {
                     .map_err(|e| format!("authorizationState answered something else: {e}"))
             })
             .collect::<Result<Vec<bool>, String>>()?;
-        Ok((used, latest.header.timestamp))
+        Ok(Reading {
+            used,
+            block: latest.header.number,
+            time: latest.header.timestamp,
+        })
+    }
+
+    /// What the chain knows about each of `subjects` (in the same order), in a few reads
+    /// whatever their number: one `aggregate3` of `authorizationState` per call, one
+    /// `eth_getLogs` per token for the `AuthorizationUsed` events of the used nonces, and one
+    /// receipt per transaction that used them (a bundle's payments share theirs). After a
+    /// crash loop an evidence round decides thousands of payments in seconds, where reading
+    /// each on its own took a few round trips apiece and let served payments expire unsettled.
+    pub async fn examine_all(
+        &self,
+        subjects: &[Subject],
+        confirmations: u64,
+    ) -> Result<Vec<Verdict>, String> {
+        let reading = self.used(subjects).await?;
+        let used: Vec<&Subject> = subjects
+            .iter()
+            .zip(&reading.used)
+            .filter_map(|(s, &used)| used.then_some(s))
+            .collect();
+        let mut judged = self
+            .judge_used(&used, reading.block, confirmations)
+            .await?
+            .into_iter();
+        Ok(reading
+            .used
+            .iter()
+            .map(|&used| match used {
+                false => Verdict::Unused {
+                    chain_time: reading.time,
+                },
+                true => judged.next().unwrap_or(Verdict::Unclear {
+                    why: "no verdict".into(),
+                }),
+            })
+            .collect())
     }
 
     /// Reads what the chain knows about `entry`'s authorization; a transfer counts once its
-    /// block has `confirmations` blocks (its own included).
+    /// block has `confirmations` blocks (its own included). Asks the token directly, without
+    /// Multicall3: this is also the fallback when a batched read fails.
     pub async fn examine(&self, entry: &Subject, confirmations: u64) -> Result<Verdict, String> {
         let call = authorizationStateCall {
             authorizer: entry.payer,
@@ -155,82 +199,165 @@ impl Chain {
             .map_err(|e| format!("authorizationState: {}", short(&e)))?;
         let used = authorizationStateCall::abi_decode_returns(&answer)
             .map_err(|e| format!("authorizationState answered something else: {e}"))?;
+        let latest = self
+            .provider
+            .get_block_by_number(alloy::rpc::types::BlockNumberOrTag::Latest)
+            .await
+            .map_err(|e| format!("reading the latest block: {}", short(&e)))?
+            .ok_or("the node has no latest block")?;
         if !used {
-            let latest = self
-                .provider
-                .get_block_by_number(alloy::rpc::types::BlockNumberOrTag::Latest)
-                .await
-                .map_err(|e| format!("reading the latest block: {}", short(&e)))?
-                .ok_or("the node has no latest block")?;
             return Ok(Verdict::Unused {
                 chain_time: latest.header.timestamp,
             });
         }
-        let latest = self
-            .provider
-            .get_block_number()
-            .await
-            .map_err(|e| format!("eth_blockNumber: {}", short(&e)))?;
-        let events = |signature: B256| {
-            Filter::new()
-                .address(entry.asset)
-                .from_block(latest.saturating_sub(LOOKBACK_BLOCKS))
-                .event_signature(signature)
-                .topic1(B256::left_padding_from(entry.payer.as_slice()))
-                .topic2(entry.nonce)
-        };
-        let logs = self
-            .provider
-            .get_logs(&events(AuthorizationUsed::SIGNATURE_HASH))
-            .await
-            .map_err(|e| format!("eth_getLogs: {}", short(&e)))?;
-        let Some(log) = logs.first() else {
-            let cancelled = self
+        let mut verdicts = self
+            .judge_used(&[entry], latest.header.number, confirmations)
+            .await?;
+        Ok(verdicts.pop().unwrap_or(Verdict::Unclear {
+            why: "no verdict".into(),
+        }))
+    }
+
+    /// The verdicts (in order) for authorizations whose nonces are used as of block `latest`:
+    /// which transaction used each (`AuthorizationUsed`, read per token in one `eth_getLogs`
+    /// filtered on the payers and nonces), and whether that transaction's receipt holds this
+    /// payment's transfer.
+    async fn judge_used(
+        &self,
+        used: &[&Subject],
+        latest: u64,
+        confirmations: u64,
+    ) -> Result<Vec<Verdict>, String> {
+        let from = latest.saturating_sub(LOOKBACK_BLOCKS);
+        // (token, payer, nonce) → (transaction, block) of its first AuthorizationUsed.
+        let mut events: HashMap<(Address, Address, B256), (B256, u64)> = HashMap::new();
+        let mut tokens: Vec<Address> = used.iter().map(|s| s.asset).collect();
+        tokens.sort_unstable();
+        tokens.dedup();
+        for token in tokens {
+            let of_token = || used.iter().filter(|s| s.asset == token);
+            let distinct = |mut words: Vec<B256>| {
+                words.sort_unstable();
+                words.dedup();
+                words
+            };
+            let payers = distinct(
+                of_token()
+                    .map(|s| B256::left_padding_from(s.payer.as_slice()))
+                    .collect(),
+            );
+            let nonces = distinct(of_token().map(|s| s.nonce).collect());
+            let filter = Filter::new()
+                .address(token)
+                .from_block(from)
+                .to_block(latest)
+                .event_signature(AuthorizationUsed::SIGNATURE_HASH)
+                .topic1(payers)
+                .topic2(nonces);
+            let logs = self
                 .provider
-                .get_logs(&events(AuthorizationCanceled::SIGNATURE_HASH))
+                .get_logs(&filter)
                 .await
                 .map_err(|e| format!("eth_getLogs: {}", short(&e)))?;
-            if !cancelled.is_empty() {
-                return Ok(Verdict::UsedOtherwise {
-                    why: "the payer cancelled the authorization on chain".into(),
-                });
+            for log in logs {
+                let (Some(payer), Some(nonce), Some(tx)) = (
+                    log.topics().get(1),
+                    log.topics().get(2),
+                    log.transaction_hash,
+                ) else {
+                    continue;
+                };
+                let payer = Address::from_word(*payer);
+                events
+                    .entry((token, payer, *nonce))
+                    .or_insert((tx, log.block_number.unwrap_or(0)));
             }
-            return Ok(Verdict::Unclear {
-                why: format!(
-                    "the nonce is used but no AuthorizationUsed event was found in the last {LOOKBACK_BLOCKS} blocks"
-                ),
-            });
-        };
-        let tx = log
-            .transaction_hash
-            .ok_or("an AuthorizationUsed log without a transaction")?;
-        let block = log.block_number.unwrap_or(0);
-        if latest.saturating_add(1).saturating_sub(block) < confirmations {
-            return Ok(Verdict::Unclear {
-                why: format!("settled in block {block}, waiting for {confirmations} confirmations"),
+        }
+        // Transaction → its receipt's logs, read once however many payments it carried.
+        let mut receipts: HashMap<B256, Vec<Log>> = HashMap::new();
+        let mut verdicts = Vec::with_capacity(used.len());
+        for subject in used {
+            let Some(&(tx, block)) = events.get(&(subject.asset, subject.payer, subject.nonce))
+            else {
+                verdicts.push(self.without_event(subject, from, latest).await?);
+                continue;
+            };
+            if latest.saturating_add(1).saturating_sub(block) < confirmations {
+                verdicts.push(Verdict::Unclear {
+                    why: format!(
+                        "settled in block {block}, waiting for {confirmations} confirmations"
+                    ),
+                });
+                continue;
+            }
+            let logs = match receipts.entry(tx) {
+                std::collections::hash_map::Entry::Occupied(known) => known.into_mut(),
+                std::collections::hash_map::Entry::Vacant(slot) => {
+                    let receipt = self
+                        .provider
+                        .get_transaction_receipt(tx)
+                        .await
+                        .map_err(|e| format!("eth_getTransactionReceipt: {}", short(&e)))?
+                        .ok_or_else(|| format!("no receipt for {tx}"))?;
+                    slot.insert(receipt.inner.logs().to_vec())
+                }
+            };
+            let paid = logs.iter().any(|l| is_transfer(l, subject));
+            verdicts.push(if paid {
+                Verdict::Settled {
+                    tx: tx.to_string(),
+                    block,
+                }
+            } else {
+                Verdict::UsedOtherwise {
+                    why: format!(
+                        "the nonce was used in {tx} without a transfer of {} to {}",
+                        subject.amount, subject.pay_to
+                    ),
+                }
             });
         }
-        let receipt = self
-            .provider
-            .get_transaction_receipt(tx)
-            .await
-            .map_err(|e| format!("eth_getTransactionReceipt: {}", short(&e)))?
-            .ok_or_else(|| format!("no receipt for {tx}"))?;
-        let paid = receipt.inner.logs().iter().any(|l| is_transfer(l, entry));
-        if paid {
-            Ok(Verdict::Settled {
-                tx: tx.to_string(),
-                block,
-            })
-        } else {
-            Ok(Verdict::UsedOtherwise {
-                why: format!(
-                    "the nonce was used in {tx} without a transfer of {} to {}",
-                    entry.amount, entry.pay_to
-                ),
-            })
-        }
+        Ok(verdicts)
     }
+
+    /// The verdict on a used nonce without an `AuthorizationUsed` event in reach: cancelled by
+    /// the payer, or unclear.
+    async fn without_event(
+        &self,
+        subject: &Subject,
+        from: u64,
+        latest: u64,
+    ) -> Result<Verdict, String> {
+        let filter = Filter::new()
+            .address(subject.asset)
+            .from_block(from)
+            .to_block(latest)
+            .event_signature(AuthorizationCanceled::SIGNATURE_HASH)
+            .topic1(B256::left_padding_from(subject.payer.as_slice()))
+            .topic2(subject.nonce);
+        let cancelled = self
+            .provider
+            .get_logs(&filter)
+            .await
+            .map_err(|e| format!("eth_getLogs: {}", short(&e)))?;
+        if !cancelled.is_empty() {
+            return Ok(Verdict::UsedOtherwise {
+                why: "the payer cancelled the authorization on chain".into(),
+            });
+        }
+        Ok(Verdict::Unclear {
+            why: format!(
+                "the nonce is used but no AuthorizationUsed event was found in the last {LOOKBACK_BLOCKS} blocks"
+            ),
+        })
+    }
+}
+
+/// One batched read of nonces: used or not, at `block`, stamped `time`.
+struct Reading {
+    used: Vec<bool>,
+    block: u64,
+    time: u64,
 }
 
 /// Whether a receipt log is the `Transfer(payer, pay_to, amount)` of `entry`'s token.

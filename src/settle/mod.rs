@@ -68,7 +68,8 @@ const AGAIN_EVERY: usize = 20;
 /// waits until it is expired by a margin, then calls it never settled).
 pub const MIN_VALIDITY_SECS: u64 = 5;
 
-/// Nonces read in one `aggregate3` call by an evidence round.
+/// Payments examined in one batch by an evidence round (one `aggregate3` of nonce states, one
+/// log query per token), and decisions recorded in one durable write.
 const EVIDENCE_BATCH: usize = 500;
 
 /// How far back startup looks for confirmed sales whose credits were not granted (a stop
@@ -1008,34 +1009,41 @@ impl Settlement {
         // The soonest to expire first: a round may be cut short (a restart, a crash loop), and
         // a payment examined too late cannot be settled any more.
         unresolved.sort_by_key(|e| (e.valid_before, e.seq));
-        let unused = self.unused_nonces(&unresolved).await;
+        let mut verdicts = self.verdicts(&unresolved).await;
         // Those the batch showed unused first: sending them again is what a life cut short by
-        // the next crash must get done; the used ones each take a few reads more.
-        unresolved.sort_by_key(|e| (!unused.contains_key(&e.seq), e.valid_before, e.seq));
+        // the next crash must get done.
+        let unused = |e: &Entry, verdicts: &HashMap<u64, evidence::Verdict>| {
+            matches!(verdicts.get(&e.seq), Some(evidence::Verdict::Unused { .. }))
+        };
+        unresolved.sort_by_key(|e| (!unused(e, &verdicts), e.valid_before, e.seq));
         // Whether a backend's relayer has transactions of an earlier run in the pool, asked once
         // per round (it changes only when they are tended, at the start of the round).
         let mut busy: HashMap<String, bool> = HashMap::new();
         // Deferred payments the chain shows unused, to submit again; batches already sent.
         let mut again = Vec::new();
         let mut sending = tokio::task::JoinSet::new();
+        // Decisions, recorded together (one durable write per chunk, not one per payment).
+        let mut decided: Vec<(Change, Arc<Entry>)> = Vec::new();
         for entry in unresolved {
-            let verdict = if let Some(&chain_time) = unused.get(&entry.seq) {
-                evidence::Verdict::Unused { chain_time }
-            } else {
-                let Some(chain) = self.evidence_for(&entry).await else {
-                    continue;
-                };
-                match chain
-                    .examine(
-                        &evidence::Subject::from(entry.as_ref()),
-                        self.inner.relayer.confirmations,
-                    )
-                    .await
-                {
-                    Ok(v) => v,
-                    Err(e) => {
-                        tracing::warn!(entry = entry.seq, error = %e, "reading evidence for an unresolved payment failed; trying again later");
+            let verdict = match verdicts.remove(&entry.seq) {
+                Some(verdict) => verdict,
+                None => {
+                    // Not in a batch (its node could not answer one): on its own.
+                    let Some(chain) = self.evidence_for(&entry).await else {
                         continue;
+                    };
+                    match chain
+                        .examine(
+                            &evidence::Subject::from(entry.as_ref()),
+                            self.inner.relayer.confirmations,
+                        )
+                        .await
+                    {
+                        Ok(v) => v,
+                        Err(e) => {
+                            tracing::warn!(entry = entry.seq, error = %e, "reading evidence for an unresolved payment failed; trying again later");
+                            continue;
+                        }
                     }
                 }
             };
@@ -1086,8 +1094,8 @@ impl Settlement {
                     }
                     again.push(entry);
                     // Sent as they are found, without waiting for the last to be mined:
-                    // examining a long backlog takes a while, those found first are the
-                    // soonest to expire, and a life cut short by a crash must have sent them.
+                    // the soonest to expire come first, and a life cut short by a crash must
+                    // have sent them.
                     if again.len() >= AGAIN_EVERY {
                         let (me, batch) = (self.clone(), std::mem::take(&mut again));
                         sending.spawn(async move { me.settle_again(batch).await });
@@ -1100,22 +1108,41 @@ impl Settlement {
                     continue;
                 }
             };
-            let confirmed = change.state == State::Confirmed;
-            if let Err(e) = self.record(&[change], true).await {
-                tracing::error!(entry = seq, error = %e, "recording evidence failed");
-            } else if confirmed {
-                self.credit_sale(&entry).await;
-            }
+            decided.push((change, entry));
         }
         self.settle_again(again).await;
+        for chunk in decided.chunks(EVIDENCE_BATCH) {
+            let changes: Vec<Change> = chunk.iter().map(|(c, _)| c.clone()).collect();
+            let recorded: Vec<&(Change, Arc<Entry>)> = match self.record(&changes, true).await {
+                Ok(()) => chunk.iter().collect(),
+                // One refused change must not hold back the others: each on its own.
+                Err(_) => {
+                    let mut recorded = Vec::new();
+                    for decision in chunk {
+                        match self.record(std::slice::from_ref(&decision.0), true).await {
+                            Ok(()) => recorded.push(decision),
+                            Err(e) => {
+                                tracing::error!(entry = decision.1.seq, error = %e, "recording evidence failed; it is read again next round");
+                            }
+                        }
+                    }
+                    recorded
+                }
+            };
+            for (change, entry) in recorded {
+                if change.state == State::Confirmed {
+                    self.credit_sale(entry).await;
+                }
+            }
+        }
         // The round ends when what it sent again is decided.
         while sending.join_next().await.is_some() {}
     }
 
-    /// The entries whose nonces the chain shows unused, with the chain's time, read in batches
-    /// ([`evidence::Chain::used`]) per node and chain. An entry missing here (used, or its
-    /// node could not answer the batch) is examined on its own.
-    async fn unused_nonces(&self, entries: &[Arc<Entry>]) -> HashMap<u64, u64> {
+    /// What the chain says about `entries`, read in batches ([`evidence::Chain::examine_all`])
+    /// per node and chain, keyed by ledger sequence. An entry missing here (its node could not
+    /// answer the batch) is examined on its own.
+    async fn verdicts(&self, entries: &[Arc<Entry>]) -> HashMap<u64, evidence::Verdict> {
         // (node, chain id) → the node and its entries.
         type Groups = HashMap<(String, u64), (evidence::Chain, Vec<Arc<Entry>>)>;
         let mut groups = Groups::new();
@@ -1133,28 +1160,27 @@ impl Settlement {
                 .1
                 .push(entry.clone());
         }
-        let mut unused = HashMap::new();
+        let mut verdicts = HashMap::new();
         for (chain, group) in groups.into_values() {
             for batch in group.chunks(EVIDENCE_BATCH) {
                 let subjects: Vec<evidence::Subject> = batch
                     .iter()
                     .map(|e| evidence::Subject::from(e.as_ref()))
                     .collect();
-                match chain.used(&subjects).await {
-                    Ok((used, chain_time)) => {
-                        for (entry, used) in batch.iter().zip(used) {
-                            if !used {
-                                unused.insert(entry.seq, chain_time);
-                            }
-                        }
+                match chain
+                    .examine_all(&subjects, self.inner.relayer.confirmations)
+                    .await
+                {
+                    Ok(found) => {
+                        verdicts.extend(batch.iter().map(|e| e.seq).zip(found));
                     }
                     Err(e) => {
-                        tracing::debug!(error = %e, "a batched read of nonces failed; each is examined on its own");
+                        tracing::debug!(error = %e, "a batched read of evidence failed; each payment is examined on its own");
                     }
                 }
             }
         }
-        unused
+        verdicts
     }
 
     /// The node that can tell what became of `entry`: its own (`settle via rpc`), else

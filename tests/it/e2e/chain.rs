@@ -63,7 +63,14 @@ alloy::sol! {
             bytes32 s
         ) external;
         event Transfer(address indexed from, address indexed to, uint256 value);
+        function cancelAuthorization(address authorizer, bytes32 nonce, uint8 v, bytes32 r, bytes32 s) external;
         event AuthorizationUsed(address indexed authorizer, bytes32 indexed nonce);
+    }
+
+    /// EIP-3009's cancellation, signed by the authorizer.
+    struct CancelAuthorization {
+        address authorizer;
+        bytes32 nonce;
     }
 }
 
@@ -996,6 +1003,125 @@ async fn concurrent_settles_all_land_once_each() {
     assert_eq!(transactions.len(), N);
     assert_eq!(chain.balance_of(pay_to()).await, 1_000 * N as u128);
     assert_eq!(chain.authorizations_used(buyer.address()).await.len(), N);
+}
+
+/// Evidence read in batches (`examine_all`: one `aggregate3` of nonce states, one log query per
+/// token, one receipt per transaction) says the same as evidence read one payment at a time,
+/// for every kind of outcome at once: settled to this payment's recipient, used for another
+/// amount, cancelled by the payer, unused; two payers whose nonces cross in the log filter;
+/// and a transfer not yet deep enough.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn evidence_read_in_batches_agrees_with_evidence_read_one_by_one() {
+    use alloy::signers::SignerSync;
+    use alloy::sol_types::SolStruct;
+    use tollgate::settle::evidence::{Chain, Subject, Verdict};
+
+    let (alice, bob) = (Wallet::new(0x56), Wallet::new(0x57));
+    let chain = DevChain::start_with(&[(alice.address(), 100_000), (bob.address(), 100_000)]).await;
+    let requirements = requirements_v2(1_000);
+    let subject = |wallet: &Wallet, nonce: B256, amount: u64| Subject {
+        payer: wallet.address(),
+        nonce,
+        asset: chain.token(),
+        pay_to: pay_to(),
+        amount: U256::from(amount),
+    };
+    let mut subjects = Vec::new();
+    let mut settled_in = Vec::new();
+    for wallet in [&alice, &bob, &alice] {
+        let (body, nonce) = request_v2(wallet, &requirements, &Tweak::default());
+        let settled = post(&chain, "/settle", &body).await;
+        assert_eq!(settled["success"], true, "{settled:#}");
+        settled_in.push(b256(&settled["transaction"]));
+        subjects.push(subject(wallet, nonce, 1_000));
+    }
+    // Bob's settled nonce, as if the ledger held 999 for it: used, but not by this payment.
+    subjects.push(Subject {
+        amount: U256::from(999),
+        ..subjects[1]
+    });
+    // Alice cancels an authorization she had signed.
+    let cancelled = B256::repeat_byte(0xc1);
+    let domain = eip712_domain! {
+        name: "USDC",
+        version: "2",
+        chain_id: CHAIN_ID,
+        verifying_contract: chain.token(),
+    };
+    let digest = CancelAuthorization {
+        authorizer: alice.address(),
+        nonce: cancelled,
+    }
+    .eip712_signing_hash(&domain);
+    let signature = alice.signer.sign_hash_sync(&digest).unwrap();
+    let data = IEip3009Token::cancelAuthorizationCall {
+        authorizer: alice.address(),
+        nonce: cancelled,
+        v: 27 + u8::from(signature.v()),
+        r: signature.r().into(),
+        s: signature.s().into(),
+    }
+    .abi_encode();
+    let tx = chain
+        .rpc(
+            "eth_sendTransaction",
+            json!([{
+                "from": FAUCET,
+                "to": BASE_SEPOLIA_USDC,
+                "data": format!("0x{}", alloy::hex::encode(data)),
+            }]),
+        )
+        .await;
+    assert_eq!(chain.receipt(&tx).await["status"], "0x1");
+    subjects.push(subject(&alice, cancelled, 1_000));
+    // Never used; and Bob's nonce under Alice's name (the filter's payers × nonces).
+    subjects.push(subject(&alice, B256::repeat_byte(0x0e), 1_000));
+    subjects.push(Subject {
+        payer: alice.address(),
+        ..subjects[1]
+    });
+
+    let node = Chain::new(&chain.rpc_url()).unwrap();
+    let batched = node.examine_all(&subjects, 1).await.unwrap();
+    let mut one_by_one = Vec::new();
+    for s in &subjects {
+        one_by_one.push(node.examine(s, 1).await.unwrap());
+    }
+    let kind = |v: &Verdict| match v {
+        Verdict::Settled { tx, .. } => format!("settled {tx}"),
+        Verdict::UsedOtherwise { why } => format!("otherwise: {why}"),
+        Verdict::Unused { .. } => "unused".into(),
+        Verdict::Unclear { why } => format!("unclear: {why}"),
+    };
+    let batched: Vec<String> = batched.iter().map(kind).collect();
+    assert_eq!(batched, one_by_one.iter().map(kind).collect::<Vec<_>>());
+    for (i, tx) in settled_in.iter().enumerate() {
+        assert_eq!(batched[i], format!("settled {tx}"));
+    }
+    assert!(
+        batched[3].starts_with("otherwise: the nonce was used in"),
+        "{}",
+        batched[3]
+    );
+    assert_eq!(
+        batched[4],
+        "otherwise: the payer cancelled the authorization on chain"
+    );
+    assert_eq!(batched[5], "unused");
+    assert_eq!(batched[6], "unused");
+
+    // Not deep enough yet: every settled one is unclear, in both readings.
+    let deep = node.examine_all(&subjects[..3], 1_000).await.unwrap();
+    for (batched, single) in deep.iter().zip(&subjects[..3]) {
+        assert!(
+            kind(batched).starts_with("unclear: settled in block"),
+            "{batched:?}"
+        );
+        assert_eq!(
+            kind(batched),
+            kind(&node.examine(single, 1_000).await.unwrap())
+        );
+    }
 }
 
 /// A TCP relay in front of a node: the node as tollgate sees it can be taken down (connections
