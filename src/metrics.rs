@@ -111,6 +111,10 @@ pub struct Metrics {
     /// `tollgate_store_up`: 1 while the store writes, 0 from its first failed write until
     /// tollgate restarts in place to reopen it (`store::health`).
     pub store_up: IntGauge,
+    /// `tollgate_clock_behind_seconds`: how far this host's wall clock is behind the time
+    /// payments are decided by ([`crate::clock`]); above 0 after a step back. Refreshed at
+    /// each scrape.
+    pub clock_behind: IntGauge,
     /// `tollgate_connections_open{listener}`: client connections open (`proxy`, `ops`,
     /// `admin`).
     pub connections_open: Gauges<1>,
@@ -251,6 +255,10 @@ impl Metrics {
             store_up: gauge(
                 "tollgate_store_up",
                 "1 while the store writes; 0 after a write failed (disk full, read-only): paid and prepaid requests are refused until tollgate restarts in place.",
+            )?,
+            clock_behind: gauge(
+                "tollgate_clock_behind_seconds",
+                "Seconds this host's wall clock is behind the time payments are decided by (never earlier than a moment already seen); above 0 after the clock was stepped back.",
             )?,
             connections_open: Gauges::new(
                 &registry,

@@ -84,6 +84,18 @@ pub fn run(config: &Config) -> Result<Stopped, String> {
         .map_err(|e| format!("cannot open the store at {}: {e}", config.store.display()))?;
     let token = admin::token::load_or_generate(config)?;
     metrics.store_up.set(1);
+    // Payments are decided by a clock that never goes back, not even behind the books.
+    let recorded = store
+        .latest_time()
+        .map_err(|e| format!("cannot read the store at {}: {e}", config.store.display()))?;
+    crate::clock::not_before(recorded);
+    let behind = crate::clock::wall_behind();
+    if behind > 0 {
+        tracing::warn!(
+            behind_secs = behind,
+            "this host's clock is behind the latest record in the store; payments are decided by the store's time until it catches up (check NTP)"
+        );
+    }
     let restart = Arc::new(Restart::default());
 
     let conf = ServerConf {
@@ -173,7 +185,7 @@ pub fn run(config: &Config) -> Result<Stopped, String> {
     let admin_app = Admin {
         store: store.clone(),
         token,
-        clock: crate::unix_now,
+        clock: crate::clock::now,
         live: live.clone(),
     };
     let admin_listener = Listener::new(
@@ -347,6 +359,9 @@ impl ServeHttp for Ops {
             self.metrics
                 .store_bytes
                 .set(i64::try_from(self.store.size_on_disk()).unwrap_or(i64::MAX));
+            self.metrics
+                .clock_behind
+                .set(i64::try_from(crate::clock::wall_behind()).unwrap_or(i64::MAX));
             let body = self.metrics.render();
             return http::Response::builder()
                 .status(200)
@@ -441,7 +456,7 @@ impl BackgroundService for Housekeeping {
     }
 }
 
-/// Watches the store: `tollgate_store_up`, and once a failed store's directory takes a
+/// Watches the clock (a step back is logged once) and the store: `tollgate_store_up`, and once a failed store's directory takes a
 /// write again, the restart that reopens it ([`crate::store::health`]).
 struct StoreWatch {
     store: Store,
@@ -453,11 +468,20 @@ struct StoreWatch {
 impl BackgroundService for StoreWatch {
     async fn start(&self, mut shutdown: ShutdownWatch) {
         let mut probe_failed_with = None;
+        let mut clock_was_behind = false;
         loop {
             tokio::select! {
                 _ = shutdown.changed() => return,
                 () = tokio::time::sleep(STORE_WATCH_EVERY) => {}
             }
+            let behind = crate::clock::wall_behind();
+            if behind > 1 && !clock_was_behind {
+                tracing::warn!(
+                    behind_secs = behind,
+                    "this host's clock went back; payments are decided by the time already seen until it catches up (check NTP)"
+                );
+            }
+            clock_was_behind = behind > 1;
             if self.store.failure().is_none() {
                 continue;
             }

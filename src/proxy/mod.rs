@@ -140,7 +140,7 @@ impl Gate {
             store,
             upstream,
             public_url,
-            clock: crate::unix_now,
+            clock: crate::clock::now,
             ids: Arc::new(RequestIds::new()),
             limiter,
             metrics,

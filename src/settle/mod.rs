@@ -239,7 +239,7 @@ impl Settlement {
                 store,
                 limiter,
                 metrics,
-                clock: crate::unix_now,
+                clock: crate::clock::now,
                 backends: Mutex::new(HashMap::new()),
                 connecting: tokio::sync::Mutex::new(()),
                 live,

@@ -201,6 +201,29 @@ impl Store {
         Ok(removed)
     }
 
+    /// The time of the latest record in the books (payment entries, their facts, credit
+    /// facts), 0 for an empty store: a lower bound on the real time ([`crate::clock`]).
+    pub fn latest_time(&self) -> Result<u64, StoreError> {
+        #[derive(serde::Deserialize)]
+        struct At {
+            at: u64,
+        }
+        let mut latest = 0;
+        for tree in [
+            &self.trees.payments,
+            &self.trees.payment_facts,
+            &self.trees.ledger,
+        ] {
+            if let Some((_, value)) = tree.last()? {
+                // Each is keyed by an increasing sequence, so its last record is its latest.
+                if let Ok(record) = serde_json::from_slice::<At>(&value) {
+                    latest = latest.max(record.at);
+                }
+            }
+        }
+        Ok(latest)
+    }
+
     /// Bytes the store takes on disk (0 when it cannot tell).
     pub fn size_on_disk(&self) -> u64 {
         self.trees.db.size_on_disk().unwrap_or(0)

@@ -1006,20 +1006,36 @@ async fn sidecar_on_clock(
     (s, clock)
 }
 
+/// An authorization that expired 10 s ago in the real world, on every timing: refused
+/// `authorization_expired`, and the upstream saw only the one paid call before it.
+async fn expired_is_refused_everywhere(s: &Sidecar, wallet: &Wallet, upstream: &BadUpstream) {
+    let real = harness::now();
+    let expired = Tweak {
+        valid_after: Some(real - 600),
+        valid_before: Some(real - 10),
+        ..Tweak::default()
+    };
+    for timing in ["before", "after", "deferred"] {
+        let path = format!("/{timing}/expired");
+        let header = sign(s, wallet, &path, expired.clone()).await;
+        expect_error(send(s, &path, &header).await, 402, "authorization_expired").await;
+    }
+    assert_eq!(upstream.seen(), 1, "nothing expired reached the upstream");
+}
+
 /// tollgate's clock jumps 100 s back. A used nonce stays used (`payment_replayed`): the nonce
 /// set does not depend on the clock. An authorization that expired 10 s ago in the real world
-/// looks valid to tollgate now, and is admitted — local verification cannot know better — but
-/// the facilitator (another clock) refuses it: `before response` answers `402
-/// settlement_failed` and the upstream never sees the request; `after response` discards the
-/// upstream's answer for the same 402; `deferred` serves it and its bundle is refused, so that
-/// request was served unpaid (the design's limit: deferred trusts local verification, bounded by
-/// `limit buyer unsettled`). The ledger says `failed` with the facilitator's reason for all
-/// three; signal: `tollgate_settlements_total{result="refused"}`.
+/// looks valid by the stepped-back wall clock, but payments are decided by a clock that never
+/// goes back (`tollgate::clock`: the time already run, on the monotonic clock): it is refused
+/// `authorization_expired` with every timing, never forwarded, never recorded — `deferred` no
+/// longer serves it unpaid. After a restart with the clock still behind, the store's latest
+/// record is the floor: still refused. Signals: `tollgate_clock_behind_seconds` ≈ 100 and a
+/// warning in the log.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn tollgates_clock_jumping_back_keeps_used_nonces_and_the_facilitator_catches_the_expired() {
+async fn tollgates_clock_jumping_back_keeps_used_nonces_and_revives_no_expired_authorization() {
     let upstream = BadUpstream::start().await;
     let facilitator = Facilitator::start().await;
-    let (s, clock) = sidecar_on_clock("fault-clock-back", &upstream, &facilitator).await;
+    let (mut s, clock) = sidecar_on_clock("fault-clock-back", &upstream, &facilitator).await;
     let wallet = Wallet::new(0x59);
     let used = sign(&s, &wallet, "/after/used", Tweak::default()).await;
     assert_eq!(send(&s, "/after/used", &used).await.status(), 200);
@@ -1032,39 +1048,44 @@ async fn tollgates_clock_jumping_back_keeps_used_nonces_and_the_facilitator_catc
         "payment_replayed",
     )
     .await;
-    let real = harness::now();
-    let expired = Tweak {
-        valid_after: Some(real - 600),
-        valid_before: Some(real - 10),
-        ..Tweak::default()
-    };
-    for (timing, served) in [("before", false), ("after", false), ("deferred", true)] {
-        let path = format!("/{timing}/expired");
-        let seen = upstream.seen();
-        let header = sign(&s, &wallet, &path, expired.clone()).await;
-        let response = send(&s, &path, &header).await;
-        if served {
-            assert_eq!(response.status(), 200, "{path}");
-        } else {
-            let body = expect_error(response, 402, "settlement_failed").await;
-            assert!(!body.to_string().contains(SECRET), "{path}: {body}");
-        }
-        assert_eq!(
-            upstream.seen(),
-            seen + usize::from(timing != "before"),
-            "{path}"
-        );
-        let entry = wait_state(&s, &path, "failed").await;
-        assert_eq!(
-            entry["status"]["reason"], "invalid_exact_evm_payload_authorization_valid_before",
-            "{entry:#}"
-        );
+    expired_is_refused_everywhere(&s, &wallet, &upstream).await;
+    let behind = metric(&s, "tollgate_clock_behind_seconds").await;
+    assert!((95.0..=105.0).contains(&behind), "behind {behind}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !s.log().contains("this host's clock went back") {
+        assert!(Instant::now() < deadline, "no warning\n{}", s.log());
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert_eq!(facilitator.settled().len(), 1, "only the first payment");
     assert_eq!(
-        metric(&s, r#"tollgate_settlements_total{result="refused"}"#).await,
+        metric(
+            &s,
+            r#"tollgate_payments_rejected_total{reason="authorization_expired"}"#
+        )
+        .await,
         3.0
     );
+
+    // A restart on the stepped-back clock: the store's latest record holds the time.
+    s.kill();
+    let dir = s.dir.clone();
+    let env = clock.env();
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let s = Sidecar::launch(
+        &dir,
+        &upstream.url(),
+        Launch {
+            env: &env,
+            ..Launch::default()
+        },
+    )
+    .await;
+    assert!(
+        s.log().contains("behind the latest record in the store"),
+        "{}",
+        s.log()
+    );
+    expired_is_refused_everywhere(&s, &wallet, &upstream).await;
+    assert_eq!(facilitator.settled().len(), 1, "only the first payment");
     ledger_consistent(&s).await;
 }
 
