@@ -78,8 +78,8 @@
 //!   reconciliation export (CSV/JSON, exact fiat columns from an operator's rate table,
 //!   [`ledger::export`]) and `ledger verify` ([`ledger::verify`]: gap-free sequences, the state
 //!   machine, the status and open indexes, bundle totals, the credit audit).
-//! - [`clock`] — the time payments are decided by: the wall clock, never earlier than a moment
-//!   already seen (a clock stepped back cannot revive an expired authorization).
+//! - [`clock`] — the time payments are decided by: the wall clock, held against stepping back
+//!   (a clock stepped back cannot revive an expired authorization).
 //! - [`limits`] — buyer limits at run time (windows, counters, what a request holds).
 //! - [`reload`] — the policy in force ([`reload::Live`], swapped whole on reload; each request
 //!   keeps the one it started with) and the watcher (file content, SIGHUP).
@@ -174,7 +174,7 @@ pub mod target;
 pub mod x402;
 
 /// Seconds since the Unix epoch, as the wall clock says. Payments are decided by
-/// [`clock::now`], which never goes back.
+/// [`clock::now`], which is held against stepping back.
 pub fn unix_now() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

@@ -112,8 +112,8 @@ pub struct Metrics {
     /// tollgate restarts in place to reopen it (`store::health`).
     pub store_up: IntGauge,
     /// `tollgate_clock_behind_seconds`: how far this host's wall clock is behind the time
-    /// payments are decided by ([`crate::clock`]); above 0 after a step back. Refreshed at
-    /// each scrape.
+    /// payments are decided by ([`crate::clock`]); above 0 after a step back (up to the hold).
+    /// Refreshed at each scrape.
     pub clock_behind: IntGauge,
     /// `tollgate_connections_open{listener}`: client connections open (`proxy`, `ops`,
     /// `admin`).
@@ -258,7 +258,7 @@ impl Metrics {
             )?,
             clock_behind: gauge(
                 "tollgate_clock_behind_seconds",
-                "Seconds this host's wall clock is behind the time payments are decided by (never earlier than a moment already seen); above 0 after the clock was stepped back.",
+                "Seconds this host's wall clock is behind the time payments are decided by (held against stepping back, by up to an hour); above 0 after the clock was stepped back.",
             )?,
             connections_open: Gauges::new(
                 &registry,

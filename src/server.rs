@@ -88,12 +88,18 @@ pub fn run(config: &Config) -> Result<Stopped, String> {
     let recorded = store
         .latest_time()
         .map_err(|e| format!("cannot read the store at {}: {e}", config.store.display()))?;
-    crate::clock::not_before(recorded);
-    let behind = crate::clock::wall_behind();
+    let behind = crate::clock::start(recorded);
+    let ahead = recorded.saturating_sub(crate::unix_now());
     if behind > 0 {
         tracing::warn!(
             behind_secs = behind,
             "this host's clock is behind the latest record in the store; payments are decided by the store's time until it catches up (check NTP)"
+        );
+    } else if ahead > 0 {
+        tracing::error!(
+            behind_secs = ahead,
+            hold_secs = crate::clock::MAX_HOLD_SECS,
+            "this host's clock is far behind the latest record in the store; following it (the books were written by a clock that ran ahead, or this one is wrong: check NTP)"
         );
     }
     let restart = Arc::new(Restart::default());

@@ -163,7 +163,7 @@ impl Chain {
             .collect();
         let mut judged = self
             .judge_used(&used, reading.block, confirmations)
-            .await?
+            .await
             .into_iter();
         Ok(reading
             .used
@@ -212,7 +212,7 @@ impl Chain {
         }
         let mut verdicts = self
             .judge_used(&[entry], latest.header.number, confirmations)
-            .await?;
+            .await;
         Ok(verdicts.pop().unwrap_or(Verdict::Unclear {
             why: "no verdict".into(),
         }))
@@ -221,16 +221,14 @@ impl Chain {
     /// The verdicts (in order) for authorizations whose nonces are used as of block `latest`:
     /// which transaction used each (`AuthorizationUsed`, read per token in one `eth_getLogs`
     /// filtered on the payers and nonces), and whether that transaction's receipt holds this
-    /// payment's transfer.
-    async fn judge_used(
-        &self,
-        used: &[&Subject],
-        latest: u64,
-        confirmations: u64,
-    ) -> Result<Vec<Verdict>, String> {
+    /// payment's transfer. What cannot be read is `Unclear` (read again next round), each
+    /// payment on its own.
+    async fn judge_used(&self, used: &[&Subject], latest: u64, confirmations: u64) -> Vec<Verdict> {
         let from = latest.saturating_sub(LOOKBACK_BLOCKS);
         // (token, payer, nonce) → (transaction, block) of its first AuthorizationUsed.
         let mut events: HashMap<(Address, Address, B256), (B256, u64)> = HashMap::new();
+        // Tokens whose events could not be read, with why.
+        let mut unreadable: HashMap<Address, String> = HashMap::new();
         let mut tokens: Vec<Address> = used.iter().map(|s| s.asset).collect();
         tokens.sort_unstable();
         tokens.dedup();
@@ -254,11 +252,15 @@ impl Chain {
                 .event_signature(AuthorizationUsed::SIGNATURE_HASH)
                 .topic1(payers)
                 .topic2(nonces);
-            let logs = self
-                .provider
-                .get_logs(&filter)
-                .await
-                .map_err(|e| format!("eth_getLogs: {}", short(&e)))?;
+            // A node that cannot answer for one token leaves its payments unclear this round,
+            // not the whole batch undecided.
+            let logs = match self.provider.get_logs(&filter).await {
+                Ok(logs) => logs,
+                Err(e) => {
+                    unreadable.insert(token, format!("eth_getLogs: {}", short(&e)));
+                    continue;
+                }
+            };
             for log in logs {
                 let (Some(payer), Some(nonce), Some(tx)) = (
                     log.topics().get(1),
@@ -273,13 +275,22 @@ impl Chain {
                     .or_insert((tx, log.block_number.unwrap_or(0)));
             }
         }
-        // Transaction → its receipt's logs, read once however many payments it carried.
-        let mut receipts: HashMap<B256, Vec<Log>> = HashMap::new();
+        // Transaction → its receipt's logs (or why not), read once however many payments it
+        // carried.
+        let mut receipts: HashMap<B256, Result<Vec<Log>, String>> = HashMap::new();
         let mut verdicts = Vec::with_capacity(used.len());
         for subject in used {
+            if let Some(why) = unreadable.get(&subject.asset) {
+                verdicts.push(Verdict::Unclear { why: why.clone() });
+                continue;
+            }
             let Some(&(tx, block)) = events.get(&(subject.asset, subject.payer, subject.nonce))
             else {
-                verdicts.push(self.without_event(subject, from, latest).await?);
+                verdicts.push(
+                    self.without_event(subject, from, latest)
+                        .await
+                        .unwrap_or_else(|why| Verdict::Unclear { why }),
+                );
                 continue;
             };
             if latest.saturating_add(1).saturating_sub(block) < confirmations {
@@ -293,13 +304,14 @@ impl Chain {
             let logs = match receipts.entry(tx) {
                 std::collections::hash_map::Entry::Occupied(known) => known.into_mut(),
                 std::collections::hash_map::Entry::Vacant(slot) => {
-                    let receipt = self
-                        .provider
-                        .get_transaction_receipt(tx)
-                        .await
-                        .map_err(|e| format!("eth_getTransactionReceipt: {}", short(&e)))?
-                        .ok_or_else(|| format!("no receipt for {tx}"))?;
-                    slot.insert(receipt.inner.logs().to_vec())
+                    slot.insert(self.receipt_logs(tx).await)
+                }
+            };
+            let logs = match logs {
+                Ok(logs) => logs,
+                Err(why) => {
+                    verdicts.push(Verdict::Unclear { why: why.clone() });
+                    continue;
                 }
             };
             let paid = logs.iter().any(|l| is_transfer(l, subject));
@@ -317,7 +329,18 @@ impl Chain {
                 }
             });
         }
-        Ok(verdicts)
+        verdicts
+    }
+
+    /// The logs of `tx`'s receipt.
+    async fn receipt_logs(&self, tx: B256) -> Result<Vec<Log>, String> {
+        let receipt = self
+            .provider
+            .get_transaction_receipt(tx)
+            .await
+            .map_err(|e| format!("eth_getTransactionReceipt: {}", short(&e)))?
+            .ok_or_else(|| format!("no receipt for {tx}"))?;
+        Ok(receipt.inner.logs().to_vec())
     }
 
     /// The verdict on a used nonce without an `AuthorizationUsed` event in reach: cancelled by

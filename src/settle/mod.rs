@@ -1075,10 +1075,13 @@ impl Settlement {
                             .into(),
                     )
                 }
-                evidence::Verdict::Unused { .. }
-                    if entry.valid_before <= now.saturating_add(MIN_VALIDITY_SECS) =>
+                // Too late to submit, too early to call it never settled: by the chain's clock,
+                // which decides, not this host's (a clock stepped ahead must not stop a
+                // still-valid payment from being sent again).
+                evidence::Verdict::Unused { chain_time }
+                    if entry.valid_before <= chain_time.saturating_add(MIN_VALIDITY_SECS) =>
                 {
-                    continue; // too late to submit, too early to call it never settled
+                    continue;
                 }
                 evidence::Verdict::Unused { .. } if deferred && entry.valid_after < now => {
                     let relayer_busy = match busy.get(&entry.backend) {
@@ -1110,7 +1113,13 @@ impl Settlement {
             };
             decided.push((change, entry));
         }
-        self.settle_again(again).await;
+        if !again.is_empty() {
+            let me = self.clone();
+            sending.spawn(async move { me.settle_again(again).await });
+        }
+        // Decisions first, while what was sent again is being mined: a kill now must not lose
+        // them (they would only be read again, but sales would wait for their credits and
+        // buyers' unsettled holds for their release).
         for chunk in decided.chunks(EVIDENCE_BATCH) {
             let changes: Vec<Change> = chunk.iter().map(|(c, _)| c.clone()).collect();
             let recorded: Vec<&(Change, Arc<Entry>)> = match self.record(&changes, true).await {

@@ -602,8 +602,14 @@ impl Store {
             audit.accounts += 1;
             let balance = u128_of(self.trees.balances.get(&id)?);
             let ledger = sums.get(&account).copied().unwrap_or(0);
+            let first = Discrepancy {
+                account,
+                balance,
+                ledger: u128::try_from(ledger).unwrap_or(0),
+                negative: ledger < 0,
+            };
             if i128::try_from(balance).ok() != Some(ledger)
-                && let Some(found) = self.account_adds_up(account)?
+                && let Some(found) = self.account_adds_up(first)?
             {
                 audit.discrepancies.push(found);
             }
@@ -611,42 +617,44 @@ impl Store {
         Ok(audit)
     }
 
-    /// One account's audit on its own: `None` when its facts add up to its balance in a read
-    /// where the balance did not change around the facts' read; else the discrepancy, once a
-    /// few such reads agree on it (a write caught halfway resolves within them).
-    fn account_adds_up(&self, account: AccountId) -> Result<Option<Discrepancy>, StoreError> {
+    /// One account's audit on its own, after the whole-ledger pass found `first`: `None` when
+    /// its facts (through the per-account index, each checked to be this account's) add up to
+    /// its balance in a read where the balance did not change around the facts' read; else
+    /// the discrepancy — the last stable read's, or `first` when the account never held still.
+    fn account_adds_up(&self, first: Discrepancy) -> Result<Option<Discrepancy>, StoreError> {
         const READS: usize = 20;
+        let account = first.account;
         let id = account.to_be_bytes();
-        let mut found = None;
+        let mut found = first;
         for read in 0..READS {
             let before = u128_of(self.trees.balances.get(id)?);
-            let ledger = self
-                .usage(account, 0, usize::MAX)?
-                .iter()
-                .fold(0i128, |sum, fact| {
-                    let credits = i128::try_from(fact.credits).unwrap_or(i128::MAX);
-                    match fact.kind {
-                        FactKind::Topup | FactKind::Refund => sum.saturating_add(credits),
-                        FactKind::Debit => sum.saturating_sub(credits),
-                    }
-                });
+            let facts = self.usage(account, 0, usize::MAX)?;
+            // A fact filed under another account in the index never adds up.
+            let misfiled = facts.iter().any(|fact| fact.account != account);
+            let ledger = facts.iter().fold(0i128, |sum, fact| {
+                let credits = i128::try_from(fact.credits).unwrap_or(i128::MAX);
+                match fact.kind {
+                    FactKind::Topup | FactKind::Refund => sum.saturating_add(credits),
+                    FactKind::Debit => sum.saturating_sub(credits),
+                }
+            });
             let after = u128_of(self.trees.balances.get(id)?);
             if before == after {
-                if i128::try_from(after).ok() == Some(ledger) {
+                if !misfiled && i128::try_from(after).ok() == Some(ledger) {
                     return Ok(None);
                 }
-                found = Some(Discrepancy {
+                found = Discrepancy {
                     account,
                     balance: after,
                     ledger: u128::try_from(ledger).unwrap_or(0),
                     negative: ledger < 0,
-                });
+                };
             }
             if read + 1 < READS {
                 std::thread::sleep(std::time::Duration::from_millis(1));
             }
         }
-        Ok(found)
+        Ok(Some(found))
     }
 
     /// Deletes `Idempotency-Key` records past their retention; returns how many.
