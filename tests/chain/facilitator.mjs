@@ -8,11 +8,6 @@
 // With --exit-with-stdin it exits when its standard input closes, so it never outlives the test
 // process that started it, however that process ends.
 //
-// For the load comparison (tests/load/bench.py): --instant-settle answers every /settle with
-// success at once, without a transaction (verification stays real: signature, balance read
-// from the chain), so a row measures the server in front of it and not the chain; --quiet
-// drops the line per request.
-//
 // HTTP API (the x402 facilitator API; requests are `{x402Version, paymentPayload,
 // paymentRequirements}`):
 //   GET  /supported  200 {kinds, extensions, signers}
@@ -119,13 +114,6 @@ const readBody = req =>
     req.on("error", reject);
   });
 
-const instantSettle = process.argv.includes("--instant-settle");
-const quiet = process.argv.includes("--quiet");
-const log = line => {
-  if (!quiet) console.error(line);
-};
-let instantSettles = 0n;
-
 const server = createServer(async (req, res) => {
   const path = new URL(req.url, "http://facilitator").pathname;
   try {
@@ -147,20 +135,11 @@ const server = createServer(async (req, res) => {
     }
     if (path === "/verify") {
       const result = await facilitator.verify(paymentPayload, paymentRequirements);
-      log(`verify ${result.isValid ? "valid" : `invalid ${result.invalidReason}`} ${result.payer ?? ""}`);
+      console.error(`verify ${result.isValid ? "valid" : `invalid ${result.invalidReason}`} ${result.payer ?? ""}`);
       return json(res, 200, result);
     }
-    if (instantSettle) {
-      instantSettles += 1n;
-      return json(res, 200, {
-        success: true,
-        payer: paymentPayload.payload?.authorization?.from,
-        transaction: `0x${instantSettles.toString(16).padStart(64, "0")}`,
-        network: paymentRequirements.network,
-      });
-    }
     const result = await facilitator.settle(paymentPayload, paymentRequirements);
-    log(
+    console.error(
       `settle ${result.success ? `ok ${result.transaction}` : `failed ${result.errorReason}`} ${result.payer ?? ""}`,
     );
     return json(res, 200, result);
