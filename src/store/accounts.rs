@@ -576,22 +576,39 @@ impl Store {
 
     /// Checks, for every account, that top-ups − debits + refunds equals the balance.
     ///
-    /// Safe while the sidecar writes: one pass over the whole ledger is not a snapshot (a
-    /// debit, a top-up or a new account landing between the ledger scan and the balance read
-    /// looks like a discrepancy), so an account that does not add up is read again on its own
-    /// ([`Store::account_adds_up`]) until its balance is stable around the read of its facts;
-    /// only a difference that persists is reported.
+    /// Safe while the sidecar writes, by construction rather than by retrying a racy read:
+    /// - the credit ledger is append-only and numbered in commit order, so the facts up to the
+    ///   last one present when the check starts are a complete, immutable prefix; for each
+    ///   account, the running sum of its facts in that prefix must equal the balance each fact
+    ///   records ("balance right after this fact");
+    /// - the balance itself must equal the balance recorded by the account's latest fact — the
+    ///   two are written in one transaction, so a read of both that a commit did not split
+    ///   agrees; a disagreement is read again ([`Store::balance_matches_latest_fact`]) and
+    ///   reported only when it persists.
     pub fn audit(&self) -> Result<Audit, StoreError> {
-        let mut sums: std::collections::BTreeMap<AccountId, i128> = Default::default();
+        #[derive(Default)]
+        struct Books {
+            sum: i128,
+            /// The first fact whose recorded balance is not the running sum.
+            broken: Option<u128>,
+        }
+        let mut books: std::collections::BTreeMap<AccountId, Books> = Default::default();
         let mut audit = Audit::default();
-        for entry in self.trees.ledger.iter() {
+        let cut = match self.trees.ledger.last()? {
+            Some((key, _)) => u64_of(&key).unwrap_or(u64::MAX),
+            None => 0,
+        };
+        for entry in self.trees.ledger.range(..=cut.to_be_bytes()) {
             let fact: Fact = parse(&entry?.1)?;
             let credits = i128::try_from(fact.credits).unwrap_or(i128::MAX);
-            let sum = sums.entry(fact.account).or_default();
-            *sum = match fact.kind {
-                FactKind::Topup | FactKind::Refund => sum.saturating_add(credits),
-                FactKind::Debit => sum.saturating_sub(credits),
+            let account = books.entry(fact.account).or_default();
+            account.sum = match fact.kind {
+                FactKind::Topup | FactKind::Refund => account.sum.saturating_add(credits),
+                FactKind::Debit => account.sum.saturating_sub(credits),
             };
+            if account.broken.is_none() && i128::try_from(fact.balance).ok() != Some(account.sum) {
+                account.broken = Some(fact.balance);
+            }
             audit.facts += 1;
         }
         for entry in self.trees.accounts.iter() {
@@ -600,61 +617,67 @@ impl Store {
                 continue;
             };
             audit.accounts += 1;
-            let balance = u128_of(self.trees.balances.get(&id)?);
-            let ledger = sums.get(&account).copied().unwrap_or(0);
-            let first = Discrepancy {
+            let (sum, broken) = books.get(&account).map_or((0, None), |b| (b.sum, b.broken));
+            let discrepancy = |balance: u128| Discrepancy {
                 account,
                 balance,
-                ledger: u128::try_from(ledger).unwrap_or(0),
-                negative: ledger < 0,
+                ledger: u128::try_from(sum).unwrap_or(0),
+                negative: sum < 0,
             };
-            if i128::try_from(balance).ok() != Some(ledger)
-                && let Some(found) = self.account_adds_up(first)?
-            {
-                audit.discrepancies.push(found);
+            if let Some(recorded) = broken {
+                audit.discrepancies.push(discrepancy(recorded));
+            } else if let Some(balance) = self.balance_matches_latest_fact(account)? {
+                audit.discrepancies.push(discrepancy(balance));
             }
         }
         Ok(audit)
     }
 
-    /// One account's audit on its own, after the whole-ledger pass found `first`: `None` when
-    /// its facts (through the per-account index, each checked to be this account's) add up to
-    /// its balance in a read where the balance did not change around the facts' read; else
-    /// the discrepancy — the last stable read's, or `first` when the account never held still.
-    fn account_adds_up(&self, first: Discrepancy) -> Result<Option<Discrepancy>, StoreError> {
-        const READS: usize = 20;
-        let account = first.account;
+    /// `None` when `account`'s balance equals the balance its latest fact recorded (0 without
+    /// facts) in a read no commit split (the balance read before and after the fact agree);
+    /// else the balance, once such reads keep disagreeing.
+    fn balance_matches_latest_fact(&self, account: AccountId) -> Result<Option<u128>, StoreError> {
+        const READS: u32 = 50;
         let id = account.to_be_bytes();
-        let mut found = first;
+        let (from, to) = (pair(account, &[]), pair(account.saturating_add(1), &[]));
+        let mut disagrees = None;
         for read in 0..READS {
             let before = u128_of(self.trees.balances.get(id)?);
-            let facts = self.usage(account, 0, usize::MAX)?;
-            // A fact filed under another account in the index never adds up.
-            let misfiled = facts.iter().any(|fact| fact.account != account);
-            let ledger = facts.iter().fold(0i128, |sum, fact| {
-                let credits = i128::try_from(fact.credits).unwrap_or(i128::MAX);
-                match fact.kind {
-                    FactKind::Topup | FactKind::Refund => sum.saturating_add(credits),
-                    FactKind::Debit => sum.saturating_sub(credits),
+            let latest = match self
+                .trees
+                .account_ledger
+                .range(from.clone()..to.clone())
+                .next_back()
+            {
+                Some(entry) => {
+                    let (key, _) = entry?;
+                    let seq = key.get(8..).and_then(u64_of).unwrap_or(0);
+                    match self.trees.ledger.get(seq.to_be_bytes())? {
+                        Some(bytes) => Some(parse::<Fact>(&bytes)?),
+                        None => None,
+                    }
                 }
-            });
+                None => None,
+            };
             let after = u128_of(self.trees.balances.get(id)?);
             if before == after {
-                if !misfiled && i128::try_from(after).ok() == Some(ledger) {
+                let recorded = match &latest {
+                    Some(fact) if fact.account == account => Some(fact.balance),
+                    Some(_) => None, // filed under another account: never agrees
+                    None => Some(0),
+                };
+                if recorded == Some(after) {
                     return Ok(None);
                 }
-                found = Discrepancy {
-                    account,
-                    balance: after,
-                    ledger: u128::try_from(ledger).unwrap_or(0),
-                    negative: ledger < 0,
-                };
+                disagrees = Some(after);
             }
-            if read + 1 < READS {
+            if read >= 10 {
                 std::thread::sleep(std::time::Duration::from_millis(1));
             }
         }
-        Ok(Some(found))
+        Ok(Some(disagrees.unwrap_or_else(|| {
+            u128_of(self.trees.balances.get(id).ok().flatten())
+        })))
     }
 
     /// Deletes `Idempotency-Key` records past their retention; returns how many.
@@ -1000,8 +1023,8 @@ mod tests {
     }
 
     /// The live `ledger verify` (admin API) audits while the sidecar writes: new accounts
-    /// topped up and a busy account credited during the pass over the ledger must not look
-    /// like discrepancies (the soak found this).
+    /// topped up, a busy account credited, debited and refunded (its balance returning to a
+    /// value it had) during the check must not look like discrepancies (the soak found both).
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn an_audit_while_accounts_are_written_reports_no_false_discrepancy() {
         let (store, dir) = temp_store("audit-live");
@@ -1014,6 +1037,7 @@ mod tests {
                 .unwrap();
             assert!(topped.is_ok());
         }
+        let (_, key) = store.issue_key(busy, "", None, 1).await.unwrap().unwrap();
         let writer = {
             let store = store.clone();
             tokio::spawn(async move {
@@ -1023,6 +1047,13 @@ mod tests {
                     assert!(topped.unwrap().is_ok());
                     let topped = store.top_up(busy, 1, &format!("more {i}"), 2).await;
                     assert!(topped.unwrap().is_ok());
+                    // A debit and its refund: the balance comes back to where it was (A→B→A).
+                    let Debit::Charged(debit) =
+                        store.debit(charge(&key, 2, None), 2).await.unwrap()
+                    else {
+                        panic!("not charged")
+                    };
+                    assert!(store.refund(debit.seq, 2).await.unwrap().is_some());
                 }
             })
         };
