@@ -16,6 +16,7 @@
 //! [`check`] is what startup, reload and `tollgate check --online` ask of a node before any
 //! payment depends on it.
 
+use alloy::eips::BlockId;
 use alloy::primitives::{Address, B256, Bytes, U256};
 use alloy::providers::Provider;
 use alloy::rpc::types::TransactionRequest;
@@ -137,7 +138,7 @@ impl Rpc {
                 .map(|t| (t.seq, outcome.clone()))
                 .collect::<Vec<_>>()
         };
-        let results = match self.simulate(&batch).await {
+        let results = match self.simulate(&batch, BlockId::latest()).await {
             Ok(r) if r.len() == batch.len() => r,
             Ok(_) => {
                 return every(
@@ -149,49 +150,67 @@ impl Rpc {
             }
             Err(why) => return every(&batch, Outcome::NotSent(why)),
         };
-        let mut live = Vec::with_capacity(batch.len());
-        for (transfer, result) in batch.into_iter().zip(results) {
-            if result.success {
-                live.push(transfer);
-                continue;
-            }
-            let reason = evm::revert_reason(&result.returnData);
-            let outcome = if reason.starts_with("authorization_not_yet_valid") {
-                Outcome::NotSent(reason)
-            } else if reason.starts_with("nonce_already_used") {
-                // Anyone holding the signed authorization may have settled it — to `pay_to`:
-                // only the chain's events tell paid from cancelled or spent elsewhere.
-                self.used_nonce(&transfer, reason).await
-            } else {
-                Outcome::Failed(reason)
+        let mut live = self.sort_out(batch, results, &mut outcomes).await;
+        let mut retried = false;
+        let (to, data, gas_limit) = loop {
+            let (to, data, strict) = match live.as_slice() {
+                [] => return outcomes,
+                [one] => (one.token, one.calldata(), one.calldata()),
+                many => (
+                    MULTICALL3,
+                    evm::aggregate(many, true),
+                    evm::aggregate(many, false),
+                ),
             };
-            outcomes.push((transfer.seq, outcome));
-        }
-        let (to, data, strict) = match live.as_slice() {
-            [] => return outcomes,
-            [one] => (one.token, one.calldata(), one.calldata()),
-            many => (
-                MULTICALL3,
-                evm::aggregate(many, true),
-                evm::aggregate(many, false),
-            ),
-        };
-        // Estimated with every call required to succeed (they all did in the simulation): an
-        // estimate of calls allowed to fail would stop at the gas where they fail quietly.
-        let estimate = self
-            .relayer
-            .provider()
-            .estimate_gas(self.request(to, strict))
-            .await;
-        let gas_limit = match estimate {
-            // A margin: state may move between the estimate and the block.
-            Ok(gas) => gas.saturating_add(gas / 5).saturating_add(10_000),
-            Err(e) => {
-                outcomes.extend(every(
-                    &live,
-                    Outcome::NotSent(format!("estimating gas: {}", relayer::short(&e))),
-                ));
-                return outcomes;
+            // Estimated with every call required to succeed (they all did in the simulation):
+            // an estimate of calls allowed to fail would stop at the gas where they fail
+            // quietly. At the latest block, like the simulation: the pending block is the
+            // node's guess (anvil's, under load, had every authorization expired while the
+            // latest block took them; found by the 30-minute soak).
+            let estimate = self
+                .relayer
+                .provider()
+                .estimate_gas(self.request(to, strict))
+                .block(BlockId::latest())
+                .await;
+            match estimate {
+                // A margin: state may move between the estimate and the block.
+                Ok(gas) => break (to, data, gas.saturating_add(gas / 5).saturating_add(10_000)),
+                // A block mined since the simulation may have moved what a call needs (another
+                // settlement of it, the payer's balance): once, simulate again and set aside
+                // what fails now, so it does not hold the others back.
+                Err(e) if !retried && live.len() > 1 => {
+                    retried = true;
+                    let why = format!("estimating gas: {}", relayer::short(&e));
+                    let results = match self.simulate(&live, BlockId::latest()).await {
+                        Ok(r) if r.len() == live.len() && r.iter().any(|r| !r.success) => r,
+                        _ => {
+                            outcomes.extend(every(&live, Outcome::NotSent(why)));
+                            return outcomes;
+                        }
+                    };
+                    let before = outcomes.len();
+                    live = self.sort_out(live, results, &mut outcomes).await;
+                    let reasons: Vec<String> = outcomes
+                        .iter()
+                        .skip(before)
+                        .take(3)
+                        .map(|(seq, o)| format!("{seq}: {o:?}"))
+                        .collect();
+                    tracing::warn!(
+                        set_aside = outcomes.len() - before,
+                        sending = live.len(),
+                        first = ?reasons,
+                        "authorizations that passed the simulation fail now; sending the others"
+                    );
+                }
+                Err(e) => {
+                    outcomes.extend(every(
+                        &live,
+                        Outcome::NotSent(format!("estimating gas: {}", relayer::short(&e))),
+                    ));
+                    return outcomes;
+                }
             }
         };
         match self.relayer.submit(to, data, gas_limit).await {
@@ -268,13 +287,47 @@ impl Rpc {
             .input(data.into())
     }
 
-    /// Every transfer of `batch` simulated at the latest block, in order, each on its own.
-    async fn simulate(&self, batch: &[Transfer3009]) -> Result<Vec<evm::Result3>, String> {
+    /// The transfers of `batch` whose simulated call succeeded; the others get their outcome
+    /// in `outcomes`: not yet valid → not sent (again later), nonce already used → the chain's
+    /// evidence decides, anything else → failed with the token's reason.
+    async fn sort_out(
+        &self,
+        batch: Vec<Transfer3009>,
+        results: Vec<evm::Result3>,
+        outcomes: &mut Vec<(u64, Outcome)>,
+    ) -> Vec<Transfer3009> {
+        let mut live = Vec::with_capacity(batch.len());
+        for (transfer, result) in batch.into_iter().zip(results) {
+            if result.success {
+                live.push(transfer);
+                continue;
+            }
+            let reason = evm::revert_reason(&result.returnData);
+            let outcome = if reason.starts_with("authorization_not_yet_valid") {
+                Outcome::NotSent(reason)
+            } else if reason.starts_with("nonce_already_used") {
+                // Anyone holding the signed authorization may have settled it — to `pay_to`:
+                // only the chain's events tell paid from cancelled or spent elsewhere.
+                self.used_nonce(&transfer, reason).await
+            } else {
+                Outcome::Failed(reason)
+            };
+            outcomes.push((transfer.seq, outcome));
+        }
+        live
+    }
+
+    /// Every transfer of `batch` simulated at `block`, in order, each on its own.
+    async fn simulate(
+        &self,
+        batch: &[Transfer3009],
+        block: BlockId,
+    ) -> Result<Vec<evm::Result3>, String> {
         let answer = self
             .relayer
             .provider()
             .call(self.request(MULTICALL3, evm::aggregate(batch, true)))
-            .block(alloy::eips::BlockId::latest())
+            .block(block)
             .await
             .map_err(|e| format!("simulating the settlement: {}", relayer::short(&e)))?;
         evm::aggregate_results(&answer)

@@ -26,7 +26,9 @@
 //! **Processes.** Both are killed when the [`DevChain`] drops (a panicking test unwinds through
 //! it). Neither outlives the test process even when it dies without unwinding: anvil runs under
 //! a `sh` watchdog that kills it when its standard input (a pipe from this process) closes, and
-//! the facilitator exits when its own standard input closes (`--exit-with-stdin`).
+//! the facilitator exits when its own standard input closes (`--exit-with-stdin`). anvil keeps
+//! past states in memory only (`--prune-history 256`): by default it writes them to
+//! `~/.foundry/anvil/tmp` and leaves them there when killed (65 GB after a day of test runs).
 
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
@@ -504,7 +506,10 @@ async fn start_anvil(
                 "--port",
                 &port.to_string(),
             ])
-            .args(["--host", "127.0.0.1", "--silent"])
+            // Historical states in memory only (the last 256 blocks): without this anvil writes
+            // every older block's state to ~/.foundry/anvil/tmp and never removes it when
+            // killed — gigabytes per minute under the soak's load.
+            .args(["--host", "127.0.0.1", "--silent", "--prune-history", "256"])
             .args(
                 block_time
                     .map(|secs| vec!["--block-time".to_string(), secs.to_string()])
