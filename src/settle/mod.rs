@@ -832,19 +832,31 @@ impl Settlement {
             }
         }
         let mut submitted = Vec::new();
-        for (_, group) in groups {
+        // Every call slot busy: settlement is behind, so a bundle takes every payment waiting
+        // (up to the most one may hold) rather than the rule's count — fewer, fuller
+        // transactions instead of a queue of small ones that outgrows the authorizations'
+        // validity (found by the 30-minute soak).
+        let behind = i.calls.available_permits() == 0;
+        let mut ready: Vec<(Vec<&Open>, &'static str)> = Vec::new();
+        for group in groups.values() {
             let mut refs: Vec<&Open> = group.iter().collect();
             refs.sort_by_key(|o| o.entry.seq);
             let most = match &refs.first().map(|o| o.entry.timing.clone()) {
                 Some(Timing::Deferred {
                     payments: Some(n), ..
-                }) => usize::try_from(*n).unwrap_or(MAX_BUNDLE).min(MAX_BUNDLE),
+                }) if !behind => usize::try_from(*n).unwrap_or(MAX_BUNDLE).min(MAX_BUNDLE),
                 _ => MAX_BUNDLE,
             };
-            refs.truncate(most);
-            let Some(closed_by) = close_reason(&refs, now) else {
-                continue;
-            };
+            // As many bundles as the queue fills, oldest first: one per tick would cap a route
+            // at `most` payments per tick however fast they arrive.
+            for chunk in refs.chunks(most.max(1)) {
+                match close_reason(chunk, now) {
+                    Some(closed_by) => ready.push((chunk.to_vec(), closed_by)),
+                    None => break, // the rest are younger
+                }
+            }
+        }
+        for (refs, closed_by) in ready {
             let Some(first) = refs.first() else { continue };
             let e = &first.entry;
             let bundle = Bundle {
