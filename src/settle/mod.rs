@@ -832,24 +832,30 @@ impl Settlement {
             }
         }
         let mut submitted = Vec::new();
-        // Every call slot busy: settlement is behind, so a bundle takes every payment waiting
-        // (up to the most one may hold) rather than the rule's count — fewer, fuller
-        // transactions instead of a queue of small ones that outgrows the authorizations'
-        // validity (found by the 30-minute soak).
-        let behind = i.calls.available_permits() == 0;
+        // Backpressure. A closed bundle waits for one of the call slots; while every slot is
+        // busy, payments wait in the queue instead, where the next bundle takes them all (up
+        // to the most one may hold), so a backlog goes out in fewer, fuller transactions
+        // rather than as a line of small bundles that outgrows the authorizations' validity
+        // (found by the 30-minute soak). And a queue longer than the free slots can take in
+        // bundles of the rule's size is spread over them.
+        let free = i.calls.available_permits();
+        if free == 0 {
+            return submitted;
+        }
         let mut ready: Vec<(Vec<&Open>, &'static str)> = Vec::new();
         for group in groups.values() {
             let mut refs: Vec<&Open> = group.iter().collect();
             refs.sort_by_key(|o| o.entry.seq);
-            let most = match &refs.first().map(|o| o.entry.timing.clone()) {
+            let rule = match &refs.first().map(|o| o.entry.timing.clone()) {
                 Some(Timing::Deferred {
                     payments: Some(n), ..
-                }) if !behind => usize::try_from(*n).unwrap_or(MAX_BUNDLE).min(MAX_BUNDLE),
+                }) => usize::try_from(*n).unwrap_or(MAX_BUNDLE),
                 _ => MAX_BUNDLE,
             };
+            let most = rule.max(refs.len().div_ceil(free)).clamp(1, MAX_BUNDLE);
             // As many bundles as the queue fills, oldest first: one per tick would cap a route
             // at `most` payments per tick however fast they arrive.
-            for chunk in refs.chunks(most.max(1)) {
+            for chunk in refs.chunks(most) {
                 match close_reason(chunk, now) {
                     Some(closed_by) => ready.push((chunk.to_vec(), closed_by)),
                     None => break, // the rest are younger
