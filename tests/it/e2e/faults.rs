@@ -992,18 +992,23 @@ async fn sidecar_on_clock(
     let dir = harness::scratch_dir(name);
     std::fs::write(dir.join("policy.toll"), policy(&facilitator.url())).unwrap();
     let clock = FakeClock::new(&dir);
+    let s = launch_on_clock(&dir, upstream, &clock).await;
+    (s, clock)
+}
+
+/// A sidecar on the store and policy in `dir` whose wall clock is `clock`'s.
+async fn launch_on_clock(dir: &Path, upstream: &BadUpstream, clock: &FakeClock) -> Sidecar {
     let env = clock.env();
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    let s = Sidecar::launch(
-        &dir,
+    Sidecar::launch(
+        dir,
         &upstream.url(),
         Launch {
             env: &env,
             ..Launch::default()
         },
     )
-    .await;
-    (s, clock)
+    .await
 }
 
 /// An authorization that expired 10 s ago in the real world, on every timing: refused
@@ -1067,18 +1072,7 @@ async fn tollgates_clock_jumping_back_keeps_used_nonces_and_revives_no_expired_a
 
     // A restart on the stepped-back clock: the store's latest record holds the time.
     s.kill();
-    let dir = s.dir.clone();
-    let env = clock.env();
-    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    let s = Sidecar::launch(
-        &dir,
-        &upstream.url(),
-        Launch {
-            env: &env,
-            ..Launch::default()
-        },
-    )
-    .await;
+    let s = launch_on_clock(&s.dir.clone(), &upstream, &clock).await;
     assert!(
         s.log().contains("behind the latest record in the store"),
         "{}",
