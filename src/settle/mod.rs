@@ -165,6 +165,42 @@ pub struct Recovery {
 }
 
 /// Why a bundle closed.
+/// The bundles one route's queue (oldest first) closes this tick, with what closed each.
+///
+/// As many as the queue fills, oldest first: one per tick would cap a route at the rule's
+/// count per tick however fast payments arrive. Backpressure: a closed bundle waits for one
+/// of the `free_slots` call slots; while none is free, payments wait in the queue instead,
+/// where the next bundle takes them all (up to [`MAX_BUNDLE`]), so a backlog goes out in
+/// fewer, fuller transactions rather than as a line of small bundles that outgrows the
+/// authorizations' validity (found by the 30-minute soak). And a queue longer than the free
+/// slots can take in bundles of the rule's size is spread over them.
+fn plan_bundles<'a>(
+    queue: &[&'a Open],
+    free_slots: usize,
+    now: u64,
+) -> Vec<(Vec<&'a Open>, &'static str)> {
+    if free_slots == 0 || queue.is_empty() {
+        return Vec::new();
+    }
+    let rule = match queue.first().map(|o| &o.entry.timing) {
+        Some(Timing::Deferred {
+            payments: Some(n), ..
+        }) => usize::try_from(*n).unwrap_or(MAX_BUNDLE),
+        _ => MAX_BUNDLE,
+    };
+    let most = rule
+        .max(queue.len().div_ceil(free_slots))
+        .clamp(1, MAX_BUNDLE);
+    let mut bundles = Vec::new();
+    for chunk in queue.chunks(most) {
+        match close_reason(chunk, now) {
+            Some(closed_by) => bundles.push((chunk.to_vec(), closed_by)),
+            None => break, // the rest are younger
+        }
+    }
+    bundles
+}
+
 fn close_reason(entries: &[&Open], now: u64) -> Option<&'static str> {
     let first = entries.first()?;
     let Timing::Deferred {
@@ -832,35 +868,12 @@ impl Settlement {
             }
         }
         let mut submitted = Vec::new();
-        // Backpressure. A closed bundle waits for one of the call slots; while every slot is
-        // busy, payments wait in the queue instead, where the next bundle takes them all (up
-        // to the most one may hold), so a backlog goes out in fewer, fuller transactions
-        // rather than as a line of small bundles that outgrows the authorizations' validity
-        // (found by the 30-minute soak). And a queue longer than the free slots can take in
-        // bundles of the rule's size is spread over them.
         let free = i.calls.available_permits();
-        if free == 0 {
-            return submitted;
-        }
         let mut ready: Vec<(Vec<&Open>, &'static str)> = Vec::new();
         for group in groups.values() {
-            let mut refs: Vec<&Open> = group.iter().collect();
-            refs.sort_by_key(|o| o.entry.seq);
-            let rule = match &refs.first().map(|o| o.entry.timing.clone()) {
-                Some(Timing::Deferred {
-                    payments: Some(n), ..
-                }) => usize::try_from(*n).unwrap_or(MAX_BUNDLE),
-                _ => MAX_BUNDLE,
-            };
-            let most = rule.max(refs.len().div_ceil(free)).clamp(1, MAX_BUNDLE);
-            // As many bundles as the queue fills, oldest first: one per tick would cap a route
-            // at `most` payments per tick however fast they arrive.
-            for chunk in refs.chunks(most) {
-                match close_reason(chunk, now) {
-                    Some(closed_by) => ready.push((chunk.to_vec(), closed_by)),
-                    None => break, // the rest are younger
-                }
-            }
+            let mut queue: Vec<&Open> = group.iter().collect();
+            queue.sort_by_key(|o| o.entry.seq);
+            ready.extend(plan_bundles(&queue, free, now));
         }
         for (refs, closed_by) in ready {
             let Some(first) = refs.first() else { continue };
@@ -1640,5 +1653,88 @@ fn requeued(seq: u64, why: String) -> Change {
         entry: seq,
         state: State::Queued,
         detail: reason(why),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `n` queued deferred payments closed by `payments` or a 60-second window, the first
+    /// `old` of them queued at 0 and the rest at 100.
+    fn queue(n: usize, payments: u64, old: usize) -> Vec<Open> {
+        (0..n)
+            .map(|k| {
+                let mut entry = Entry::sample(0, 1, 0);
+                entry.seq = k as u64 + 1;
+                entry.valid_before = 10_000;
+                entry.timing = Timing::Deferred {
+                    every_secs: Some(60),
+                    payments: Some(payments),
+                    value: None,
+                };
+                Open {
+                    entry: Arc::new(entry),
+                    state: State::Queued,
+                    since: if k < old { 0 } else { 100 },
+                }
+            })
+            .collect()
+    }
+
+    /// Sizes and reasons of the bundles planned at second 100.
+    fn plan(open: &[Open], free_slots: usize) -> Vec<(usize, &'static str)> {
+        let refs: Vec<&Open> = open.iter().collect();
+        let planned = plan_bundles(&refs, free_slots, 100);
+        let seqs: Vec<u64> = planned
+            .iter()
+            .flat_map(|(b, _)| b.iter().map(|o| o.entry.seq))
+            .collect();
+        assert!(
+            seqs.windows(2).all(|w| w[1] == w[0] + 1) && seqs.first().is_none_or(|&s| s == 1),
+            "bundles take the queue oldest first, each payment once: {seqs:?}"
+        );
+        planned.iter().map(|(b, why)| (b.len(), *why)).collect()
+    }
+
+    #[test]
+    fn a_tick_closes_every_bundle_the_queue_fills() {
+        // Ten payments on a rule of two, eight free slots: five bundles at once, not one.
+        assert_eq!(plan(&queue(10, 2, 0), 8), vec![(2, "count"); 5]);
+        // An odd one out stays queued until its window closes it.
+        assert_eq!(plan(&queue(7, 2, 0), 16), vec![(2, "count"); 3]);
+        assert_eq!(
+            plan(&queue(7, 2, 7), 16),
+            vec![(2, "count"), (2, "count"), (2, "count"), (1, "window")]
+        );
+    }
+
+    #[test]
+    fn no_bundle_closes_while_every_call_slot_is_busy() {
+        assert_eq!(plan(&queue(5_000, 2, 5_000), 0), vec![]);
+    }
+
+    #[test]
+    fn a_backlog_is_spread_over_the_free_slots_in_fuller_bundles() {
+        // 100 payments, rule of 10, 4 free slots: bundles of 25, not ten of 10 waiting in line.
+        assert_eq!(plan(&queue(100, 10, 0), 4), vec![(25, "count"); 4]);
+        // One free slot takes the whole queue, up to the most a bundle holds.
+        assert_eq!(plan(&queue(30, 10, 0), 1), vec![(30, "count")]);
+        assert_eq!(
+            plan(&queue(2_005, 10, 0), 1),
+            vec![(MAX_BUNDLE, "count"), (MAX_BUNDLE, "count")]
+        );
+        // What is left short of the rule waits for its window.
+        assert_eq!(
+            plan(&queue(2_005, 10, 2_005), 1),
+            vec![(MAX_BUNDLE, "count"), (MAX_BUNDLE, "count"), (5, "window")]
+        );
+    }
+
+    #[test]
+    fn a_short_queue_waits_for_its_rule() {
+        assert_eq!(plan(&queue(9, 10, 0), 16), vec![]);
+        assert_eq!(plan(&queue(9, 10, 1), 16), vec![(9, "window")]);
+        assert_eq!(plan(&[], 16), vec![]);
     }
 }

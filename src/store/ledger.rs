@@ -179,6 +179,41 @@ pub struct Entry {
 }
 
 impl Entry {
+    /// A deferred payment of `amount` by one payer, nonce `n`, recorded `at`: for tests.
+    #[cfg(test)]
+    pub(crate) fn sample(n: u8, amount: u128, at: u64) -> Entry {
+        Entry {
+            seq: 0,
+            at,
+            request_id: format!("req-{n}"),
+            service: "weather".into(),
+            route: "GET /v1/forecast/{city}".into(),
+            method: "GET".into(),
+            path: format!("/v1/forecast/{n}"),
+            payer: Address::repeat_byte(2),
+            rail: "x402".into(),
+            amount,
+            asset: Address::repeat_byte(1),
+            symbol: "USDC".into(),
+            decimals: 6,
+            network: "base-sepolia".into(),
+            chain_id: 84532,
+            pay_to: Address::repeat_byte(9),
+            nonce: B256::repeat_byte(n),
+            valid_after: 0,
+            valid_before: at + 60,
+            timing: Timing::Deferred {
+                every_secs: Some(60),
+                payments: Some(10),
+                value: None,
+            },
+            backend: "http://127.0.0.1:1".into(),
+            unsettled_held: false,
+            sale_account: None,
+            credits: None,
+        }
+    }
+
     /// The top-up reference of the credits this payment bought (`x402:eip155:<chain>:<payer>:
     /// <nonce>`), on a route that sells them.
     pub fn sale_reference(&self) -> Option<String> {
@@ -887,39 +922,6 @@ mod tests {
         }
     }
 
-    fn entry(n: u8, amount: u128, at: u64) -> Entry {
-        Entry {
-            seq: 0,
-            at,
-            request_id: format!("req-{n}"),
-            service: "weather".into(),
-            route: "GET /v1/forecast/{city}".into(),
-            method: "GET".into(),
-            path: format!("/v1/forecast/{n}"),
-            payer: Address::repeat_byte(2),
-            rail: "x402".into(),
-            amount,
-            asset: Address::repeat_byte(1),
-            symbol: "USDC".into(),
-            decimals: 6,
-            network: "base-sepolia".into(),
-            chain_id: 84532,
-            pay_to: Address::repeat_byte(9),
-            nonce: B256::repeat_byte(n),
-            valid_after: 0,
-            valid_before: at + 60,
-            timing: Timing::Deferred {
-                every_secs: Some(60),
-                payments: Some(10),
-                value: None,
-            },
-            backend: "http://127.0.0.1:1".into(),
-            unsettled_held: false,
-            sale_account: None,
-            credits: None,
-        }
-    }
-
     fn auth() -> Authorization {
         Authorization {
             version: 2,
@@ -940,22 +942,22 @@ mod tests {
     async fn a_payment_is_recorded_once_with_its_nonce_and_survives_reopening() {
         let (store, dir) = temp_store("once");
         let first = store
-            .record_payment(&key(1), entry(1, 1000, 100), &auth())
+            .record_payment(&key(1), Entry::sample(1, 1000, 100), &auth())
             .await;
         assert_eq!(first.unwrap(), Recorded::Fresh { seq: 1 });
         let again = store
-            .record_payment(&key(1), entry(1, 1000, 100), &auth())
+            .record_payment(&key(1), Entry::sample(1, 1000, 100), &auth())
             .await;
         assert_eq!(again.unwrap(), Recorded::Used);
         let other = store
-            .record_payment(&key(2), entry(2, 1000, 100), &auth())
+            .record_payment(&key(2), Entry::sample(2, 1000, 100), &auth())
             .await;
         assert_eq!(other.unwrap(), Recorded::Fresh { seq: 2 });
         drop(store);
 
         let store = Store::open(&dir).unwrap();
         let again = store
-            .record_payment(&key(1), entry(1, 1000, 100), &auth())
+            .record_payment(&key(1), Entry::sample(1, 1000, 100), &auth())
             .await;
         assert_eq!(
             again.unwrap(),
@@ -991,7 +993,7 @@ mod tests {
             let store = store.clone();
             tasks.push(tokio::spawn(async move {
                 store
-                    .record_payment(&key(i % 4), entry(i % 4, 1, 100), &auth())
+                    .record_payment(&key(i % 4), Entry::sample(i % 4, 1, 100), &auth())
                     .await
             }));
         }
@@ -1010,7 +1012,7 @@ mod tests {
     async fn state_changes_are_new_facts_and_the_machine_refuses_the_rest() {
         let (store, dir) = temp_store("machine");
         store
-            .record_payment(&key(1), entry(1, 5, 100), &auth())
+            .record_payment(&key(1), Entry::sample(1, 5, 100), &auth())
             .await
             .unwrap();
         let queued = store
@@ -1102,7 +1104,7 @@ mod tests {
                 60 => 1_049,
                 _ => 1_000 + u64::from(i),
             };
-            let mut e = entry(i, 1, at);
+            let mut e = Entry::sample(i, 1, at);
             e.nonce = B256::repeat_byte(i);
             store.record_payment(&key(i), e, &auth()).await.unwrap();
         }
