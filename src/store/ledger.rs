@@ -862,6 +862,10 @@ impl Store {
     }
 
     /// Counters of the payment ledger: entries, facts, bundles.
+    ///
+    /// Read one by one while the sidecar may write, facts last: a bundle or an entry is
+    /// written in one transaction with its facts, so every bundle and entry counted has its
+    /// facts counted too (a fact counted may belong to a newer entry or bundle).
     pub fn payment_counts(&self) -> Result<(u64, u64, u64), StoreError> {
         let read = |name: &str| -> Result<u64, StoreError> {
             Ok(self
@@ -871,7 +875,8 @@ impl Store {
                 .and_then(|b| super::accounts::u64_of(&b))
                 .unwrap_or(0))
         };
-        Ok((read("payment")?, read("payment_fact")?, read("bundle")?))
+        let (bundles, entries) = (read("bundle")?, read("payment")?);
+        Ok((entries, read("payment_fact")?, bundles))
     }
 }
 
